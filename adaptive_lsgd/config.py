@@ -1,0 +1,243 @@
+"""Configuration: defaults, sources (dict, YAML/JSON file, ``ALSGD_*`` variables) and validation.
+
+Precedence, lowest first: defaults, the file named by ``ALSGD_CONFIG``, ``ALSGD_<KEY>``
+environment variables, then what the program passes (a dict or a file path).
+
+Example::
+
+    >>> from adaptive_lsgd.config import ConfigError, load_config
+    >>> cfg = load_config({"policy": "fixed", "periods": [4]}, env={})
+    >>> cfg.policy, cfg.periods, cfg.warmup
+    ('fixed', [4], 0)
+    >>> try:
+    ...     load_config({"warmup": -1}, env={})
+    ... except ConfigError as exc:
+    ...     print(exc)
+    config key 'warmup' (from the config argument): expected a non-negative integer or \
+'first_lr_decay', got -1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+ENV_PREFIX = "ALSGD_"
+ENV_FILE = "ALSGD_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The effective, validated configuration shared by every rank."""
+
+    policy: str = "adaptive"
+    periods: list | None = None
+    warmup: int | str = 0
+    target_comm_fraction: float = 0.1
+    max_period: int | list = 64
+    topology: str | list = "auto"
+    time_budget: bool = False
+    log: str | None = None
+    log_all_ranks: bool = False
+    hysteresis: float = 0.25
+    qsr_alpha: float | None = None
+    qsr_base: int = 1
+    momentum: str = "local"
+    average_buffers: bool = True
+    timing_warmup: int = 2
+    window: int = 16
+    history: int = 5
+    nonfinite_guard: bool = True
+    chained_allreduce: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+KEYS = tuple(f.name for f in dataclasses.fields(Config))
+POLICIES = ("adaptive", "fixed")
+MOMENTUM = ("local", "average", "reset")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _period_list(v: Any, what: str) -> list | None:
+    if _is_int(v):
+        v = [v]
+    if isinstance(v, (list, tuple)) and v and all(_is_int(x) and x >= 1 for x in v):
+        return list(v)
+    raise ValueError(f"expected {what}")
+
+
+def _check(key: str, v: Any) -> Any:
+    """Return the normalised value of ``key`` or raise ValueError saying what is allowed."""
+    if key == "policy":
+        if v not in POLICIES:
+            raise ValueError(f"expected one of {', '.join(POLICIES)}")
+        return v
+    if key == "periods":
+        return None if v is None else _period_list(
+            v, "a positive integer or a non-empty list of positive integers (one per level)")
+    if key == "warmup":
+        if v == "first_lr_decay" or (_is_int(v) and v >= 0):
+            return v
+        raise ValueError("expected a non-negative integer or 'first_lr_decay'")
+    if key == "target_comm_fraction":
+        if _is_num(v) and 0 < v < 1:
+            return float(v)
+        raise ValueError("expected a number strictly between 0 and 1")
+    if key == "max_period":
+        lst = _period_list(v, "a positive integer or a list of positive integers (one per level)")
+        return lst[0] if _is_int(v) else lst
+    if key == "topology":
+        if isinstance(v, str):
+            if v in ("auto", "flat"):
+                return v
+            parts = v.lower().split("x")
+            if len(parts) >= 2 and all(p.isdigit() and int(p) >= 1 for p in parts):
+                return v.lower()
+            raise ValueError("expected 'auto', 'flat', a shape like '2x2' (blocks x workers), "
+                             "or a list of blocks like [[0, 1], [2, 3]]")
+        if isinstance(v, (list, tuple)) and v and all(
+                isinstance(b, (list, tuple)) and b and all(_is_int(r) and r >= 0 for r in b)
+                for b in v):
+            return [list(b) for b in v]
+        raise ValueError("expected 'auto', 'flat', a shape like '2x2' (blocks x workers), "
+                         "or a list of blocks like [[0, 1], [2, 3]]")
+    if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard",
+               "chained_allreduce"):
+        if isinstance(v, bool):
+            return v
+        raise ValueError("expected true or false")
+    if key == "log":
+        if v is None or (isinstance(v, str) and v.strip()):
+            return v
+        raise ValueError("expected a file path or null")
+    if key == "hysteresis":
+        if _is_num(v) and 0 <= v < 1:
+            return float(v)
+        raise ValueError("expected a number in [0, 1)")
+    if key == "qsr_alpha":
+        if v is None or (_is_num(v) and v > 0):
+            return None if v is None else float(v)
+        raise ValueError("expected a positive number or null")
+    if key in ("qsr_base", "window", "history"):
+        if _is_int(v) and v >= 1:
+            return v
+        raise ValueError("expected a positive integer")
+    if key == "timing_warmup":
+        if _is_int(v) and v >= 0:
+            return v
+        raise ValueError("expected a non-negative integer")
+    if key == "momentum":
+        if v in MOMENTUM:
+            return v
+        raise ValueError(f"expected one of {', '.join(MOMENTUM)}")
+    raise AssertionError(key)  # pragma: no cover
+
+
+def _parse_env_value(text: str) -> Any:
+    """Environment values are JSON when they parse as JSON, else plain strings."""
+    low = text.strip().lower()
+    if low in ("none", "null", ""):
+        return None
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.strip()
+
+
+def read_config_file(path: str) -> dict:
+    """Read a YAML or JSON mapping; errors name the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            try:
+                import yaml  # pyyaml: optional for the core, needed only for YAML files
+            except ImportError as exc:  # pragma: no cover - pyyaml is an install requirement
+                raise ConfigError(f"config file {path!r} is YAML but pyyaml is not installed") from exc
+            data = yaml.safe_load(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys to values, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), KEYS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} (from {source}){hint}; "
+                       f"allowed keys: {', '.join(KEYS)}")
+
+
+def load_config(config: Mapping | str | os.PathLike | Config | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Build the effective :class:`Config` from every source; raise :class:`ConfigError`."""
+    if isinstance(config, Config):
+        return config
+    env = os.environ if env is None else env
+    layers: list[tuple[str, Mapping]] = []
+    if env.get(ENV_FILE):
+        layers.append((f"{ENV_FILE}={env[ENV_FILE]}", read_config_file(env[ENV_FILE])))
+    env_layer = {}
+    for name, text in env.items():
+        if name.startswith(ENV_PREFIX) and name != ENV_FILE:
+            key = name[len(ENV_PREFIX):].lower()
+            if key not in KEYS:
+                raise _unknown(key, f"environment variable {name}")
+            env_layer[key] = _parse_env_value(text)
+    if env_layer:
+        layers.append(("environment", env_layer))
+    if isinstance(config, (str, os.PathLike)):
+        layers.append((f"config file {os.fspath(config)}", read_config_file(os.fspath(config))))
+    elif config is not None:
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"config must be a dict, a file path or None, got {type(config).__name__}")
+        layers.append(("the config argument", config))
+
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for key, v in layer.items():
+            if key not in KEYS:
+                raise _unknown(key, source)
+            if source == "environment":
+                source = f"environment variable {ENV_PREFIX}{key.upper()}"
+            try:
+                values[key] = _check(key, v)
+            except ValueError as exc:
+                raise ConfigError(f"config key {key!r} (from {source}): {exc}, got {v!r}") from None
+    cfg = Config(**values)
+    if cfg.policy == "fixed" and cfg.periods is None:
+        raise ConfigError("config key 'periods' is required with policy 'fixed' "
+                          "(e.g. periods: [4], or [2, 8] for two levels)")
+    return cfg

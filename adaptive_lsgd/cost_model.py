@@ -1,0 +1,163 @@
+"""The cost model: alpha-beta links per level and the time of a round for given periods.
+
+A sync at level ``l`` costs its link's allreduce, ``sync_s(l) = link_s[l]``; with chained
+(leader) allreduce it also costs the reduce stages below it, once up and once down:
+``sync_s(l) = sum_{j<l} 2 * link_s[j] + link_s[l]``. With periods
+``(H_0, ..., H_{L-1})`` a *super-round* is ``P = H_0 * ... * H_{L-1}`` local steps that end in
+one top-level sync; a lower-level sync happens at every multiple of its own period that is
+not also a higher one.
+
+Example::
+
+    >>> from adaptive_lsgd.cost_model import CostModel, LinkModel
+    >>> m = CostModel(compute_s=0.05, link_s=[0.4])
+    >>> round(m.comm_fraction([1]), 3), round(m.comm_fraction([8]), 3)
+    (0.889, 0.5)
+    >>> round(LinkModel.fit([(1e6, 0.011), (4e6, 0.041)]).predict(2e6), 4)
+    0.021
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkModel:
+    """``t(bytes) = alpha + bytes / beta``: latency ``alpha`` seconds, bandwidth ``beta`` B/s."""
+
+    alpha: float
+    beta: float
+
+    def predict(self, nbytes: float) -> float:
+        return self.alpha + nbytes / self.beta
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple], alpha: float | None = None) -> LinkModel:
+        """Least-squares fit of ``(bytes, seconds)`` samples.
+
+        With one distinct size the intercept cannot be identified: ``alpha`` (a prior, e.g.
+        from a tuning-tool profile) or 0 is used and the bandwidth explains the rest.
+        """
+        x = np.array([float(b) for b, _ in samples])
+        y = np.array([float(t) for _, t in samples])
+        if len(x) == 0:
+            raise ValueError("LinkModel.fit needs at least one (bytes, seconds) sample")
+        if len(np.unique(x)) >= 2 and alpha is None:
+            slope, intercept = np.polyfit(x, y, 1)
+            intercept = max(float(intercept), 0.0)
+            slope = float(slope)
+            if slope <= 0:  # latency-bound: time does not grow with size
+                return cls(alpha=float(np.median(y)), beta=math.inf)
+            return cls(alpha=intercept, beta=1.0 / slope)
+        a = 0.0 if alpha is None else float(alpha)
+        extra = y - a
+        per_byte = float(np.sum(extra * x) / np.sum(x * x)) if np.any(x > 0) else 0.0
+        return cls(alpha=a, beta=1.0 / per_byte if per_byte > 0 else math.inf)
+
+
+class CostModel:
+    """Predicted round time and communication share for any periods.
+
+    ``compute_s`` is the time of one local step (of the slowest worker: a block waits for
+    it); ``link_s[j]`` the allreduce time of the level-``j`` link for the model's bytes.
+    """
+
+    def __init__(self, compute_s: float, link_s: Sequence[float], chained: bool = False):
+        self.compute_s = float(compute_s)
+        self.link_s = [float(t) for t in link_s]
+        self.chained = chained
+        self.sync_s = [sum(2 * self.link_s[j] for j in range(lvl) if chained) + self.link_s[lvl]
+                       for lvl in range(len(self.link_s))]
+        self._fractions: dict = {}  # periods -> comm fraction (the model never changes)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.link_s)
+
+    def syncs_per_super_round(self, periods: Sequence[int]) -> list:
+        """How many syncs of each level end inside one super-round (the top one exactly once)."""
+        # Plain ints (this runs at every sync): the running products H_0, H_0 H_1, ...
+        prefix = list(itertools.accumulate((int(h) for h in periods), operator.mul))
+        total = prefix[-1]
+        counts = [total // prefix[lvl] - total // prefix[lvl + 1] for lvl in range(len(periods) - 1)]
+        return counts + [1]
+
+    def round_times(self, periods: Sequence[int]) -> tuple:
+        """``(steps, compute seconds, comm seconds)`` of one super-round."""
+        if len(periods) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} periods, got {list(periods)}")
+        steps = math.prod(int(h) for h in periods)
+        comm = sum(n * t for n, t in zip(self.syncs_per_super_round(periods), self.sync_s))
+        return steps, steps * self.compute_s, comm
+
+    def comm_fraction(self, periods: Sequence[int]) -> float:
+        key = tuple(periods)
+        frac = self._fractions.get(key)
+        if frac is None:
+            _, compute, comm = self.round_times(periods)
+            total = compute + comm
+            frac = self._fractions[key] = comm / total if total > 0 else 0.0
+        return frac
+
+    def steps_per_s(self, periods: Sequence[int]) -> float:
+        steps, compute, comm = self.round_times(periods)
+        return steps / (compute + comm) if compute + comm > 0 else math.inf
+
+    def grid(self, candidates: Sequence[Sequence[int]]) -> tuple:
+        """Vectorised over the cartesian product of per-level candidates.
+
+        Returns ``(periods array (n, L), global period (n,), comm fraction (n,))``; the first
+        two are cached and read-only.
+        """
+        mesh, total, counts = grid_mesh(candidates)
+        return mesh, total, self.grid_fraction(total, counts)
+
+    def grid_fraction(self, total: np.ndarray, counts: Sequence[np.ndarray]) -> np.ndarray:
+        """The communication share of every grid point of :func:`grid_mesh`."""
+        if self.num_levels == 1:
+            comm = np.full(len(total), self.sync_s[-1])
+        else:  # (s_top + n_0 s_0) + n_1 s_1 ...: the order the grid always summed in
+            comm = counts[0] * self.sync_s[0] + self.sync_s[-1]
+            for lvl in range(1, self.num_levels - 1):
+                comm += counts[lvl] * self.sync_s[lvl]
+        denom = total * self.compute_s + comm
+        if self.compute_s > 0 or self.sync_s[-1] > 0:  # every global period is >= 1
+            return comm / denom
+        return np.divide(comm, denom, out=np.zeros_like(comm), where=denom > 0)
+
+
+def grid_mesh(candidates: Sequence[Sequence[int]]) -> tuple:
+    """``(periods (n, L), global period (n,), syncs per super-round of each lower level)`` for
+    the cartesian product of per-level candidates; cached, since policies ask at every sync."""
+    return _grid_mesh(tuple(tuple(int(h) for h in c) for c in candidates))
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_mesh(candidates: tuple) -> tuple:
+    mesh = np.stack(np.meshgrid(*[np.asarray(c, dtype=np.int64) for c in candidates],
+                                indexing="ij"), axis=-1).reshape(-1, len(candidates))
+    prefix = np.cumprod(mesh, axis=1)
+    total = prefix[:, -1]
+    counts = tuple(total // prefix[:, lvl] - total // prefix[:, lvl + 1]
+                   for lvl in range(len(candidates) - 1))
+    for arr in (mesh, total, *counts):
+        arr.flags.writeable = False
+    return mesh, total, counts
+
+
+def candidate_periods(max_period: int) -> list:
+    """Every period up to 64, then a ~1.1x geometric grid up to ``max_period``."""
+    cands = set(range(1, min(64, max_period) + 1))
+    p = 64.0
+    while p < max_period:
+        p *= 1.1
+        cands.add(min(int(round(p)), max_period))
+    return sorted(cands)

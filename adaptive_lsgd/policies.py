@@ -1,0 +1,157 @@
+"""Policies choose the periods per level at each top-level sync, from the shared cost model.
+
+One small interface: ``initial_periods()`` and ``choose(model, current, cap)``. Adding a
+policy means adding a class here and naming it in :data:`POLICIES`.
+
+Example::
+
+    >>> from adaptive_lsgd.config import load_config
+    >>> from adaptive_lsgd.cost_model import CostModel
+    >>> from adaptive_lsgd.policies import make_policy
+    >>> policy = make_policy(load_config({"target_comm_fraction": 0.1}, env={}), num_levels=1)
+    >>> policy.choose(CostModel(0.05, [0.2]), current=(1,), cap=None)   # comm-bound
+    ((36,), 'adapt')
+    >>> policy.choose(CostModel(0.05, [0.4]), current=(1,), cap=None)   # capped by max_period
+    ((64,), 'adapt')
+    >>> policy.choose(CostModel(0.5, [0.001]), current=(1,), cap=None)
+    ((1,), 'hold')
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from .config import Config, ConfigError
+from .cost_model import CostModel, candidate_periods, grid_mesh
+
+
+class Policy:
+    """Base class: keep the initial periods."""
+
+    name = "base"
+
+    def __init__(self, config: Config, num_levels: int):
+        self.config = config
+        self.num_levels = num_levels
+        maxp = config.max_period
+        self.max_period = [maxp] * num_levels if isinstance(maxp, int) else list(maxp)
+        if len(self.max_period) != num_levels:
+            raise ConfigError(f"config key 'max_period' has {len(self.max_period)} values but the "
+                              f"topology has {num_levels} level(s); give one value or one per level")
+
+    def _periods_from_config(self, default: int) -> tuple:
+        periods = self.config.periods
+        if periods is None:
+            return (default,) * self.num_levels
+        if len(periods) == 1 and self.num_levels > 1 and self.name == "adaptive":
+            return tuple(periods) * self.num_levels
+        if len(periods) != self.num_levels:
+            raise ConfigError(f"config key 'periods' has {len(periods)} value(s) {periods} but the "
+                              f"topology has {self.num_levels} level(s); give one period per level")
+        return tuple(periods)
+
+    def initial_periods(self) -> tuple:
+        return self._periods_from_config(1)
+
+    def choose(self, model: CostModel | None, current: tuple, cap: int | None) -> tuple:
+        """Return ``(periods, reason)``; ``model`` is None until every level was measured."""
+        return current, "fixed"
+
+
+class FixedPolicy(Policy):
+    """The configured periods, always (``policy: fixed``, ``periods: [H0, H1, ...]``)."""
+
+    name = "fixed"
+
+
+class AdaptivePolicy(Policy):
+    """Smallest global period whose predicted communication share is under the target.
+
+    Among the periods (one per level, each up to ``max_period``, their product up to the
+    convergence cap) whose share is at most ``target_comm_fraction``, take the smallest
+    global period (steps between global averages), then the smallest lower-level periods
+    (more frequent cheap averaging). If none reaches the target, take the lowest share.
+    Hysteresis: the current periods stay while their global period lies between the choices
+    for the target loosened and tightened by ``hysteresis``, so noise does not flap them.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, config: Config, num_levels: int):
+        super().__init__(config, num_levels)
+        self._cands = [candidate_periods(m) for m in self.max_period]
+        # The grid and its orders never change: built once per process, not at every sync.
+        (self._mesh, self._total, self._counts, self._order_feasible, self._total_feasible,
+         self._order_total) = _grid_orders(tuple(tuple(c) for c in self._cands))
+        self._last: tuple = (None, None, None)  # (model, grid fractions, the same in that order)
+
+    def _fractions(self, model: CostModel) -> tuple:
+        if self._last[0] is not model:  # choose() asks thrice about one model
+            frac = model.grid_fraction(self._total, self._counts)
+            self._last = (model, frac, frac[self._order_feasible])
+        return self._last[1], self._last[2]
+
+    def best(self, model: CostModel, target: float, cap: int | None) -> tuple:
+        frac, frac_ordered = self._fractions(model)
+        total = self._total
+        # The allowed points (global period <= cap) are a prefix of the feasible order.
+        if cap is None:
+            n_allowed = len(total)
+        else:
+            n_allowed = int(np.searchsorted(self._total_feasible, cap, side="right"))
+            if n_allowed == 0:  # the cap is below every combination: the smallest one
+                n_allowed = int(np.searchsorted(self._total_feasible, self._total_feasible[0],
+                                                side="right"))
+        ok = frac_ordered[:n_allowed] <= target
+        first = int(np.argmax(ok))
+        if ok[first]:
+            pick = self._order_feasible[first]
+        else:  # none reaches the target: the lowest share; among (near-)equal shares the
+            # largest global period, so a slower link can never shorten it
+            order = self._order_total
+            shares = frac[order]
+            if n_allowed < len(total):
+                shares = np.where(total[order] <= self._total_feasible[n_allowed - 1], shares, np.inf)
+            lowest = float(shares.min())
+            near = np.flatnonzero(shares <= lowest * (1 + 1e-9) + 1e-15)
+            pick = order[int(near[-1])]
+        return tuple(int(h) for h in self._mesh[pick])
+
+    def choose(self, model, current, cap):
+        if model is None:
+            return current, "measuring"
+        target = self.config.target_comm_fraction
+        best = self.best(model, target, cap)
+        if best == tuple(current):
+            return best, "hold"
+        h = self.config.hysteresis
+        p_cur = math.prod(current)
+        if h > 0 and (cap is None or p_cur <= cap):
+            p_lo = math.prod(self.best(model, min(target * (1 + h), 0.999), cap))
+            p_hi = math.prod(self.best(model, target * (1 - h), cap))
+            if p_lo <= p_cur <= p_hi:
+                return tuple(current), "hold"
+        return best, "adapt"
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_orders(cands: tuple) -> tuple:
+    mesh, total, counts = grid_mesh(cands)
+    # Feasible pick: the smallest global period, then the smallest H_0, H_1, ...
+    order_feasible = np.lexsort([mesh[:, lvl] for lvl in reversed(range(len(cands)))] + [total])
+    # Fallback: the lowest share, ties to the smallest global period (a stable sort).
+    order_total = np.argsort(total, kind="stable")
+    total_feasible = total[order_feasible]  # ascending
+    for arr in (order_feasible, total_feasible, order_total):
+        arr.flags.writeable = False
+    return mesh, total, counts, order_feasible, total_feasible, order_total
+
+
+POLICIES = {"fixed": FixedPolicy, "adaptive": AdaptivePolicy}
+
+
+def make_policy(config: Config, num_levels: int) -> Policy:
+    return POLICIES[config.policy](config, num_levels)

@@ -1,0 +1,429 @@
+"""The scheduler: one per rank, it counts local steps, says when to sync at which level, and
+re-decides the periods at every top-level sync from statistics all ranks share.
+
+How agreement is kept (no rank ever decides from its own clock):
+
+* A sync is a Sum-allreduce of ``weight * model`` plus a small float payload. At a top-level
+  sync the payload holds one row per rank (one-hot slots: every rank writes only its own
+  row, so the sum *is* the table of all rows, bit-identical on all ranks): its median step
+  compute time, its median stage time per link level, its learning rate, a health flag.
+  The trailing two numbers are the total weight and the number of healthy ranks.
+* Decisions are a pure function of those tables and of the shared history of earlier ones,
+  so every rank takes the same decision at the same sync. Statistics travel with syncs that
+  happen anyway: there is no extra collective on any step.
+
+Example, a whole job of two ranks in one process (an integration does the collective)::
+
+    >>> import numpy as np
+    >>> from adaptive_lsgd import Scheduler, Topology, load_config
+    >>> cfg = load_config({"policy": "fixed", "periods": [2]}, env={})
+    >>> ranks = [Scheduler(cfg, Topology.flat(2), rank=r) for r in range(2)]
+    >>> plans = [s.step_done(compute_s=0.01) for s in ranks]
+    >>> plans
+    [None, None]
+    >>> plans = [s.step_done(compute_s=0.01) for s in ranks]
+    >>> plans[0].level, [st.kind for st in plans[0].stages]
+    (0, ['allreduce'])
+    >>> reduced = sum(s.payload(p) for s, p in zip(ranks, plans))   # what Sum-allreduce gives
+    >>> results = [s.complete_sync(p, reduced, [0.002]) for s, p in zip(ranks, plans)]
+    >>> results[0].total_weight, ranks[1].periods
+    (2.0, (2,))
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import Config, load_config
+from .cost_model import CostModel
+from .decision_log import DecisionLog
+from .policies import make_policy
+from .timing import WindowStat
+from .topology import Stage, Topology
+
+MINI_BATCH = "mini-batch"
+LOCAL = "local"
+
+# Columns of a rank's row in the top-level payload; link medians follow.
+COL_COMPUTE, COL_STEPS, COL_LR, COL_HEALTHY, COL_SYNC = range(5)
+BASE_COLS = 5
+STATE_VERSION = 1
+
+
+class NonFiniteModelError(RuntimeError):
+    """Every rank taking part in a sync had a non-finite model: nothing healthy to restore."""
+
+
+class DesyncError(RuntimeError):
+    """Ranks reached a top-level sync with different sync counts (a bug or a mixed config)."""
+
+
+@dataclass
+class SyncPlan:
+    """What the integration must do now: the stages of a sync at ``level``.
+
+    Scale the model by ``weight`` (1 unless mixed-speed mode), run each stage's Sum-allreduce
+    over ``stage.ranks`` with the model tensors and :meth:`Scheduler.payload` (zeroing them
+    first on a ``broadcast`` stage unless this rank is its ``root``), then divide by
+    :attr:`SyncResult.total_weight`.
+    """
+
+    level: int
+    stages: list
+    weight: float
+    is_global: bool
+    step: int
+    payload_len: int
+
+
+@dataclass
+class SyncResult:
+    total_weight: float
+    healthy: int
+    excluded_ranks: list = field(default_factory=list)
+    periods: tuple = ()
+    decision: str | None = None
+
+
+class Scheduler:
+    """Per-rank state machine of (post-)local SGD with periods chosen online.
+
+    ``param_bytes`` (the bytes averaged per sync) only feeds the log and the cost model's
+    link fits; ``log`` overrides ``config.log`` with a :class:`DecisionLog`.
+    """
+
+    def __init__(self, config: Config | dict | None, topology: Topology, rank: int,
+                 param_bytes: int = 0, log: DecisionLog | None = None):
+        self.config = load_config(config) if not isinstance(config, Config) else config
+        self.topology = topology
+        self.rank = rank
+        self.size = topology.size
+        self.param_bytes = int(param_bytes)
+        self.num_levels = topology.num_levels
+        self.policy = make_policy(self.config, self.num_levels)
+        self.log = log if log is not None else DecisionLog.from_config(self.config, rank)
+        cfg = self.config
+        self.cols = BASE_COLS + self.num_levels
+        self.phase = LOCAL if cfg.warmup == 0 else MINI_BATCH
+        self.step = 0
+        self.periods = self.policy.initial_periods()
+        self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
+        self._counters = [0] * self.num_levels
+        self._compute = WindowStat(cfg.window, skip=cfg.timing_warmup)
+        self._links = [WindowStat(cfg.window) for _ in range(self.num_levels)]
+        self._lr = -1.0
+        self._initial_lr: float | None = None
+        self._steps_since_global = 0
+        self._steps_in_round = 0
+        self.global_syncs = 0
+        self.syncs = [0] * self.num_levels
+        self._hist_compute: deque = deque(maxlen=cfg.history)
+        self._hist_links = [deque(maxlen=cfg.history) for _ in range(self.num_levels)]
+        self.shared_lr: float | None = None
+        self.model: CostModel | None = None
+        self.last_decision: str | None = None
+        self.switch_step: int | None = 0 if self.phase == LOCAL else None
+        # Local accounting for summaries (never used for decisions).
+        self.time_compute = 0.0
+        self.time_comm = 0.0
+        self.time_mini_batch = 0.0
+        self.steps_mini_batch = 0
+
+    # -- what the integration asks ------------------------------------------------------------
+    @property
+    def needs_shared_lr(self) -> bool:
+        """True while the switch waits for the first LR drop: pass a rank-agreed (allreduced)
+        learning rate to :meth:`step_done` then."""
+        return self.phase == MINI_BATCH and self.config.warmup == "first_lr_decay"
+
+    @property
+    def is_local(self) -> bool:
+        return self.phase == LOCAL
+
+    def level_steps(self) -> int:
+        """Local steps this rank takes per level-0 round."""
+        if self.rank_steps is not None:
+            return self.rank_steps[self.rank]
+        return self.periods[0]
+
+    # -- the step -----------------------------------------------------------------------------
+    def step_done(self, compute_s: float, lr: float | None = None) -> SyncPlan | None:
+        """Report a finished local step (``compute_s``: from its start to the end of the local
+        optimizer update). Returns the sync to run now, or None."""
+        self.step += 1
+        if lr is not None:
+            self._lr = float(lr)
+        if self.phase == MINI_BATCH:
+            self.time_mini_batch += compute_s
+            self.steps_mini_batch += 1
+            self._maybe_switch(lr)
+            return None
+        self.time_compute += compute_s
+        self._compute.add(compute_s)
+        self._steps_since_global += 1
+        self._steps_in_round += 1
+        if self._steps_in_round < self.level_steps():
+            return None
+        level = 0
+        for lvl in range(1, self.num_levels):
+            self._counters[lvl] += 1
+            if self._counters[lvl] < self.periods[lvl]:
+                break
+            self._counters[lvl] = 0
+            level = lvl
+        weight = float(self._steps_in_round) if self.config.time_budget else 1.0
+        self._steps_in_round = 0
+        is_global = level == self.num_levels - 1
+        return SyncPlan(level, self.topology.stages(level, self.rank), weight, is_global,
+                        self.step, (self.size * self.cols if is_global else 0) + 2)
+
+    def sync_now(self) -> SyncPlan | None:
+        """A top-level sync outside the schedule (e.g. to average the model before evaluation
+        or at the end of training). Collective: every rank must call it at the same point.
+        Returns None in the mini-batch phase, where the models are already identical."""
+        if self.phase != LOCAL:
+            return None
+        weight = float(max(self._steps_in_round, 1)) if self.config.time_budget else 1.0
+        self._steps_in_round = 0
+        self._counters = [0] * self.num_levels
+        level = self.num_levels - 1
+        return SyncPlan(level, self.topology.stages(level, self.rank), weight, True, self.step,
+                        self.size * self.cols + 2)
+
+    def _maybe_switch(self, lr: float | None) -> None:
+        warmup = self.config.warmup
+        if warmup == "first_lr_decay":
+            if lr is None:
+                return
+            if self._initial_lr is None:
+                self._initial_lr = float(lr)
+            elif lr < self._initial_lr * (1 - 1e-9):
+                self._enter_local("first learning-rate drop")
+        elif self.step >= warmup:
+            self._enter_local(f"warm-up of {warmup} steps done")
+
+    def _enter_local(self, why: str) -> None:
+        self.phase = LOCAL
+        self.switch_step = self.step
+        self.log.write({"step": self.step, "event": "switch", "phase": LOCAL, "reason": why,
+                        "periods": list(self.periods)})
+
+    # -- the sync -----------------------------------------------------------------------------
+    def payload(self, plan: SyncPlan, healthy: bool = True) -> np.ndarray:
+        """This rank's contribution to the payload (float32): its row of statistics at a
+        top-level sync, then ``weight`` and the health flag. Unhealthy ranks add weight 0."""
+        out = np.zeros(plan.payload_len, dtype=np.float32)
+        if plan.is_global:
+            out[self.rank * self.cols:(self.rank + 1) * self.cols] = self.payload_row(plan, healthy)
+        out[-2] = plan.weight if healthy else 0.0
+        out[-1] = 1.0 if healthy else 0.0
+        return out
+
+    def payload_row(self, plan: SyncPlan, healthy: bool = True) -> np.ndarray:
+        """This rank's row of the top-level table (float32, ``cols`` values): what
+        :meth:`payload` writes at slot ``rank`` when ``plan.is_global``. A simulator can stack
+        the rows of all ranks into the reduced table without building O(world) vectors."""
+        row = np.empty(self.cols, dtype=np.float32)
+        row[COL_COMPUTE] = self._compute.median()
+        row[COL_STEPS] = self._steps_since_global
+        row[COL_LR] = self._lr
+        row[COL_HEALTHY] = 1.0 if healthy else 0.0
+        row[COL_SYNC] = self.global_syncs
+        for lvl, stat in enumerate(self._links):
+            row[BASE_COLS + lvl] = stat.median()
+        return row
+
+    def complete_sync(self, plan: SyncPlan, reduced: np.ndarray, stage_times) -> SyncResult:
+        """Take the reduced payload and this rank's stage wall times (one per stage it ran)."""
+        reduced = np.asarray(reduced, dtype=np.float32)
+        for stage, seconds in zip(plan.stages, stage_times):
+            self.time_comm += seconds
+            if stage.kind != "broadcast":  # a broadcast also waits for the levels above
+                self._links[stage.link_level].add(float(seconds))
+        total_weight, healthy = float(reduced[-2]), int(round(float(reduced[-1])))
+        if total_weight <= 0:
+            raise NonFiniteModelError(
+                f"sync at level {plan.level} (step {plan.step}): every taking part rank had "
+                f"non-finite parameters, there is no healthy model to restore")
+        self.syncs[plan.level] += 1
+        result = SyncResult(total_weight, healthy, periods=self.periods)
+        record = {"step": plan.step, "sync": self.global_syncs, "level": plan.level}
+        if plan.is_global:
+            table = reduced[:self.size * self.cols].reshape(self.size, self.cols)
+            if healthy < self.size:  # O(world): only when some rank was unhealthy
+                result.excluded_ranks = [int(r) for r in np.flatnonzero(table[:, COL_HEALTHY] == 0)]
+            result.decision = self._decide(table)
+            result.periods = self.periods
+            self.global_syncs += 1
+            self._steps_since_global = 0
+            record["decision"] = result.decision
+            record["excluded_ranks"] = result.excluded_ranks
+        else:
+            members = len(self.topology.block_of(plan.level, self.rank))
+            record["excluded"] = members - healthy
+        record.update(self._describe(plan.level))
+        self.log.write(record)
+        return result
+
+    # -- decisions (pure functions of shared tables and shared history) -----------------------
+    def _decide(self, table: np.ndarray) -> str:
+        syncs = table[:, COL_SYNC]
+        if not np.all(syncs == syncs[0]):
+            raise DesyncError(f"ranks reached a top-level sync with different sync counts "
+                              f"{syncs.astype(int).tolist()}: their configs or loops differ")
+        compute = table[:, COL_COMPUTE]
+        if np.all(compute >= 0):
+            self._hist_compute.append(float(compute.max()))
+        for lvl in range(self.num_levels):
+            est = self._link_estimate(lvl, table[:, BASE_COLS + lvl])
+            if est is not None:
+                self._hist_links[lvl].append(est)
+        lrs = table[:, COL_LR]
+        if np.any(lrs >= 0):
+            self.shared_lr = float(lrs[lrs >= 0].min())
+        if self._hist_compute and all(self._hist_links):
+            self.model = CostModel(statistics.median(self._hist_compute),
+                                   [statistics.median(h) for h in self._hist_links],
+                                   chained=self.topology.chained)
+        new, reason = self.policy.choose(self.model, self.periods, self._cap())
+        if self.config.time_budget and np.all(compute > 0):
+            slowest = float(compute.max())
+            base = new[0]
+            self.rank_steps = [int(min(max(1, math.floor(base * slowest / c + 1e-6)), 8 * base))
+                               for c in compute.tolist()]
+        self.periods = tuple(new)
+        self.last_decision = reason
+        return reason
+
+    def _link_estimate(self, level: int, values: np.ndarray) -> float | None:
+        """Transfer time of the level's link: the min over each link's members (the one that
+        arrived last waited least), then the slowest link (the top sync waits for it)."""
+        arrays = self.topology.link_arrays(level)
+        if arrays is None:
+            return None
+        members, starts = arrays  # vectorised over links: 10^4 ranks make 10^3 links
+        vals = values[members]
+        measured = vals >= 0
+        if np.any(np.add.reduceat(measured.astype(np.int64), starts) == 0):
+            return None  # a link none of whose members has measured it yet
+        per_link = np.minimum.reduceat(np.where(measured, vals, np.inf), starts)
+        return float(per_link.max())
+
+    def _cap(self) -> int | None:
+        cfg = self.config
+        if cfg.qsr_alpha is None or not self.shared_lr or self.shared_lr <= 0:
+            return None
+        return max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / self.shared_lr) ** 2)))
+
+    def _describe(self, level: int) -> dict:
+        m = self.model
+        return {
+            "phase": self.phase,
+            "periods": list(self.periods),
+            "compute_s": None if m is None else m.compute_s,
+            "comm_s": None if m is None else m.sync_s[level],
+            "link_s": None if m is None else list(m.link_s),
+            "predicted_comm_fraction": None if m is None else m.comm_fraction(self.periods),
+            "lr": self.shared_lr,
+            "rank_steps": self.rank_steps,
+        }
+
+    # -- summaries and state ------------------------------------------------------------------
+    def summary(self) -> dict:
+        """This rank's accounting: steps, syncs per level, local compute and comm seconds."""
+        busy = self.time_compute + self.time_comm
+        return {
+            "steps": self.step,
+            "switch_step": self.switch_step,
+            "syncs_per_level": list(self.syncs),
+            "periods": list(self.periods),
+            "compute_s": self.time_compute,
+            "comm_s": self.time_comm,
+            "comm_fraction": self.time_comm / busy if busy > 0 else 0.0,
+            "mini_batch_s": self.time_mini_batch,
+            "mini_batch_steps": self.steps_mini_batch,
+            "model": None if self.model is None else {
+                "compute_s": self.model.compute_s, "link_s": self.model.link_s},
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "size": self.size,
+            "levels": self.topology.describe()["levels"],
+            "phase": self.phase,
+            "step": self.step,
+            "periods": list(self.periods),
+            "rank_steps": self.rank_steps,
+            "counters": list(self._counters),
+            "compute": self._compute.state_dict(),
+            "links": [s.state_dict() for s in self._links],
+            "lr": self._lr,
+            "initial_lr": self._initial_lr,
+            "steps_since_global": self._steps_since_global,
+            "steps_in_round": self._steps_in_round,
+            "global_syncs": self.global_syncs,
+            "syncs": list(self.syncs),
+            "hist_compute": list(self._hist_compute),
+            "hist_links": [list(h) for h in self._hist_links],
+            "shared_lr": self.shared_lr,
+            "switch_step": self.switch_step,
+            "last_decision": self.last_decision,
+            "accounting": [self.time_compute, self.time_comm, self.time_mini_batch,
+                           self.steps_mini_batch],
+        }
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore a :meth:`state_dict`. With ``strict=False`` a state saved under another
+        topology (an elastic job that changed size) carries over the phase, the step count
+        and the periods where the number of levels matches; statistics start afresh."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"scheduler state version {state.get('version')!r} is not "
+                             f"supported (expected {STATE_VERSION})")
+        levels = self.topology.describe()["levels"]
+        if state["size"] != self.size or state["levels"] != levels:
+            if strict:
+                raise ValueError(f"scheduler state was saved with topology {state['levels']} of "
+                                 f"{state['size']} ranks; this job has {levels}")
+            self.phase = state["phase"]
+            self.step = state["step"]
+            self.switch_step = state["switch_step"]
+            if len(state["periods"]) == self.num_levels:
+                self.periods = tuple(state["periods"])
+            self.log.resume()
+            return
+        self.phase = state["phase"]
+        self.step = state["step"]
+        self.periods = tuple(state["periods"])
+        self.rank_steps = state["rank_steps"]
+        self._counters = list(state["counters"])
+        self._compute = WindowStat.from_state(state["compute"])
+        self._links = [WindowStat.from_state(s) for s in state["links"]]
+        self._lr = state["lr"]
+        self._initial_lr = state["initial_lr"]
+        self._steps_since_global = state["steps_since_global"]
+        self._steps_in_round = state["steps_in_round"]
+        self.global_syncs = state["global_syncs"]
+        self.syncs = list(state["syncs"])
+        self._hist_compute = deque(state["hist_compute"], maxlen=self.config.history)
+        self._hist_links = [deque(h, maxlen=self.config.history) for h in state["hist_links"]]
+        self.shared_lr = state["shared_lr"]
+        self.switch_step = state["switch_step"]
+        self.last_decision = state["last_decision"]
+        (self.time_compute, self.time_comm, self.time_mini_batch,
+         self.steps_mini_batch) = state["accounting"]
+        self.model = None
+        if self._hist_compute and all(self._hist_links):
+            self.model = CostModel(statistics.median(self._hist_compute),
+                                   [statistics.median(h) for h in self._hist_links],
+                                   chained=self.topology.chained)
+        self.log.resume()
+
+
+__all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",
+           "MINI_BATCH", "LOCAL"]

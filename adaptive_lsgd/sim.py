@@ -1,0 +1,552 @@
+"""An event-driven cluster simulator that runs the real :class:`~adaptive_lsgd.Scheduler`.
+
+Plan a job at a scale no machine here has: per-worker compute times, per-level links, the
+real scheduler code deciding the periods, and the resulting throughput::
+
+    python -m adaptive_lsgd.sim --hosts 2 --workers-per-host 1 --compute-ms 50 \\
+        --params 1000000 --inter-gbps 0.1 --steps 1000 --json
+
+Model
+-----
+* Ranks are ``hosts x workers-per-host`` (``Topology.from_spec("HxS")``; a level of single
+  ranks collapses, so one worker per host or one host is flat). Every rank has a clock.
+* A local step of rank ``r`` takes ``compute_ms * f_r * max(0.05, 1 + jitter * N(0, 1))``
+  where ``f_r`` is ``--slow-host-factor`` on host 0 and 1 elsewhere; the noise of the k-th
+  step of rank r is fixed by ``--seed`` whatever the schedule.
+* A collective stage over a link starts when its last member arrives and takes the ring
+  allreduce time ``2 (n - 1) latency + 2 (n - 1) / n * bytes / bandwidth`` (``bytes =
+  4 * params``; a link inside one host uses ``--intra-gbps`` and ``--intra-latency-us``,
+  one across hosts ``--inter-gbps`` and ``--latency-us``). Each member leaves at the stage's
+  end, and reports ``end - its own arrival`` to its scheduler, waiting included, as the
+  integrations measure it. A sync at level ``l`` runs the stages :meth:`Topology.stages`
+  lists: reduce stages up, the allreduce at ``l``, broadcast stages down.
+* While the scheduler is in its mini-batch (warm-up) phase every step ends in a global
+  gradient allreduce with the cost of a top-level sync, as ``hvd.DistributedOptimizer`` does.
+* ``compute_only_samples_per_s`` is the same run (same steps, compute times and syncs) with
+  every collective free: ranks still wait for the slowest member at each sync, so the ratio
+  to ``samples_per_s`` is what the transfers cost.
+
+What runs per rank and what is shared
+-------------------------------------
+Every rank has its own :class:`Scheduler` and the simulator calls its ``step_done`` on
+every local step, its ``payload_row`` (top-level syncs) and its ``complete_sync`` on every
+sync, with that rank's own compute and stage times: counters, timing windows, sync levels,
+weights, health accounting and logging are the real per-rank code. Two things are built
+once per sync instead of once per rank, to keep 10^4 ranks fast:
+
+* the reduced payload: the sum a Sum-allreduce would give, built directly (the top-level
+  table is the stack of the ranks' rows; the trailing weight and health sums are per
+  level-``l`` block), not by summing O(world) vectors on every rank;
+* with ``--decisions shared`` (the default above 256 ranks) the decision taken from that
+  table: the first rank's scheduler computes it, the others adopt its result. This is
+  sound because a decision is a pure function of the shared table and the shared history
+  (invariant 1), and ``--check-agreement`` tests exactly that: every rank decides on its
+  own from the full payload vectors, summed stage by stage with the integrations' semantics
+  (non-root members zero their buffer on a broadcast stage), and the run stops with an
+  error if two ranks ever hold different periods or decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from .config import Config, ConfigError, load_config, read_config_file
+from .scheduler import MINI_BATCH, Scheduler
+from .topology import Topology, TopologyError
+
+SHARE_ABOVE = 256          # --decisions auto: share the decision above this many ranks
+CHECK_MAX_RANKS = 4096     # --check-agreement sums full O(world) vectors per rank
+# The scheduler state one top-level decision writes (see Scheduler._decide).
+_DECISION_STATE = ("_hist_compute", "_hist_links", "shared_lr", "model", "periods", "rank_steps",
+                   "last_decision")
+
+
+class SimulationError(RuntimeError):
+    """The simulated ranks disagreed (a desync) or the run could not continue."""
+
+
+class _DecisionShare:
+    """One decision per top-level sync: the first rank computes it, the others adopt it."""
+
+    __slots__ = ("leader",)
+
+    def __init__(self):
+        self.leader = None
+
+
+class _SimScheduler(Scheduler):
+    """The real scheduler; with a share set, only the first rank of a sync runs the policy."""
+
+    share: _DecisionShare | None = None
+
+    def _decide(self, table: np.ndarray) -> str:
+        share = self.share
+        if share is None:
+            return super()._decide(table)
+        leader = share.leader
+        if leader is None:
+            share.leader = self
+            return super()._decide(table)
+        for name in _DECISION_STATE:
+            setattr(self, name, getattr(leader, name))
+        return leader.last_decision
+
+
+class _Level:
+    """The multi-member links of one level as flat arrays, for vectorised stage times."""
+
+    def __init__(self, links: list, link_seconds: list):
+        keep = [i for i, lk in enumerate(links) if len(lk) > 1]
+        links = [links[i] for i in keep]
+        self.seconds = np.array([link_seconds[i] for i in keep], dtype=np.float64)
+        self.sizes = np.array([len(lk) for lk in links], dtype=np.int64)
+        self.members = (np.concatenate([np.asarray(lk, dtype=np.int64) for lk in links])
+                        if links else np.zeros(0, dtype=np.int64))
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+
+
+def ring_allreduce_s(n: int, nbytes: float, gbps: float, latency_s: float) -> float:
+    """Alpha-beta time of a ring allreduce of ``nbytes`` among ``n`` members."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) * latency_s + 2 * (n - 1) / n * nbytes / (gbps * 1e9 / 8)
+
+
+class ClusterSim:
+    """One simulated job: ``hosts * workers_per_host`` ranks, each with its own scheduler.
+
+    Example::
+
+        >>> from adaptive_lsgd.config import load_config
+        >>> from adaptive_lsgd.sim import ClusterSim
+        >>> sim = ClusterSim(load_config({"policy": "fixed", "periods": [4]}, env={}),
+        ...                  hosts=2, workers_per_host=1, compute_ms=10, params=1000,
+        ...                  inter_gbps=10)
+        >>> out = sim.run(steps=8)
+        >>> out["global_syncs"], out["periods"], round(out["wall_s"], 4)
+        (2, [4], 0.0802)
+    """
+
+    def __init__(self, config, hosts: int, workers_per_host: int, compute_ms: float, params: int,
+                 inter_gbps: float, intra_gbps: float = 100.0, latency_us: float = 50.0,
+                 intra_latency_us: float = 5.0, slow_host_factor: float = 1.0, jitter: float = 0.0,
+                 seed: int = 0, batch_size: int = 32, decisions: str = "auto",
+                 check_agreement: bool = False):
+        self.config = config = (config if isinstance(config, Config)
+                                else load_config(config, env={}))
+        self.hosts, self.wph = hosts, workers_per_host
+        self.world = world = hosts * workers_per_host
+        self.topology = Topology.from_spec(f"{hosts}x{workers_per_host}", world)
+        self.compute_s = compute_ms / 1000.0
+        self.nbytes = 4.0 * params
+        self.jitter = float(jitter)
+        self.batch_size = batch_size
+        self.check = check_agreement
+        self._rng = np.random.default_rng(seed)
+        self._noise = np.ones((0, world))
+        host = np.arange(world) // workers_per_host
+        self.base = np.full(world, self.compute_s)
+        self.base[host == 0] *= slow_host_factor
+        # Links and their times, per level.
+        self.levels = []
+        self.link_s = []
+        for lvl in range(self.topology.num_levels):
+            links = self.topology.links(lvl)
+            secs = []
+            for lk in links:
+                intra = lk[0] // workers_per_host == lk[-1] // workers_per_host
+                secs.append(ring_allreduce_s(len(lk), self.nbytes,
+                                             intra_gbps if intra else inter_gbps,
+                                             (intra_latency_us if intra else latency_us) * 1e-6))
+            level = _Level(links, secs)
+            self.levels.append(level)
+            self.link_s.append(float(level.seconds.max()) if len(level.seconds) else 0.0)
+        self.block_ids = []
+        for lvl in range(self.topology.num_levels):
+            ids = np.empty(world, dtype=np.int64)
+            for i, b in enumerate(self.topology.blocks(lvl)):
+                ids[list(b)] = i
+            self.block_ids.append(ids)
+        if decisions == "auto":
+            decisions = "shared" if world > SHARE_ABOVE else "per-rank"
+        if check_agreement:
+            decisions = "per-rank"
+        self.decisions = decisions
+        self.share = _DecisionShare() if decisions == "shared" else None
+        # The run so far: per-rank clocks (and the same with free collectives), accounting.
+        self.clocks = np.zeros(world)
+        self.free_clocks = np.zeros(world)
+        self.compute_total = np.zeros(world)
+        self.comm_total = np.zeros(world)
+        self.done = np.zeros(world, dtype=np.int64)
+        self.checked = 0
+        self.scheds = []
+        for r in range(world):
+            s = _SimScheduler(config, self.topology, r, param_bytes=int(self.nbytes))
+            s.share = self.share
+            self.scheds.append(s)
+        self.periods_over_time = [[0, list(self.scheds[0].periods)]]
+
+    # -- the model ----------------------------------------------------------------------------
+    def _noise_rows(self, upto: int) -> np.ndarray:
+        """Multipliers of compute time, one row per step index, drawn in order from the seed."""
+        have = len(self._noise)
+        if upto > have:
+            grow = max(upto - have, 64)
+            if self.jitter > 0:
+                rows = np.maximum(0.05, 1.0 + self.jitter * self._rng.standard_normal((grow, self.world)))
+            else:
+                rows = np.ones((grow, self.world))
+            self._noise = np.concatenate([self._noise, rows])
+        return self._noise
+
+    def _stage(self, clocks: np.ndarray, free: np.ndarray, level: int, out: dict, key: tuple) -> None:
+        """Run the level's links as one stage on both clock vectors (``free`` has no cost)."""
+        lv = self.levels[level]
+        if not len(lv.members):
+            return
+        m = lv.members
+        arrive = clocks[m]
+        end = np.repeat(np.maximum.reduceat(arrive, lv.starts) + lv.seconds, lv.sizes)
+        clocks[m] = end
+        free[m] = np.repeat(np.maximum.reduceat(free[m], lv.starts), lv.sizes)
+        times = np.full(self.world, np.nan)
+        times[m] = end - arrive
+        out[key] = times
+
+    def _collective(self, clocks, free, level: int) -> dict:
+        """A sync at ``level``: reduce stages up, the allreduce, broadcast stages down."""
+        out: dict = {}
+        for j in range(level):
+            self._stage(clocks, free, j, out, ("reduce", j))
+        self._stage(clocks, free, level, out, ("allreduce", level))
+        for j in reversed(range(level)):
+            self._stage(clocks, free, j, out, ("broadcast", j))
+        return out
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, steps: int) -> dict:
+        """Run until every rank has taken ``steps`` local steps in all (a later call goes on
+        from there) and return the figures of the whole run so far."""
+        started = time.perf_counter()
+        world, scheds = self.world, self.scheds
+        top = self.topology.num_levels - 1
+        time_budget = self.config.time_budget
+        clocks, free = self.clocks, self.free_clocks
+        compute, comm, done = self.compute_total, self.comm_total, self.done
+        cols = np.arange(world)
+        s0 = scheds[0]
+        periods_over_time = self.periods_over_time
+        frozen = gc.isenabled()
+        if frozen:
+            gc.collect()
+            gc.freeze()
+        try:
+            while done.min() < steps:
+                phase = s0.phase
+                if phase == MINI_BATCH:
+                    k = np.ones(world, dtype=np.int64)
+                else:
+                    k = np.array([s.level_steps() for s in scheds], dtype=np.int64)
+                if not time_budget:
+                    k = np.minimum(k, steps - done)
+                kmax = int(k.max())
+                noise = self._noise_rows(int(done.max()) + kmax)
+                idx = done[:, None] + np.arange(kmax)[None, :]
+                mask = np.arange(kmax)[None, :] < k[:, None]
+                step_s = noise[np.minimum(idx, len(noise) - 1), cols[:, None]] * self.base[:, None]
+                step_s = np.where(mask, step_s, 0.0)
+                spent = step_s.sum(axis=1)
+                clocks += spent
+                free += spent
+                compute += spent
+                done += k
+                rows = step_s.tolist()
+                plans = [None] * world
+                for r, (s, row, kr) in enumerate(zip(scheds, rows, k.tolist())):
+                    plan = None
+                    for i in range(kr):
+                        plan = s.step_done(row[i])
+                    plans[r] = plan
+                if phase == MINI_BATCH:  # DistributedOptimizer: a gradient allreduce per step
+                    for t in self._collective(clocks, free, top).values():
+                        comm += np.nan_to_num(t)
+                    if self.check:
+                        self._check_same(lambda s: s.phase, "phase")
+                    continue
+                if plans[0] is None:
+                    if any(p is not None for p in plans):
+                        raise SimulationError("ranks disagree on whether to sync at step "
+                                              f"{s0.step}")
+                    continue
+                self._sync(plans, clocks, free, comm)
+                if plans[0].is_global:
+                    if self.check:
+                        self._check_same(lambda s: (s.periods, s.rank_steps, s.last_decision,
+                                                    s.model and (s.model.compute_s, s.model.link_s)),
+                                         "decision")
+                        self.checked += 1
+                    if list(s0.periods) != periods_over_time[-1][1]:
+                        periods_over_time.append([s0.step, list(s0.periods)])
+        finally:
+            if frozen:
+                gc.unfreeze()
+            for s in scheds:
+                s.log.close()
+        wall = float(clocks.max())
+        wall_free = float(free.max())
+        samples = float(self.batch_size * done.sum())
+        busy = float(compute.sum() + comm.sum())
+        model = s0.model
+        out = {
+            "ranks": world,
+            "hosts": self.hosts,
+            "workers_per_host": self.wph,
+            "levels": self.topology.num_levels,
+            "steps": int(done.min()),
+            "steps_per_rank": {"min": int(done.min()), "max": int(done.max())},
+            "batch_size": self.batch_size,
+            "samples": int(samples),
+            "wall_s": wall,
+            "samples_per_s": samples / wall if wall > 0 else None,
+            "compute_only_samples_per_s": samples / wall_free if wall_free > 0 else None,
+            "efficiency": wall_free / wall if wall > 0 else 1.0,
+            "comm_fraction": float(comm.sum()) / busy if busy > 0 else 0.0,
+            "periods": list(s0.periods),
+            "periods_over_time": [[step, list(p)] for step, p in periods_over_time],
+            "global_syncs": s0.global_syncs,
+            "syncs_per_level": list(s0.syncs),
+            "switch_step": s0.switch_step,
+            "rank_steps": s0.rank_steps,
+            "link_s": list(self.link_s),
+            "model": None if model is None else {
+                "compute_s": model.compute_s, "link_s": list(model.link_s),
+                "predicted_comm_fraction": model.comm_fraction(s0.periods)},
+            "decisions": self.decisions,
+            "sim_runtime_s": time.perf_counter() - started,
+        }
+        if self.check:
+            out["agreement"] = {"ranks": world, "global_syncs_checked": self.checked}
+        return out
+
+    def _sync(self, plans: list, clocks, free, comm) -> None:
+        world, scheds = self.world, self.scheds
+        level = plans[0].level
+        if self.check and any(p is None or p.level != level for p in plans):
+            raise SimulationError(f"ranks disagree on the sync at step {scheds[0].step}: levels "
+                                  f"{[None if p is None else p.level for p in plans]}")
+        times = self._collective(clocks, free, level)
+        for t in times.values():
+            comm += np.nan_to_num(t)
+        tlists = {key: t.tolist() for key, t in times.items()}
+        if self.check:
+            reduced_per_rank = self._staged_sum(plans)
+        else:
+            weights = np.array([p.weight for p in plans])
+            if plans[0].is_global:
+                table = np.stack([s.payload_row(p, True) for s, p in zip(scheds, plans)])
+                full = np.empty(table.size + 2, dtype=np.float32)
+                full[:-2] = table.ravel()
+                full[-2] = np.float32(weights.sum())
+                full[-1] = np.float32(world)
+                reduced_per_rank = [full] * world
+            else:
+                ids = self.block_ids[level]
+                red = np.empty((world, 2), dtype=np.float32)
+                red[:, 0] = np.bincount(ids, weights)[ids]
+                red[:, 1] = np.bincount(ids)[ids]
+                reduced_per_rank = red
+        if self.share is not None:
+            self.share.leader = None
+        for r, (s, p) in enumerate(zip(scheds, plans)):
+            s.complete_sync(p, reduced_per_rank[r],
+                            [tlists[(st.kind, st.link_level)][r] for st in p.stages])
+
+    def _staged_sum(self, plans: list) -> list:
+        """Full payload vectors summed stage by stage, as the integrations do."""
+        bufs = [s.payload(p, True).astype(np.float64) for s, p in zip(self.scheds, plans)]
+        pos = [0] * self.world
+        pending = sum(len(p.stages) for p in plans)
+        while pending:
+            progressed = False
+            for r, p in enumerate(plans):
+                if pos[r] >= len(p.stages):
+                    continue
+                st = p.stages[pos[r]]
+                members = st.ranks
+                if not all(pos[m] < len(plans[m].stages) and plans[m].stages[pos[m]].ranks == members
+                           and plans[m].stages[pos[m]].kind == st.kind for m in members):
+                    continue
+                if st.kind == "broadcast":
+                    total = bufs[st.root].copy()
+                else:
+                    total = np.sum([bufs[m] for m in members], axis=0)
+                for m in members:
+                    bufs[m] = total.copy()
+                    pos[m] += 1
+                pending -= len(members)
+                progressed = True
+            if not progressed:
+                raise SimulationError("the stages of a sync deadlock: ranks wait on different links")
+        return [b.astype(np.float32) for b in bufs]
+
+    def _check_same(self, key, what: str) -> None:
+        first = key(self.scheds[0])
+        for r, s in enumerate(self.scheds):
+            if key(s) != first:
+                raise SimulationError(f"rank {r} disagrees with rank 0 on the {what} at step "
+                                      f"{s.step}: {key(s)!r} != {first!r}")
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _number(lo: float, lo_open: bool):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>' if lo_open else '>='} {lo:g}, got {text!r}")
+        return v
+    return parse
+
+
+def _int_list(text: str) -> list:
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 4 or 4,8), got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers (e.g. 4 or 4,8), got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m adaptive_lsgd.sim",
+        description="Simulate a cluster running adaptive local SGD with the real scheduler.")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--hosts", type=_positive_int, default=2, help="number of hosts (default 2)")
+    c.add_argument("--workers-per-host", type=_positive_int, default=1,
+                   help="workers (GPUs) per host (default 1)")
+    c.add_argument("--compute-ms", type=_number(0, True), default=50.0,
+                   help="compute time of one local step in ms (default 50)")
+    c.add_argument("--params", type=_number(0, False), default=25e6,
+                   help="model parameters, averaged as float32 (default 25e6)")
+    c.add_argument("--inter-gbps", type=_number(0, True), default=10.0,
+                   help="bandwidth of links between hosts, Gbit/s (default 10)")
+    c.add_argument("--intra-gbps", type=_number(0, True), default=100.0,
+                   help="bandwidth of links inside a host, Gbit/s (default 100)")
+    c.add_argument("--latency-us", type=_number(0, False), default=50.0,
+                   help="per-hop latency of links between hosts, us (default 50)")
+    c.add_argument("--intra-latency-us", type=_number(0, False), default=5.0,
+                   help="per-hop latency of links inside a host, us (default 5)")
+    c.add_argument("--slow-host-factor", type=_number(0, True), default=1.0,
+                   help="compute-time multiplier of host 0 (a mixed cluster; default 1)")
+    c.add_argument("--jitter", type=_number(0, False), default=0.0,
+                   help="relative std of per-step compute noise, e.g. 0.1 (default 0)")
+    r = p.add_argument_group("run")
+    r.add_argument("--steps", type=_positive_int, default=200, help="local steps per rank (default 200)")
+    r.add_argument("--batch-size", type=_positive_int, default=32, help="samples per step (default 32)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the compute noise (default 0)")
+    s = p.add_argument_group("scheduler config (flags override --config)")
+    s.add_argument("--config", metavar="FILE", help="a YAML/JSON adaptive-lsgd config file")
+    s.add_argument("--policy", choices=("adaptive", "fixed"), help="default adaptive")
+    s.add_argument("--periods", type=_int_list, help="initial/fixed periods, one per level: 4 or 4,8")
+    s.add_argument("--target-comm-fraction", type=float, help="default 0.1")
+    s.add_argument("--max-period", type=_int_list, help="cap per level: 64 or 8,64 (default 64)")
+    s.add_argument("--warmup", type=int, help="mini-batch SGD steps before local SGD (default 0)")
+    s.add_argument("--hysteresis", type=float, help="default 0.25")
+    s.add_argument("--time-budget", action="store_true", default=None,
+                   help="mixed-speed mode: faster ranks take more steps per round")
+    s.add_argument("--log", metavar="FILE", help="write rank 0's decision log (JSON lines)")
+    o = p.add_argument_group("output and checks")
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    o.add_argument("--decisions", choices=("auto", "per-rank", "shared"), default="auto",
+                   help="every rank runs the policy, or one per sync (default: shared above "
+                        f"{SHARE_ABOVE} ranks)")
+    o.add_argument("--check-agreement", action="store_true",
+                   help="full per-rank replicas with full payloads; fail if ranks disagree")
+    return p
+
+
+def config_from_args(args) -> object:
+    values = read_config_file(args.config) if args.config else {}
+    for key in ("policy", "periods", "target_comm_fraction", "warmup", "hysteresis",
+                "time_budget", "log"):
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = v
+    if args.max_period is not None:
+        values["max_period"] = args.max_period[0] if len(args.max_period) == 1 else args.max_period
+    values["topology"] = "auto"
+    return load_config(values, env={})
+
+
+def simulate(args) -> dict:
+    config = config_from_args(args)
+    sim = ClusterSim(config, args.hosts, args.workers_per_host, args.compute_ms, int(args.params),
+                     args.inter_gbps, args.intra_gbps, args.latency_us, args.intra_latency_us,
+                     args.slow_host_factor, args.jitter, args.seed, args.batch_size,
+                     args.decisions, args.check_agreement)
+    return sim.run(args.steps)
+
+
+def _summary(out: dict) -> str:
+    lines = [
+        f"{out['ranks']} ranks ({out['hosts']} hosts x {out['workers_per_host']}), "
+        f"{out['levels']} level(s), {out['steps']} steps",
+        f"periods {out['periods']} after {out['global_syncs']} global syncs "
+        f"(syncs per level {out['syncs_per_level']})",
+        f"throughput {out['samples_per_s']:.1f} samples/s, compute-only "
+        f"{out['compute_only_samples_per_s']:.1f} ({100 * out['efficiency']:.1f}%)",
+        f"comm fraction {out['comm_fraction']:.3f}, simulated wall {out['wall_s']:.3f} s, "
+        f"link times {[round(t, 6) for t in out['link_s']]} s",
+        "periods over time: " + ", ".join(f"step {s}: {p}" for s, p in out["periods_over_time"]),
+        f"simulated in {out['sim_runtime_s']:.2f} s ({out['decisions']} decisions)",
+    ]
+    if "agreement" in out:
+        lines.append(f"agreement: all {out['ranks']} ranks took identical decisions at "
+                     f"{out['agreement']['global_syncs_checked']} global syncs")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world = args.hosts * args.workers_per_host
+    if args.check_agreement and world > CHECK_MAX_RANKS:
+        parser.error(f"--check-agreement sums full payloads on every rank: use at most "
+                     f"{CHECK_MAX_RANKS} ranks (got {world})")
+    try:
+        out = simulate(args)
+    except (ConfigError, TopologyError) as exc:
+        parser.error(str(exc))
+    except SimulationError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out) if args.json else _summary(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

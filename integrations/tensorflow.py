@@ -1,0 +1,683 @@
+"""TensorFlow/Keras over Horovod: drop-ins for ``hvd.DistributedOptimizer`` and
+``hvd.DistributedGradientTape`` running adaptive (post-)local SGD.
+
+A Keras script changes two lines (the optimizer wrapper and one callback)::
+
+    import adaptive_lsgd.integrations.tensorflow as alsgd   # before hvd.init()
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    opt = tf.keras.optimizers.SGD(0.05 * hvd.size(), momentum=0.9)
+    opt = alsgd.DistributedOptimizer(opt, config={"warmup": 500})    # was hvd.DistributedOptimizer
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=32, epochs=10,
+              callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                         hvd.callbacks.MetricAverageCallback(),
+                         alsgd.LocalSGDCallback()])                   # the one new callback
+    print(alsgd.summary(opt))   # on every rank: it gathers the per-rank figures
+
+A custom loop changes the tape line and reports each finished step::
+
+    lsgd = alsgd.LocalSGD(model, opt, config={"policy": "fixed", "periods": [4]})
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        tape = alsgd.DistributedGradientTape(tape, lsgd)             # was hvd.DistributedGradientTape
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for x, y in dataset:
+        with lsgd.step():                                            # times the step, syncs after it
+            train_step(x, y)
+
+(``alsgd.step(model, opt, config)`` after each step does the same without holding an object.)
+
+In the mini-batch phase (the first ``warmup`` steps, or until the first learning-rate drop)
+gradients go through Horovod's own reduction code, so the phase *is* Horovod's
+``DistributedOptimizer``/``DistributedGradientTape``. In the local phase that reduction is
+skipped: the phase is a boolean ``tf.Variable`` read by a ``tf.cond`` in the traced step, so
+one trace serves both phases (eagerly, a Python branch). After each local update the core
+scheduler (``adaptive_lsgd.Scheduler``) says when to average the model variables over which
+process set; this file only moves tensors and times them.
+
+This module sets ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` when imported (unless set), so import it
+before ``hvd.init()``; hierarchical topologies need it.
+"""
+
+from __future__ import annotations
+
+import os
+
+_HVD_INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
+os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
+
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import horovod.tensorflow as hvd  # noqa: E402
+import horovod.tensorflow.keras as hvd_keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from adaptive_lsgd import agreement  # noqa: E402
+from adaptive_lsgd.config import Config, load_config  # noqa: E402
+from adaptive_lsgd.scheduler import Scheduler, SyncPlan, SyncResult  # noqa: E402
+from adaptive_lsgd.summary import combine_summaries  # noqa: E402
+from adaptive_lsgd.topology import Topology  # noqa: E402
+
+# Horovod was initialised before this module could ask for dynamic process sets.
+_HVD_INIT_BEFORE_IMPORT = _HVD_INIT_BEFORE_IMPORT and hvd.is_initialized()
+
+__all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape", "LocalSGDCallback",
+           "step", "summary", "host_name", "process_set_for"]
+
+_PROCESS_SETS: dict = {}
+_SHARED: dict = {}  # effective-config digest -> LocalSGD, for the config-keyed helpers
+
+
+def host_name() -> str:
+    """The host this worker runs on, as Horovod names it (emulated clusters set it)."""
+    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+
+
+def process_set_for(ranks: tuple):
+    """The Horovod process set over ``ranks``: the global one for all ranks, else one dynamic
+    set per distinct rank tuple (Horovod refuses duplicates). Collective: every rank must ask
+    for the same tuples in the same order."""
+    if len(ranks) == hvd.size():
+        return hvd.global_process_set
+    if ranks not in _PROCESS_SETS:
+        try:
+            _PROCESS_SETS[ranks] = hvd.add_process_set(list(ranks))
+        except ValueError as exc:
+            if "HOROVOD_DYNAMIC_PROCESS_SETS" in str(exc):
+                late = (" (hvd.init() ran before adaptive_lsgd.integrations.tensorflow was imported)"
+                        if _HVD_INIT_BEFORE_IMPORT else "")
+                raise RuntimeError(
+                    "adaptive-lsgd needs Horovod's dynamic process sets for a hierarchical "
+                    f"topology{late}: import adaptive_lsgd.integrations.tensorflow before "
+                    "hvd.init(), set HOROVOD_DYNAMIC_PROCESS_SETS=1, or call "
+                    "hvd.init(process_sets='dynamic')") from exc
+            raise
+    return _PROCESS_SETS[ranks]
+
+
+# -- helpers on TensorFlow objects ----------------------------------------------------------------
+def _variables_of(obj) -> list:
+    """An optimizer's variables: ``variables`` is a method (legacy), a property, or a list."""
+    v = obj.variables
+    return list(v if isinstance(v, list) else v())
+
+
+def _floating(variables) -> list:
+    return [v for v in variables if v.dtype.is_floating]
+
+
+def _unique(variables) -> list:
+    seen, out = set(), []
+    for v in variables:
+        if v.ref() not in seen:
+            seen.add(v.ref())
+            out.append(v)
+    return out
+
+
+@tf.function(reduce_retracing=True)
+def _all_finite(tensors):
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
+
+
+def _current_lr(optimizer) -> float | None:
+    """The learning rate the optimizer is using now, as a Python float (None if unknown)."""
+    opt = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer
+    try:
+        lr = opt.learning_rate
+    except (AttributeError, ValueError):
+        lr = getattr(opt, "lr", None)
+    if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
+        lr = opt._decayed_lr(tf.float32) if hasattr(opt, "_decayed_lr") else lr(opt.iterations)
+    if callable(lr) and not isinstance(lr, (tf.Variable, tf.Tensor)):
+        lr = lr()
+    try:
+        return float(tf.keras.backend.get_value(lr))
+    except (TypeError, ValueError):
+        return None
+
+
+class LocalSGD:
+    """Adaptive local SGD for one TensorFlow model: config, topology, process sets, scheduler.
+
+    Building it is a collective (an allgather checks that every rank runs the same config):
+    create it on every rank at the same point, after ``hvd.init()``. ``model`` is a Keras model,
+    a ``tf.Module`` or a list of variables; ``optimizer`` (optional) supplies the learning rate
+    and, with ``momentum: average`` or ``reset``, the slot variables. :func:`DistributedOptimizer`
+    makes one for you (``opt.alsgd``); custom loops use it directly::
+
+        lsgd = alsgd.LocalSGD(model, opt, config={"policy": "fixed", "periods": [4]})
+        for x, y in dataset:
+            with lsgd.step():          # or: train_step(x, y); lsgd.step_done()
+                train_step(x, y)       # a tf.function using alsgd.DistributedGradientTape(tape, lsgd)
+        lsgd.average_now()             # collective: the average model on every rank
+        ckpt = lsgd.state_dict()       # JSON-serialisable; lsgd.load_state_dict(ckpt) resumes
+
+    ``allreduce_gradients`` is the boolean variable the traced steps read: True in the
+    mini-batch phase. ``scheduler``, ``topology`` and ``config`` are the core objects.
+    """
+
+    def __init__(self, model=None, optimizer=None, config: Config | dict | str | None = None):
+        self.config = load_config(config)
+        self._model = None
+        self._optimizer = None
+        self._param_bytes: int | None = None
+        self._gpu = bool(tf.config.list_logical_devices("GPU"))
+        with tf.init_scope():
+            self.allreduce_gradients = tf.Variable(self.config.warmup != 0, trainable=False,
+                                                   dtype=tf.bool, name="alsgd_allreduce_gradients")
+        self._flag = self.config.warmup != 0
+        self.build()
+        self.attach(model, optimizer)
+        self._t = time.perf_counter()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def build(self, carry: dict | None = None) -> None:
+        """Agree on the config, build topology, process sets and scheduler (collective)."""
+        with tf.init_scope():
+            infos = hvd.allgather_object(agreement.rank_info(self.config, host_name()))
+        agreement.check_agreement(infos)
+        self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
+                                             chained=self.config.chained_allreduce)
+        self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
+        self.rank = hvd.rank()
+        self.scheduler = Scheduler(self.config, self.topology, self.rank, self._param_bytes or 0)
+        if carry is not None:
+            self.scheduler.load_state_dict(carry, strict=False)
+        self._update_flag()
+
+    def attach(self, model=None, optimizer=None) -> LocalSGD:
+        """Name the model (whose variables are averaged) and the optimizer (learning rate,
+        slot variables). Either may be given later; the last one given is used."""
+        if model is not None:
+            if model is not self._model:
+                self._param_bytes = None
+            self._model = model
+        if optimizer is not None:
+            self._optimizer = optimizer
+        return self
+
+    def reset(self) -> None:
+        """Rebuild topology, process sets and scheduler after Horovod re-initialised (elastic
+        reset), carrying the scheduler's phase, step and periods across."""
+        carry = self.scheduler.state_dict()
+        _PROCESS_SETS.clear()
+        self.build(carry)
+        self._t = time.perf_counter()
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheduler.is_local
+
+    # -- the gradient side (used by DistributedOptimizer and DistributedGradientTape) -------------
+    def reduce_gradients(self, reduce_fn, grads, sparse_as_dense: bool = False) -> list:
+        """``reduce_fn(grads)`` (Horovod's reduction) in the mini-batch phase; ``grads`` as they
+        are in the local phase. Inside ``tf.function`` a ``tf.cond`` on
+        :attr:`allreduce_gradients`, so a traced step follows phase changes without retracing."""
+        grads = list(grads)
+        if tf.executing_eagerly():
+            return list(reduce_fn(grads)) if self._flag else grads
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        if not idx:
+            return list(reduce_fn(grads))
+
+        def mini_batch():
+            out = reduce_fn(grads)
+            return [out[i] for i in idx]
+
+        def local():
+            out = []
+            for i in idx:
+                g = grads[i]
+                if isinstance(g, tf.IndexedSlices):
+                    out.append(tf.convert_to_tensor(g) if sparse_as_dense else g)
+                else:
+                    out.append(tf.identity(g))
+            return out
+
+        reduced = tf.cond(self.allreduce_gradients, mini_batch, local)
+        merged = list(grads)
+        for i, g in zip(idx, reduced):
+            merged[i] = g
+        return merged
+
+    def _update_flag(self) -> None:
+        want = not self.scheduler.is_local
+        if want != self._flag:
+            self.allreduce_gradients.assign(want)
+            self._flag = want
+
+    # -- the step -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self):
+        """Time one training step (the body of the ``with``) and report it when it ends."""
+        start = time.perf_counter()
+        yield self
+        self.step_done(self._now() - start)
+
+    def step_done(self, compute_s: float | None = None, lr: float | None = None) -> SyncResult | None:
+        """Report a finished local step; run the sync the scheduler asks for (collective).
+
+        ``compute_s`` defaults to the time since the previous report ended; ``lr`` to the
+        attached optimizer's current learning rate. Returns the sync's result, or None."""
+        now = self._now()
+        if compute_s is None:
+            compute_s = now - self._t
+        sched = self.scheduler
+        if lr is None and self._optimizer is not None:
+            lr = _current_lr(self._optimizer)
+        if sched.needs_shared_lr and lr is not None and hvd.size() > 1:
+            lr = float(hvd.allreduce(tf.constant(lr, tf.float64), op=hvd.Min, name="alsgd.lr"))
+        plan = sched.step_done(compute_s, lr=lr)
+        result = self._sync(plan) if plan is not None else None
+        self._update_flag()
+        self._t = time.perf_counter()
+        return result
+
+    def average_now(self) -> SyncResult | None:
+        """Average the model over all ranks now (collective: call on every rank at the same
+        point, e.g. before evaluating or saving). Nothing to do in the mini-batch phase."""
+        plan = self.scheduler.sync_now()
+        result = self._sync(plan) if plan is not None else None
+        self._t = time.perf_counter()
+        return result
+
+    def _now(self) -> float:
+        if self._gpu:
+            tf.test.experimental.sync_devices()
+        return time.perf_counter()
+
+    # -- averaging ------------------------------------------------------------------------------
+    def model_variables(self) -> list:
+        """Trainable variables, then (``average_buffers``) the floating non-trainable ones."""
+        m = self._model
+        if m is None:
+            raise RuntimeError("adaptive-lsgd has no model to average: pass it to LocalSGD(model, "
+                               "...), attach(model) or alsgd.step(model, ...)")
+        if isinstance(m, (list, tuple)):
+            return _floating(_unique(m))
+        out = list(m.trainable_variables)
+        if self.config.average_buffers:
+            out += list(m.non_trainable_variables)
+        return _floating(_unique(out))
+
+    def slot_variables(self) -> list:
+        """The optimizer's per-variable state (momentum, Adam moments), in a rank-agreed order."""
+        opt = self._optimizer
+        if opt is None:
+            return []
+        opt = getattr(opt, "inner_optimizer", opt)
+        if hasattr(opt, "get_slot_names"):  # legacy (OptimizerV2) optimizers
+            out = []
+            for var in self.model_variables():
+                for name in opt.get_slot_names():
+                    try:
+                        out.append(opt.get_slot(var, name))
+                    except (KeyError, ValueError):
+                        pass
+            return _floating(_unique(out))
+        skip = {opt.iterations.ref()}
+        return [v for v in _floating(_variables_of(opt)) if v.ref() not in skip]
+
+    def sync_variables(self) -> list:
+        out = self.model_variables()
+        if self.config.momentum == "average":
+            out += self.slot_variables()
+        return _unique(out)
+
+    def _sync(self, plan: SyncPlan) -> SyncResult:
+        cfg, sched = self.config, self.scheduler
+        variables = self.sync_variables()
+        if self._param_bytes is None:
+            self._param_bytes = int(sum(v.shape.num_elements() * v.dtype.size for v in variables))
+            sched.param_bytes = self._param_bytes
+        values = [tf.convert_to_tensor(v) for v in variables]
+        healthy = bool(_all_finite(values)) if cfg.nonfinite_guard and values else True
+        payload = sched.payload(plan, healthy)
+        if not healthy:
+            values = [tf.zeros_like(t) for t in values]
+        elif plan.weight != 1.0:
+            values = [t * tf.cast(plan.weight, t.dtype) for t in values]
+        # One grouped Sum-allreduce per dtype (the payload rides with float32), same order
+        # on every rank.
+        groups: dict = {"float32": []}
+        for i, t in enumerate(values):
+            groups.setdefault(t.dtype.name, []).append(i)
+        times = []
+        for stage in plan.stages:
+            if stage.kind == "broadcast" and self.rank != stage.root:
+                values = [tf.zeros_like(t) for t in values]
+                payload = np.zeros_like(payload)
+            process_set = self.process_sets.get(stage.ranks, hvd.global_process_set)
+            start = time.perf_counter()
+            for dtype in sorted(groups):
+                idx = groups[dtype]
+                tensors = [values[i] for i in idx]
+                if dtype == "float32":
+                    tensors.append(tf.constant(payload))
+                out = hvd.grouped_allreduce(tensors, op=hvd.Sum, process_set=process_set,
+                                            name=f"alsgd.{stage.kind}.{stage.link_level}.{dtype}")
+                if dtype == "float32":
+                    payload = out[-1].numpy()
+                for i, t in zip(idx, out):
+                    values[i] = t
+            if self._gpu:
+                tf.test.experimental.sync_devices()
+            times.append(time.perf_counter() - start)
+        result = sched.complete_sync(plan, payload, times)
+        total = result.total_weight
+        for var, t in zip(variables, values):
+            var.assign(t / tf.cast(total, t.dtype) if total != 1.0 else t)
+        if cfg.momentum == "reset" or not healthy:
+            for var in self.slot_variables():
+                var.assign(tf.zeros_like(var))
+        return result
+
+    # -- state and figures ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The scheduler's state (plain, JSON-serialisable); save it with your checkpoint."""
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.scheduler.load_state_dict(state, strict=strict)
+        self._update_flag()
+
+    def summary(self, combine: bool = True) -> dict:
+        """This rank's figures (``combine=False``) or the job's (a collective: every rank)."""
+        local = self.scheduler.summary()
+        if not combine:
+            return local
+        local["rank"] = hvd.rank()
+        return combine_summaries(hvd.allgather_object(local))
+
+
+def _local_sgd_of(obj) -> LocalSGD | None:
+    if isinstance(obj, LocalSGD):
+        return obj
+    for attr in ("alsgd", "local_sgd"):
+        found = getattr(obj, attr, None)
+        if isinstance(found, LocalSGD):
+            return found
+    inner = getattr(obj, "inner_optimizer", None)
+    return _local_sgd_of(inner) if inner is not None else None
+
+
+def _runtime_for(config) -> LocalSGD:
+    """A LocalSGD given directly (or held by an optimizer/callback), else the one shared by
+    every helper called with the same effective config (built on first use)."""
+    found = _local_sgd_of(config) if config is not None else None
+    if found is not None:
+        return found
+    cfg = load_config(config)
+    key = agreement.digest(cfg.to_dict())
+    if key not in _SHARED:
+        with tf.init_scope():
+            _SHARED[key] = LocalSGD(config=cfg)
+    return _SHARED[key]
+
+
+# -- Keras optimizer ------------------------------------------------------------------------------
+def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
+    """Wrap a Keras optimizer like ``horovod.tensorflow.keras.DistributedOptimizer``, with
+    adaptive local SGD.
+
+    Takes every keyword ``hvd.DistributedOptimizer`` takes (they apply to the mini-batch
+    phase, through Horovod's own code) plus ``config`` (a dict, a YAML/JSON path, or None for
+    ``ALSGD_CONFIG`` / ``ALSGD_*`` / defaults). Returns an optimizer of the same class whose
+    ``alsgd`` attribute is its :class:`LocalSGD`; add :class:`LocalSGDCallback` to ``fit``
+    (it reports the steps and runs the syncs). Collective: call it on every rank::
+
+        opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                                         config={"policy": "fixed", "periods": [4]})
+        model.compile(optimizer=opt, loss=loss_fn)
+        model.fit(x, y, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                                   alsgd.LocalSGDCallback()])
+        opt.alsgd.scheduler.periods      # (4,)
+    """
+    if hvd_kwargs.get("backward_passes_per_step", 1) != 1:
+        raise ValueError("adaptive-lsgd's DistributedOptimizer does not support "
+                         "backward_passes_per_step > 1 (local SGD already takes several local "
+                         "steps between averages)")
+    if hvd_kwargs.get("process_set", hvd.global_process_set) is not hvd.global_process_set:
+        raise ValueError("adaptive-lsgd's DistributedOptimizer runs over all ranks: leave "
+                         "process_set as hvd.global_process_set (use the 'topology' config key "
+                         "for hierarchies)")
+    lsgd = LocalSGD(optimizer=None, config=config)
+    sparse_as_dense = bool(hvd_kwargs.get("sparse_as_dense", False))
+    horovod_cls = type(hvd_keras.DistributedOptimizer(optimizer, **hvd_kwargs))
+    horovod_allreduce = horovod_cls.__dict__["_allreduce"]
+
+    def _allreduce(self, grads, vars):
+        return self._alsgd.reduce_gradients(lambda g: horovod_allreduce(self, g, vars), grads,
+                                            sparse_as_dense)
+
+    namespace = {k: v for k, v in horovod_cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    namespace["_allreduce"] = _allreduce
+    namespace["alsgd"] = property(lambda self: self._alsgd,
+                                  doc="The LocalSGD runtime: .config, .topology, .scheduler.")
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
+    opt = cls.from_config(optimizer.get_config())
+    opt._alsgd = lsgd
+    lsgd.attach(optimizer=opt)
+    return opt
+
+
+# -- gradient tape --------------------------------------------------------------------------------
+_TAPE_CLASSES: dict = {}
+
+
+def _gradient(self, target, sources, output_gradients=None, use_generic_names=False):
+    grads = hvd._DistributedGradientTape.gradient(self, target, sources, output_gradients,
+                                                  use_generic_names)
+    if not (self.scale_local_gradients and self._local_sources):
+        return grads
+    # Horovod divides the gradients of registered local sources by the size; in the local phase
+    # no gradient is averaged, so undo that: every gradient is the rank's own.
+    size = float(self.process_set.size())
+    factor = tf.where(self._alsgd.allreduce_gradients, 1.0, size)
+    out = []
+    for s, g in zip(sources, grads):
+        if g is not None and s.ref() in self._local_sources:
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.IndexedSlices(g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape)
+            else:
+                g = g * tf.cast(factor, g.dtype)
+        out.append(g)
+    return out
+
+
+def _tape_class(base):
+    if base not in _TAPE_CLASSES:
+        namespace = {k: v for k, v in hvd._DistributedGradientTape.__dict__.items()
+                     if k not in ("__dict__", "__weakref__")}
+        namespace["gradient"] = _gradient
+        _TAPE_CLASSES[base] = type(base.__name__, (base,), namespace)
+    return _TAPE_CLASSES[base]
+
+
+def DistributedGradientTape(tape, config=None, device_dense="", device_sparse="",
+                            compression=hvd.Compression.none, sparse_as_dense=False, op=hvd.Average,
+                            gradient_predivide_factor=1.0, num_groups=0, groups=None,
+                            process_set=hvd.global_process_set, scale_local_gradients=True):
+    """Wrap a ``tf.GradientTape`` like ``hvd.DistributedGradientTape``, with adaptive local SGD.
+
+    ``config`` is the :class:`LocalSGD` to follow (or an optimizer from
+    :func:`DistributedOptimizer`), or a config (dict, path, None) naming the one shared with
+    :func:`step`. Gradients are reduced with Horovod's code in the mini-batch phase and left
+    local in the local phase; the other arguments are Horovod's::
+
+        @tf.function
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            tape = alsgd.DistributedGradientTape(tape, lsgd)
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+    """
+    lsgd = _runtime_for(config)
+    if op == hvd.Adasum:
+        raise ValueError("op=hvd.Adasum is not supported by adaptive-lsgd; use hvd.Average or hvd.Sum")
+    if process_set is not hvd.global_process_set:
+        raise ValueError("adaptive-lsgd's DistributedGradientTape runs over all ranks: leave "
+                         "process_set as hvd.global_process_set (use the 'topology' config key "
+                         "for hierarchies)")
+    if gradient_predivide_factor != 1.0 and op != hvd.Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` "
+                      "and will be removed in v0.23.0.", DeprecationWarning, stacklevel=2)
+        if groups is None:
+            groups = num_groups
+    if groups is not None and not (isinstance(groups, list) or groups > 0):
+        raise ValueError("groups should be a non-negative integer or a list of list of tf.Variable.")
+    cls = _tape_class(tape.__class__)
+    out = cls(tape._tape, device_dense, device_sparse, compression, sparse_as_dense, op,
+              gradient_predivide_factor, groups, tape._persistent,
+              getattr(tape, "_watch_accessed_variables", True), process_set=process_set,
+              scale_local_gradients=scale_local_gradients)
+    horovod_reduce = out._allreduce_grads
+
+    def allreduce_grads(grads, vars=None, use_generic_names=False):
+        return lsgd.reduce_gradients(lambda g: horovod_reduce(g, vars, use_generic_names), grads,
+                                     sparse_as_dense)
+
+    out._allreduce_grads = allreduce_grads
+    out._alsgd = lsgd
+    return out
+
+
+def step(model=None, optimizer=None, config=None, compute_s: float | None = None,
+         lr: float | None = None) -> SyncResult | None:
+    """Report a finished training step of a custom loop and sync if it is time (collective).
+
+    Follows ``optimizer.alsgd`` when the optimizer came from :func:`DistributedOptimizer`, else
+    the :class:`LocalSGD` shared with ``DistributedGradientTape(tape, config)`` for the same
+    config. The step time is measured from the previous call unless ``compute_s`` is given::
+
+        for x, y in dataset:
+            train_step(x, y)                                   # uses DistributedGradientTape(tape, cfg)
+            alsgd.step(model, opt, config=cfg)
+    """
+    lsgd = _local_sgd_of(optimizer) if optimizer is not None else None
+    if lsgd is None:
+        lsgd = _runtime_for(config)
+    lsgd.attach(model, optimizer)
+    return lsgd.step_done(compute_s, lr=lr)
+
+
+# -- Keras callback -------------------------------------------------------------------------------
+class LocalSGDCallback(tf.keras.callbacks.Callback):
+    """Runs adaptive local SGD in ``model.fit`` for a model compiled with
+    :func:`DistributedOptimizer`.
+
+    After each training batch it reports the step (time and learning rate) to the scheduler and,
+    when the scheduler says so, averages the model's variables (weights and, unless
+    ``average_buffers: false``, non-trainable state such as BatchNorm statistics) over the
+    right process set. With ``average_at_end`` the ranks leave ``fit`` holding the average
+    model. It works beside Horovod's callbacks (``BroadcastGlobalVariablesCallback``,
+    ``MetricAverageCallback``, ``LearningRateWarmupCallback``, ...); every rank must use the same
+    callback list. ``config``, when given, must equal the optimizer's::
+
+        cb = alsgd.LocalSGDCallback()
+        model.fit(x, y, epochs=5, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0), cb])
+        state = cb.state_dict()          # the scheduler's state, for a checkpoint
+        cb.summary()                     # the job's figures (collective)
+
+    Needs ``steps_per_execution=1`` (one report per step). In ``time_budget`` mode ranks take
+    different numbers of steps per round, so ``fit`` with a fixed number of steps per epoch
+    ends them on different rounds: use that mode with custom loops that stop on rounds.
+    """
+
+    def __init__(self, config=None, average_at_end: bool = True):
+        super().__init__()
+        self._config = config
+        self.average_at_end = average_at_end
+        self.local_sgd: LocalSGD | None = None
+        self._start: float | None = None
+        self._pending_state: tuple | None = None
+
+    def on_train_begin(self, logs=None):
+        opt = self.model.optimizer
+        lsgd = _local_sgd_of(opt)
+        if lsgd is None:
+            raise TypeError("LocalSGDCallback needs a model compiled with "
+                            "adaptive_lsgd.integrations.tensorflow.DistributedOptimizer(...) "
+                            f"(got {type(opt).__name__}); do not also wrap it with "
+                            "hvd.DistributedOptimizer")
+        if self._config is not None:
+            mine = load_config(self._config)
+            if mine != lsgd.config:
+                diff = sorted(k for k, v in mine.to_dict().items() if lsgd.config.to_dict()[k] != v)
+                raise ValueError(f"LocalSGDCallback's config differs from the optimizer's in "
+                                 f"{', '.join(diff)}: give the config to DistributedOptimizer only")
+        spe = getattr(self.model, "_steps_per_execution", None)
+        if spe is not None and int(tf.keras.backend.get_value(spe)) != 1:
+            raise ValueError("LocalSGDCallback needs steps_per_execution=1 in model.compile() "
+                             "(it reports every step to the scheduler)")
+        if lsgd.config.time_budget:
+            warnings.warn("time_budget mode with model.fit: ranks take different numbers of "
+                          "steps per round, so a fixed number of steps per epoch ends them on "
+                          "different rounds", stacklevel=2)
+        lsgd.attach(self.model, opt)
+        self.local_sgd = lsgd
+        if self._pending_state is not None:
+            lsgd.load_state_dict(*self._pending_state)
+            self._pending_state = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        lsgd = self.local_sgd
+        compute_s = None if self._start is None else lsgd._now() - self._start
+        lsgd.step_done(compute_s)
+
+    def on_train_end(self, logs=None):
+        if self.average_at_end and self.local_sgd is not None:
+            self.local_sgd.average_now()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def alsgd(self) -> LocalSGD | None:
+        return self.local_sgd
+
+    def state_dict(self) -> dict:
+        """The scheduler's state (after ``fit`` began or with the optimizer's runtime)."""
+        lsgd = self.local_sgd or (_local_sgd_of(self.model.optimizer) if self.model else None)
+        if lsgd is None:
+            raise RuntimeError("LocalSGDCallback has no scheduler yet: call it after fit() began")
+        return lsgd.state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore a :meth:`state_dict`; before ``fit`` it is applied when training begins."""
+        if self.local_sgd is None:
+            self._pending_state = (state, strict)
+        else:
+            self.local_sgd.load_state_dict(state, strict=strict)
+
+    def summary(self, combine: bool = True) -> dict:
+        return self.local_sgd.summary(combine)
+
+
+def summary(obj, combine: bool = True) -> dict:
+    """The job's figures, combined over ranks (a collective: call it on every rank); ``obj`` is
+    a :class:`LocalSGD`, an optimizer from :func:`DistributedOptimizer` or the callback.
+    ``combine=False`` gives this rank's ``Scheduler.summary()`` without communicating."""
+    lsgd = _local_sgd_of(obj)
+    if lsgd is None:
+        raise TypeError(f"{type(obj).__name__} carries no adaptive-lsgd state")
+    return lsgd.summary(combine)

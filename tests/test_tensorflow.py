@@ -1,0 +1,174 @@
+"""The TensorFlow integration under real ``horovodrun --gloo`` (2 and 4 local workers).
+
+The cases live in tests/tf_workers/cases.py; several run in one launch (TensorFlow starts
+slowly), and each test below asserts on the lines one launch printed. MNIST-1D is generated
+once, offline (``mnist1d.data.make_dataset``), and cached in the temp directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from conftest import REPO, horovodrun, results
+
+pytestmark = pytest.mark.tensorflow
+
+TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise"]
+GEN = """
+import sys
+import numpy as np
+from mnist1d.data import get_dataset_args, make_dataset
+args = get_dataset_args()
+args.num_samples = 20000
+d = make_dataset(args)
+np.savez(sys.argv[1], x=d["x"].astype("float32"), y=d["y"].astype("int64"),
+         x_test=d["x_test"].astype("float32"), y_test=d["y_test"].astype("int64"))
+"""
+
+
+def _need(*modules):
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (run `make test`, which sets up .venv)")
+
+
+@pytest.fixture(scope="module")
+def mnist1d_npz():
+    """16,000 training and 4,000 test series, generated offline from mnist1d's templates
+    (seed 42: deterministic, so a cached copy from an earlier session is reused)."""
+    _need("tensorflow", "horovod.tensorflow", "mnist1d")
+    path = os.path.join(tempfile.gettempdir(), "adaptive-lsgd-mnist1d-20000-seed42.npz")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.npz"
+        subprocess.run([sys.executable, "-c", GEN, tmp], check=True, cwd=REPO, timeout=600)
+        os.replace(tmp, path)
+    return path
+
+
+def _timings(proc) -> dict:
+    out = {}
+    for line in proc.stdout.splitlines():
+        _, _, line = line.partition(">:") if line.startswith("[") else ("", "", line)
+        if line.startswith("TIMING "):
+            _, name, seconds = line.split()
+            out[name] = float(seconds)
+    return out
+
+
+@pytest.fixture(scope="module")
+def np2(mnist1d_npz, tmp_path_factory):
+    case_dir = str(tmp_path_factory.mktemp("tf_np2"))
+    proc = horovodrun(2, ["tests/tf_workers/cases.py", *NP2_CASES],
+                      env={**TF_ENV, "MNIST1D_NPZ": mnist1d_npz, "CASE_DIR": case_dir})
+    res = results(proc)
+    print("TIMINGS (s, rank 0):", _timings(proc))
+    return {name: sorted(res[name], key=lambda r: r["rank"]) for name in res}
+
+
+@pytest.fixture(scope="module")
+def np4(mnist1d_npz):
+    proc = horovodrun(4, ["tests/tf_workers/cases.py", "hierarchical_2x2"],
+                      env={**TF_ENV, "MNIST1D_NPZ": mnist1d_npz})
+    print("TIMINGS (s, rank 0):", _timings(proc))
+    return sorted(results(proc)["hierarchical_2x2"], key=lambda r: r["rank"])
+
+
+def _identical_pattern(r: dict) -> None:
+    assert r["identical_after_sync"] and all(r["identical_after_sync"])
+    assert r["final_identical"]
+
+
+def test_fit_fixed_h4_matches_horovod_accuracy(np2):
+    ranks = np2["fit_accuracy"]
+    assert len(ranks) == 2
+    r = ranks[0]
+    print(f"fit: accuracy Horovod {r['acc_ref']:.4f} ({r['ref_s']:.1f}s), "
+          f"ours H=4 {r['acc_ours']:.4f} ({r['ours_s']:.1f}s)")
+    assert r["acc_ref"] > 0.9  # the recipe converges
+    assert r["acc_ours"] >= r["acc_ref"] - 0.01
+    assert ranks[1]["acc_ours"] == r["acc_ours"] and ranks[1]["acc_ref"] == r["acc_ref"]
+    for r in ranks:
+        _identical_pattern(r)
+        # Every H-th step syncs (plus the final average); in between the ranks drift apart
+        # (the first step is equal because BroadcastGlobalVariablesCallback ran after it).
+        assert r["syncs"] == [r["steps"] // 4 + 1]
+        assert len(r["identical_after_sync"]) == r["steps"] // 4
+        assert r["identical_between"][0] is True and not any(r["identical_between"][1:])
+    assert r["summary"]["syncs_per_level"] == r["syncs"] and r["summary"]["ranks"] == 2
+
+
+def test_custom_loop_tape_fixed_h4(np2):
+    ranks = np2["custom_loop"]
+    ref = np2["fit_accuracy"][0]["acc_ref"]
+    print(f"custom loop: accuracy ours H=4 {ranks[0]['acc_ours']:.4f} ({ranks[0]['ours_s']:.1f}s), "
+          f"Horovod (fit) {ref:.4f}")
+    assert ranks[0]["acc_ours"] >= ref - 0.01
+    for r in ranks:
+        _identical_pattern(r)
+        assert r["syncs"] == [r["steps"] // 4 + 1]
+        assert not any(r["identical_between"])  # the weights were broadcast before step 1
+
+
+def test_minibatch_phase_equals_horovod(np2):
+    for r in np2["minibatch_equals_horovod"]:
+        assert r["moved"] > 1e-2  # training happened
+        assert r["graph_diff"] <= 1e-6 and r["eager_diff"] <= 1e-5
+        assert r["slots_diff"] <= 1e-6 and r["tape_diff"] <= 1e-6
+        assert r["ranks_identical"]
+        assert r["phases"] == ["mini-batch"] * 3 and r["flags"] == [True, True]
+        assert r["steps"] == [40, 40, 40]
+
+
+def test_keras_api_beside_horovod_callbacks(np2):
+    for r in np2["keras_api"]:
+        spe = r["steps_per_epoch"]
+        # The LR drops when epoch 2 begins; the first step at the lower rate reports it (still a
+        # mini-batch step), the next one is local.
+        assert r["lr_history"][:3] == pytest.approx([0.1, 0.1, 0.01])
+        assert r["switch_step"] == 2 * spe + 1 and r["phase"] == "local"
+        assert r["mini_batch_identical"]
+        # Local steps 22..40 with H=3 sync at 24, ..., 39, then the final average.
+        assert r["syncs"] == [(4 * spe - r["switch_step"]) // 3 + 1]
+        assert r["n_buffers"] == 2 and r["n_slots"] == 6  # BatchNorm mean/var; momentum slots
+        assert r["identical_after_sync"] and all(r["identical_after_sync"])  # with buffers, slots
+        assert r["restored"] == [4 * spe, "local", r["syncs"], False]
+        assert r["eager_after_sync"] == [True, True] and not any(r["eager_between"])
+        assert 0 < r["warmup_lr"] <= 0.05
+        assert r["mismatch"] and "periods" in r["mismatch"] and "rank 1=[3]" in r["mismatch"]
+        assert r["summary"]["switch_step"] == r["switch_step"]
+
+
+def test_adaptive_policy_with_timing_noise_agrees(np2):
+    ranks = np2["adaptive_noise"]
+    logs = []
+    for r in ranks:
+        assert r["steps"] == 300 and r["final_identical"]
+        with open(r["log"]) as fh:
+            logs.append([{k: v for k, v in json.loads(line).items() if k != "time"} for line in fh])
+    assert logs[0] == logs[1] and len(logs[0]) >= 3
+    assert logs[0][0]["event"] == "switch" and logs[0][0]["step"] == 30
+    assert ranks[0]["periods"] == ranks[1]["periods"]
+
+
+def test_hierarchical_2x2_blocks_and_global(np4):
+    assert len(np4) == 4
+    r = np4[0]
+    assert r["levels"] == [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+    assert [0, 1] in r["process_sets"] and [2, 3] in r["process_sets"]
+    assert r["syncs"] == [6, 6]  # 24 steps: a block sync every 2, a global one every 4
+    for row in r["rows"]:
+        step = row["step"]
+        if step % 4 == 0:
+            assert row["all_same"], row
+        elif step % 2 == 0:
+            assert row["block0_same"] and row["block1_same"] and not row["all_same"], row
+        elif step > 1:  # step 1: BroadcastGlobalVariablesCallback made everyone equal
+            assert not row["block0_same"] and not row["block1_same"], row
+    assert all(other["rows"] == r["rows"] for other in np4[1:])

@@ -1,0 +1,115 @@
+"""PyTorch integration under real Horovod (``horovodrun --gloo``, 2 and 4 processes).
+
+Each launch runs several cases of tests/torch_workers/cases.py (a launch costs seconds);
+the tests below assert on what every rank printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import horovodrun, results
+
+pytestmark = pytest.mark.torch
+WORKER = "tests/torch_workers/cases.py"
+TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
+       "optimizer_api", "first_lr_decay", "time_budget"]
+FOUR = ["hierarchical_2x2", "adaptive_noise"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return results(horovodrun(2, [WORKER, *TWO], timeout=600))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    case_dir = str(tmp_path_factory.mktemp("torch4"))
+    res = results(horovodrun(4, [WORKER, *FOUR], env={"CASE_DIR": case_dir}, timeout=900))
+    return res
+
+
+def per_rank(res, case, n):
+    assert case in res, f"case {case} printed nothing"
+    rows = sorted(res[case], key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == list(range(n))
+    return rows
+
+
+def test_minibatch_phase_equals_horovod(two_ranks):
+    for r in per_rank(two_ranks, "minibatch_equals_horovod", 2):
+        assert r["phase"] == "mini-batch" and r["steps"] == 50
+        assert r["moved"] > 1e-3          # training really changed the parameters
+        assert r["max_diff"] <= 1e-6      # ... exactly as hvd.DistributedOptimizer did
+        assert r["rank_spread"] == 0.0    # gradients were allreduced: ranks identical
+
+
+def test_fixed_h4_equals_reference_local_sgd(two_ranks):
+    for r in per_rank(two_ranks, "fixed_h4_equals_reference", 2):
+        assert r["max_diff"] <= 1e-6 and r["buffer_diff"] <= 1e-6
+        assert r["syncs"] == [10]  # 40 steps / H=4
+        assert all(r["identical_after_sync"]), "ranks differ right after a sync"
+        assert not any(r["identical_between"]), "ranks identical between syncs: no local steps"
+
+
+def test_matches_pytorch_periodic_model_averager(two_ranks):
+    for r in per_rank(two_ranks, "peer_periodic_model_averager", 2):
+        assert r["syncs"] == [7]  # 30 steps / H=4
+        assert r["max_diff"] <= 1e-6
+
+
+def test_optimizer_api(two_ranks):
+    for r in per_rank(two_ranks, "optimizer_api", 2):
+        assert r["lrs"] == [0.05 * 0.25, 0.1 * 0.25]  # StepLR(5, 0.5) over 12 steps, per group
+        assert r["phase"] == "local" and r["step"] == 12
+        assert (r["restored_step"], r["restored_phase"], r["restored_syncs"]) == (12, "local", [2])
+        assert r["momentum_identical"]  # momentum: average, synced at step 12
+        assert r["buffers_identical"]   # BatchNorm running stats averaged with the parameters
+        assert r["grads_none"]          # zero_grad(set_to_none=True) works
+
+
+def test_first_lr_decay_switches_after_the_drop(two_ranks):
+    for r in per_rank(two_ranks, "first_lr_decay", 2):
+        # MultiStepLR(milestones=[7]): step 8 runs at the lower LR; local SGD from then on
+        assert r["switch_step"] == 8 and r["phase"] == "local"
+        assert r["syncs"] == [1]  # steps 9..15 with H=4: one sync at step 12
+
+
+def test_time_budget_gives_the_fast_rank_more_steps(two_ranks):
+    rows = per_rank(two_ranks, "time_budget", 2)
+    fast, slow = rows
+    assert fast["rank_steps"] == slow["rank_steps"]  # a shared decision
+    assert fast["rank_steps"][0] > 2 * fast["rank_steps"][1]  # rank 1 sleeps 4x longer
+    assert fast["steps"] > 2 * slow["steps"]  # same number of rounds, more local steps
+    assert fast["identical"] and slow["identical"]
+
+
+def test_hierarchical_2x2_block_and_global_periods(four_ranks):
+    for r in per_rank(four_ranks, "hierarchical_2x2", 4):
+        assert r["levels"] == [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+        assert r["syncs"] == [8, 4]  # 24 steps: blocks every 2 (not at 6k), all every 6
+        for row in r["rows"]:
+            step = row["step"]
+            if step % 6 == 0:
+                assert row["all_same"], step
+            elif step % 2 == 0:
+                assert row["block0_same"] and row["block1_same"] and not row["all_same"], step
+            else:
+                assert not row["block0_same"] and not row["block1_same"], step
+
+
+def test_adaptive_under_random_sleeps_agrees(four_ranks):
+    rows = per_rank(four_ranks, "adaptive_noise", 4)
+    logs = []
+    for r in rows:
+        assert r["steps"] == 2000 and r["final_identical"]
+        with open(r["log"]) as fh:
+            logs.append([{k: v for k, v in json.loads(line).items() if k != "time"} for line in fh])
+    assert len(logs[0]) > 10
+    assert all(log == logs[0] for log in logs[1:]), "decision logs differ between ranks"
+    decisions = [rec for rec in logs[0] if "decision" in rec]
+    assert any(rec["decision"] == "adapt" for rec in decisions)
+    assert all(isinstance(rec["step"], int) and isinstance(rec["periods"], list) for rec in decisions)
+    assert os.path.basename(rows[0]["log"]) == "noise.0.jsonl"

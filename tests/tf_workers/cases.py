@@ -1,0 +1,359 @@
+"""TensorFlow integration cases, run under horovodrun: ``python cases.py CASE [CASE ...]``.
+
+Each case prints ``RESULT <case> <json>`` on every rank (and rank 0 ``TIMING <case> <s>``);
+tests/test_tensorflow.py asserts on them. MNIST-1D comes from the ``.npz`` named by
+``MNIST1D_NPZ`` (the test generates it once, offline, with ``mnist1d.data.make_dataset``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+import horovod.tensorflow as htf
+import horovod.tensorflow.keras as hvd
+import numpy as np
+import tensorflow as tf
+
+import adaptive_lsgd.integrations.tensorflow as alsgd  # before hvd.init(): dynamic process sets
+from adaptive_lsgd import ConfigMismatchError
+
+hvd.init()
+tf.config.threading.set_inter_op_parallelism_threads(1)
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.get_logger().setLevel("ERROR")
+RANK, SIZE = hvd.rank(), hvd.size()
+LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+# The convergence recipe: a small 1-D CNN, 128 per rank and batch, a linear decay to zero.
+EPOCHS, BATCH, LR0, H = 15, 128, 0.2, 4
+
+
+def report(case: str, **values) -> None:
+    print(f"RESULT {case} " + json.dumps({"rank": RANK, **values}), flush=True)
+
+
+def load_mnist1d():
+    d = np.load(os.environ["MNIST1D_NPZ"])
+    return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+X, Y, X_TEST, Y_TEST = load_mnist1d()
+X_MINE, Y_MINE = X[RANK::SIZE], Y[RANK::SIZE]  # each rank its own shard
+
+
+def cnn(seed: int = 0) -> tf.keras.Model:
+    tf.keras.utils.set_random_seed(seed)
+    L = tf.keras.layers
+    return tf.keras.Sequential([
+        L.Input((40,)), L.Reshape((40, 1)),
+        L.Conv1D(32, 5, padding="same", activation="relu"),
+        L.Conv1D(32, 3, strides=2, padding="same", activation="relu"),
+        L.Conv1D(32, 3, strides=2, padding="same", activation="relu"),
+        L.Flatten(), L.Dense(10)])
+
+
+def mlp(seed: int = 0, bn: bool = False, width: int = 32) -> tf.keras.Model:
+    tf.keras.utils.set_random_seed(seed)
+    L = tf.keras.layers
+    layers = [L.Input((40,)), L.Dense(width, activation="relu")]
+    if bn:
+        layers.append(L.BatchNormalization())
+    layers.append(L.Dense(10))
+    return tf.keras.Sequential(layers)
+
+
+def lr_at(epoch: int) -> float:
+    return LR0 * (1 - epoch / EPOCHS)
+
+
+def digest(variables) -> str:
+    h = hashlib.sha1()
+    for v in variables:
+        h.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def flat(variables) -> np.ndarray:
+    return np.concatenate([np.ravel(v.numpy()).astype(np.float64) for v in variables])
+
+
+def accuracy(model) -> float:
+    logits = model.predict(X_TEST, batch_size=1024, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == Y_TEST))
+
+
+class Recorder(tf.keras.callbacks.Callback):
+    """After each batch: the step, whether a sync just ran, a digest of the variables."""
+
+    def __init__(self, lsgd, variables_fn):
+        super().__init__()
+        self.lsgd, self.variables_fn, self.rows = lsgd, variables_fn, []
+        self._syncs = 0
+
+    def on_train_begin(self, logs=None):
+        self._syncs = sum(self.lsgd.scheduler.syncs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        syncs = sum(self.lsgd.scheduler.syncs)
+        self.rows.append(row(self.lsgd, self.variables_fn(), synced=syncs > self._syncs))
+        self._syncs = syncs
+
+
+def row(lsgd, variables, synced: bool) -> dict:
+    sched = lsgd.scheduler
+    return {"step": sched.step, "syncs": list(sched.syncs), "digest": digest(variables),
+            "synced": synced}
+
+
+def compare_rows(rows: list) -> dict:
+    """Allgather every rank's rows; per step, whether all ranks held identical variables, split
+    by whether a sync had just happened."""
+    every = htf.allgather_object(rows)
+    after_sync, between = [], []
+    for i, r in enumerate(every[0]):
+        same = all(other[i]["digest"] == r["digest"] for other in every)
+        (after_sync if r["synced"] else between).append(same)
+    return {"identical_after_sync": after_sync, "identical_between": between}
+
+
+# -- cases ------------------------------------------------------------------------------------
+def fit_accuracy():
+    """model.fit on MNIST-1D: Horovod's DistributedOptimizer, then ours with fixed H=4, from the
+    same seeds, data and callbacks; all ranks identical after each sync."""
+    schedule = tf.keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr_at(epoch))
+    ref = cnn()
+    ref.compile(hvd.DistributedOptimizer(tf.keras.optimizers.SGD(LR0, momentum=0.9)), LOSS)
+    start = time.perf_counter()
+    tf.keras.utils.set_random_seed(1)
+    ref.fit(X_MINE, Y_MINE, batch_size=BATCH, epochs=EPOCHS, verbose=0,
+            callbacks=[schedule, hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                       hvd.callbacks.MetricAverageCallback()])
+    ref_s = time.perf_counter() - start
+
+    ours = cnn()
+    opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(LR0, momentum=0.9),
+                                     config={"policy": "fixed", "periods": [H]})
+    ours.compile(opt, LOSS)
+    rec = Recorder(opt.alsgd, lambda: ours.variables)
+    start = time.perf_counter()
+    tf.keras.utils.set_random_seed(1)
+    ours.fit(X_MINE, Y_MINE, batch_size=BATCH, epochs=EPOCHS, verbose=0,
+             callbacks=[schedule, hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                        hvd.callbacks.MetricAverageCallback(), alsgd.LocalSGDCallback(), rec])
+    ours_s = time.perf_counter() - start
+    final = htf.allgather_object(digest(ours.variables))
+    report("fit_accuracy", acc_ref=accuracy(ref), acc_ours=accuracy(ours), ref_s=ref_s, ours_s=ours_s,
+           syncs=opt.alsgd.scheduler.syncs, steps=opt.alsgd.scheduler.step,
+           final_identical=len(set(final)) == 1, summary=alsgd.summary(opt), **compare_rows(rec.rows))
+
+
+def custom_loop():
+    """A custom tf.function loop with the drop-in helpers, fixed H=4:
+    ``DistributedGradientTape(tape, cfg)`` in the step, ``alsgd.step(model, opt, config=cfg)``
+    after it. The same recipe as fit_accuracy (its Horovod run is the reference)."""
+    cfg = {"policy": "fixed", "periods": [H]}
+    model = cnn()
+    htf.broadcast_variables(model.variables, root_rank=0)
+    opt = tf.keras.optimizers.SGD(LR0, momentum=0.9)
+    data = tf.data.Dataset.from_tensor_slices((X_MINE, Y_MINE))
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        tape = alsgd.DistributedGradientTape(tape, cfg)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    rows = []
+    start = time.perf_counter()
+    for epoch in range(EPOCHS):
+        opt.learning_rate.assign(lr_at(epoch))
+        for x, y in data.shuffle(len(X_MINE), seed=epoch).batch(BATCH):
+            train_step(x, y)
+            result = alsgd.step(model, opt, config=cfg)
+            rows.append(row(alsgd._runtime_for(cfg), model.variables, synced=result is not None))
+    lsgd = alsgd._runtime_for(cfg)
+    lsgd.average_now()
+    seconds = time.perf_counter() - start
+    final = htf.allgather_object(digest(model.variables))
+    report("custom_loop", acc_ours=accuracy(model), ours_s=seconds, syncs=lsgd.scheduler.syncs,
+           steps=lsgd.scheduler.step, final_identical=len(set(final)) == 1, **compare_rows(rows))
+
+
+def minibatch_equals_horovod():
+    """Warm-up covering the run: ours equals hvd.DistributedOptimizer in fit (traced and eager)
+    and hvd.DistributedGradientTape in a custom loop, from the same seeds and data."""
+    steps = 40
+    xs, ys = X_MINE[:steps * 16], Y_MINE[:steps * 16]
+    cfg = {"warmup": 10**6, "policy": "fixed", "periods": [4]}
+
+    def fit(model, opt, eager=False):
+        model.compile(opt, LOSS, run_eagerly=eager)
+        model.fit(xs, ys, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[alsgd.LocalSGDCallback()] if hasattr(opt, "alsgd") else [])
+        return model
+
+    ref = fit(mlp(), hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9)))
+    graph_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9), config=cfg)
+    graph = fit(mlp(), graph_opt)
+    eager_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9), config=cfg)
+    eager = fit(mlp(), eager_opt, eager=True)
+
+    def tape_run(ours: bool):
+        model, opt = mlp(), tf.keras.optimizers.SGD(0.1, momentum=0.9)
+        lsgd = alsgd.LocalSGD(model, opt, config=cfg) if ours else None
+
+        @tf.function
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                loss = LOSS(y, model(x, training=True))
+            tape = alsgd.DistributedGradientTape(tape, lsgd) if ours else htf.DistributedGradientTape(tape)
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        for i in range(steps):
+            if lsgd is None:
+                train_step(xs[i * 16:(i + 1) * 16], ys[i * 16:(i + 1) * 16])
+            else:
+                with lsgd.step():
+                    train_step(xs[i * 16:(i + 1) * 16], ys[i * 16:(i + 1) * 16])
+        return model, lsgd
+
+    tape_ref, _ = tape_run(ours=False)
+    tape_ours, tape_lsgd = tape_run(ours=True)
+    spread = htf.allgather_object(digest(graph.variables))
+    report("minibatch_equals_horovod",
+           graph_diff=float(np.abs(flat(ref.variables) - flat(graph.variables)).max()),
+           eager_diff=float(np.abs(flat(ref.variables) - flat(eager.variables)).max()),
+           slots_diff=float(np.abs(flat(ref.optimizer.variables[1:])
+                                   - flat(graph_opt.variables[1:])).max()),
+           tape_diff=float(np.abs(flat(tape_ref.variables) - flat(tape_ours.variables)).max()),
+           moved=float(np.abs(flat(graph.variables) - flat(mlp().variables)).max()),
+           ranks_identical=len(set(spread)) == 1,
+           phases=[graph_opt.alsgd.scheduler.phase, eager_opt.alsgd.scheduler.phase,
+                   tape_lsgd.scheduler.phase],
+           flags=[bool(graph_opt.alsgd.allreduce_gradients.numpy()),
+                  bool(tape_lsgd.allreduce_gradients.numpy())],
+           steps=[graph_opt.alsgd.scheduler.step, eager_opt.alsgd.scheduler.step,
+                  tape_lsgd.scheduler.step])
+
+
+def keras_api():
+    """Beside Horovod's callbacks: warm-up 'first_lr_decay' with a Keras LR schedule, a legacy
+    optimizer, BatchNorm statistics and momentum averaged ('average'), the local phase run
+    eagerly, LearningRateWarmupCallback, the state round trip, a config mismatch."""
+    spe = 10
+    xs, ys = X_MINE[:spe * 16], Y_MINE[:spe * 16]
+    model = mlp(bn=True)
+    cfg = {"warmup": "first_lr_decay", "policy": "fixed", "periods": [3], "momentum": "average"}
+    opt = alsgd.DistributedOptimizer(tf.keras.optimizers.legacy.SGD(0.1, momentum=0.9), config=cfg)
+    model.compile(opt, LOSS, metrics=["accuracy"])
+    cb = alsgd.LocalSGDCallback(config=cfg)
+    lsgd = opt.alsgd
+    rec = Recorder(lsgd, lambda: model.variables + lsgd.slot_variables())
+    trainable = Recorder(lsgd, lambda: model.trainable_variables)
+    schedule = tf.keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 if epoch < 2 else 0.01)
+    hist = model.fit(xs, ys, batch_size=16, epochs=4, shuffle=False, verbose=0,
+                     callbacks=[schedule, hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                                hvd.callbacks.MetricAverageCallback(), cb, rec, trainable])
+    sched = lsgd.scheduler
+    switch_step, syncs_after_fit = sched.switch_step, list(sched.syncs)
+    rows = compare_rows(rec.rows)
+    # Mini-batch phase: the trainable weights agree on every step (BatchNorm statistics are
+    # local there, as with Horovod).
+    digests = htf.allgather_object([r["digest"] for r in trainable.rows])
+    mini_batch_identical = all(len({d[i] for d in digests}) == 1
+                               for i, r in enumerate(trainable.rows) if r["step"] <= switch_step)
+    state = json.loads(json.dumps(cb.state_dict()))
+    opt2 = alsgd.DistributedOptimizer(tf.keras.optimizers.legacy.SGD(0.1, momentum=0.9), config=cfg)
+    opt2.alsgd.load_state_dict(state)
+
+    # The local phase run eagerly, beside LearningRateWarmupCallback: identical after syncs.
+    model.compile(opt, LOSS, run_eagerly=True)
+    rec.rows = []
+    model.fit(xs[:6 * 16], ys[:6 * 16], batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[hvd.callbacks.LearningRateWarmupCallback(initial_lr=0.05, warmup_epochs=1,
+                                                                  steps_per_epoch=6),
+                         alsgd.LocalSGDCallback(average_at_end=False), rec])
+    eager_rows = compare_rows(rec.rows)
+    try:
+        alsgd.LocalSGD(mlp(), config={"policy": "fixed", "periods": [2 + RANK]})
+        mismatch = None
+    except ConfigMismatchError as exc:
+        mismatch = str(exc)
+    report("keras_api", switch_step=switch_step, phase=sched.phase, syncs=syncs_after_fit,
+           steps_per_epoch=spe, lr_history=[float(v) for v in hist.history["lr"]],
+           mini_batch_identical=mini_batch_identical,
+           n_buffers=len(model.non_trainable_variables), n_slots=len(lsgd.slot_variables()),
+           restored=[opt2.alsgd.scheduler.step, opt2.alsgd.scheduler.phase,
+                     opt2.alsgd.scheduler.syncs, bool(opt2.alsgd.allreduce_gradients.numpy())],
+           eager_after_sync=eager_rows["identical_after_sync"],
+           eager_between=eager_rows["identical_between"], warmup_lr=float(opt.lr.numpy()),
+           mismatch=mismatch, summary=alsgd.summary(cb, combine=False), **rows)
+
+
+def adaptive_noise():
+    """Adaptive policy, 300 steps of a custom loop, one rank sleeping randomly: no hang, the same
+    decisions in every rank's log, the same model after the final average."""
+    path = os.path.join(os.environ["CASE_DIR"], "noise.{rank}.jsonl")
+    model, opt = mlp(width=16), tf.keras.optimizers.SGD(0.02)
+    lsgd = alsgd.LocalSGD(model, opt, config={"log": path, "warmup": 30, "max_period": 16,
+                                              "target_comm_fraction": 0.05})
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        tape = alsgd.DistributedGradientTape(tape, lsgd)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    rng = random.Random(RANK)
+    n = len(X_MINE) // 16
+    for i in range(300):
+        with lsgd.step():
+            if RANK == 1:
+                time.sleep(rng.choice([0, 0, 0, 0.001, 0.004]))
+            j = i % n
+            train_step(X_MINE[j * 16:(j + 1) * 16], Y_MINE[j * 16:(j + 1) * 16])
+    lsgd.average_now()
+    final = htf.allgather_object(digest(model.variables))
+    report("adaptive_noise", steps=lsgd.scheduler.step, periods=list(lsgd.scheduler.periods),
+           syncs=lsgd.scheduler.syncs, log=path.replace("{rank}", str(RANK)),
+           final_identical=len(set(final)) == 1)
+
+
+def hierarchical_2x2():
+    """4 ranks, topology 2x2, periods [2, 2]: blocks average every 2 steps, all ranks every 4."""
+    model = mlp(width=16)
+    opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9),
+                                     config={"topology": "2x2", "policy": "fixed", "periods": [2, 2]})
+    model.compile(opt, LOSS)
+    rec = Recorder(opt.alsgd, lambda: model.variables)
+    model.fit(X_MINE[:24 * 16], Y_MINE[:24 * 16], batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                         alsgd.LocalSGDCallback(average_at_end=False), rec])
+    every = htf.allgather_object(rec.rows)
+    rows = [{"step": row["step"], "syncs": row["syncs"],
+             "block0_same": every[0][i]["digest"] == every[1][i]["digest"],
+             "block1_same": every[2][i]["digest"] == every[3][i]["digest"],
+             "all_same": len({r[i]["digest"] for r in every}) == 1}
+            for i, row in enumerate(every[RANK])]
+    report("hierarchical_2x2", rows=rows, syncs=opt.alsgd.scheduler.syncs,
+           levels=opt.alsgd.topology.describe()["levels"],
+           process_sets=sorted(list(k) for k in opt.alsgd.process_sets))
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        start = time.perf_counter()
+        globals()[name]()
+        if RANK == 0:
+            print(f"TIMING {name} {time.perf_counter() - start:.1f}", flush=True)

@@ -1,0 +1,266 @@
+"""PyTorch integration cases, run under horovodrun: ``python cases.py CASE [CASE ...]``.
+
+Each case prints ``RESULT <case> <json>`` on every rank; tests/test_torch.py asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import horovod.torch as hvd
+import torch
+import torch.nn as nn
+
+import adaptive_lsgd.integrations.torch as alsgd  # before hvd.init(): dynamic process sets
+
+hvd.init()
+torch.set_num_threads(1)
+RANK, SIZE = hvd.rank(), hvd.size()
+
+
+def report(case: str, **values) -> None:
+    print(f"RESULT {case} " + json.dumps({"rank": RANK, **values}), flush=True)
+
+
+def make_model(seed: int = 0, bn: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(8, 16)]
+    if bn:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.ReLU(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers)
+
+
+def batches(n: int, seed: int, rank: int = RANK):
+    """Rank-specific data, reproducible from (seed, rank)."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    for _ in range(n):
+        x = torch.randn(16, 8, generator=g)
+        yield x, (x[:, 0] * 3).long().clamp(-1, 1) + 1
+
+
+def flat(model_or_tensors) -> torch.Tensor:
+    ts = model_or_tensors.parameters() if isinstance(model_or_tensors, nn.Module) else model_or_tensors
+    return torch.cat([t.detach().reshape(-1) for t in ts])
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """(size, n): every rank's copy."""
+    return hvd.allgather(t.unsqueeze(0).clone())
+
+
+def train_step(model, opt, x, y):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+# -- cases ------------------------------------------------------------------------------------
+def minibatch_equals_horovod():
+    """Warm-up covering the run: parameters equal hvd.DistributedOptimizer's after 50 steps."""
+    ref = make_model()
+    ours = make_model()
+    ref_opt = hvd.DistributedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9),
+                                       named_parameters=[("ref." + n, p) for n, p in ref.named_parameters()])
+    our_opt = alsgd.DistributedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9),
+                                         named_parameters=ours.named_parameters(),
+                                         config={"warmup": 10_000})
+    for x, y in batches(50, seed=1):
+        train_step(ref, ref_opt, x, y)
+        train_step(ours, our_opt, x, y)
+    spread = gathered(flat(ours))
+    report("minibatch_equals_horovod", max_diff=float((flat(ref) - flat(ours)).abs().max()),
+           moved=float((flat(ours) - flat(make_model())).abs().max()),
+           rank_spread=float((spread - spread[0]).abs().max()),
+           phase=our_opt.alsgd.scheduler.phase, steps=our_opt.alsgd.scheduler.step)
+
+
+def fixed_h4_equals_reference():
+    """Fixed H=4 from step 0 equals plain local SGD + exact model average (written here)."""
+    H, steps = 4, 40
+    ref = make_model(bn=True)
+    ours = make_model(bn=True)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    our_opt = alsgd.DistributedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9),
+                                         named_parameters=ours.named_parameters(), model=ours,
+                                         config={"policy": "fixed", "periods": [H], "warmup": 0})
+    identical_after_sync, differ_between = [], []
+    for step, (x, y) in enumerate(batches(steps, seed=2), start=1):
+        train_step(ref, ref_opt, x, y)
+        if step % H == 0:
+            with torch.no_grad():
+                for t in list(ref.parameters()) + [b for b in ref.buffers() if b.is_floating_point()]:
+                    t.copy_(hvd.allreduce(t, op=hvd.Average))
+        train_step(ours, our_opt, x, y)
+        state = flat(list(ours.parameters()) + [b for b in ours.buffers() if b.is_floating_point()])
+        g = gathered(state)
+        same = bool((g - g[0]).abs().max() == 0)
+        (identical_after_sync if step % H == 0 else differ_between).append(same)
+    report("fixed_h4_equals_reference", max_diff=float((flat(ref) - flat(ours)).abs().max()),
+           buffer_diff=float(max((a - b).abs().max() for a, b in zip(ref.buffers(), ours.buffers())
+                                 if a.is_floating_point())),
+           identical_after_sync=identical_after_sync, identical_between=differ_between,
+           syncs=our_opt.alsgd.scheduler.syncs)
+
+
+def peer_periodic_model_averager():
+    """Same seeds, data and H as torch.distributed's PeriodicModelAverager over Gloo."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+    port = hvd.broadcast_object(_free_port() if RANK == 0 else None, root_rank=0, name="port")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=SIZE)
+    H, steps = 4, 30
+    peer = make_model()
+    ours = make_model()
+    peer_opt = torch.optim.SGD(peer.parameters(), lr=0.05, momentum=0.9)
+    averager = PeriodicModelAverager(period=H, warmup_steps=H - 1)  # averages after steps H, 2H, ...
+    our_opt = alsgd.DistributedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9),
+                                         named_parameters=ours.named_parameters(),
+                                         config={"policy": "fixed", "periods": [H]})
+    for x, y in batches(steps, seed=3):
+        train_step(peer, peer_opt, x, y)
+        averager.average_parameters(peer.parameters())
+        train_step(ours, our_opt, x, y)
+    dist.destroy_process_group()
+    report("peer_periodic_model_averager", max_diff=float((flat(peer) - flat(ours)).abs().max()),
+           syncs=our_opt.alsgd.scheduler.syncs)
+
+
+def hierarchical_2x2():
+    """Topology override 2x2, periods [2, 3]: blocks average every 2 steps, all every 6."""
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                     named_parameters=model.named_parameters(),
+                                     config={"topology": "2x2", "policy": "fixed", "periods": [2, 3]})
+    rows = []
+    for step, (x, y) in enumerate(batches(24, seed=4), start=1):
+        train_step(model, opt, x, y)
+        g = gathered(flat(model))
+        rows.append({"step": step,
+                     "block0_same": bool(torch.equal(g[0], g[1])),
+                     "block1_same": bool(torch.equal(g[2], g[3])),
+                     "all_same": bool(all(torch.equal(g[0], g[r]) for r in range(SIZE)))})
+    report("hierarchical_2x2", rows=rows, syncs=opt.alsgd.scheduler.syncs,
+           levels=opt.alsgd.topology.describe()["levels"])
+
+
+def adaptive_noise():
+    """Adaptive policy, 2,000 steps, one rank sleeping randomly: no hang, identical logs."""
+    path = os.path.join(os.environ["CASE_DIR"], "noise.{rank}.jsonl")
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
+                                     named_parameters=model.named_parameters(),
+                                     config={"log": path, "warmup": 50, "max_period": 16,
+                                             "target_comm_fraction": 0.05})
+    rng = random.Random(RANK)
+    for x, y in batches(2000, seed=5):
+        if RANK == 1:
+            time.sleep(rng.choice([0, 0, 0, 0.001, 0.004]))
+        train_step(model, opt, x, y)
+    opt.average_now()
+    g = gathered(flat(model))
+    report("adaptive_noise", steps=opt.alsgd.scheduler.step, periods=list(opt.alsgd.scheduler.periods),
+           syncs=opt.alsgd.scheduler.syncs, log=path.replace("{rank}", str(RANK)),
+           final_identical=bool((g - g[0]).abs().max() == 0))
+
+
+def optimizer_api():
+    """zero_grad(set_to_none=True), LR scheduler, broadcast_optimizer_state, param groups,
+    state_dict round trip carrying the scheduler, momentum policies, BatchNorm buffers."""
+    model = make_model(seed=RANK, bn=True)  # different inits: broadcast must align them
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.05},
+                           {"params": list(model[1].parameters()) + list(model[3].parameters())}],
+                          lr=0.1, momentum=0.9)
+    opt = alsgd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), model=model,
+                                     config={"policy": "fixed", "periods": [3], "warmup": 6,
+                                             "momentum": "average"})
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    for x, y in batches(12, seed=6):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    state = opt.state_dict()
+    path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=False)
+    groups = [{"params": model[0].parameters(), "lr": 0.05},
+              {"params": list(model[1].parameters()) + list(model[3].parameters())}]
+    opt2 = alsgd.DistributedOptimizer(torch.optim.SGD(groups, lr=0.1, momentum=0.9),
+                                      named_parameters=model.named_parameters(), model=model,
+                                      config={"policy": "fixed", "periods": [3], "warmup": 6,
+                                              "momentum": "average"})
+    opt2.load_state_dict(loaded)
+    moms = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    g_mom = gathered(flat(moms))
+    g_buf = gathered(flat([b for b in model.buffers() if b.is_floating_point()]))
+    report("optimizer_api", lrs=[g["lr"] for g in opt.param_groups],
+           phase=opt.alsgd.scheduler.phase, step=opt.alsgd.scheduler.step,
+           restored_step=opt2.alsgd.scheduler.step, restored_phase=opt2.alsgd.scheduler.phase,
+           restored_syncs=opt2.alsgd.scheduler.syncs,
+           momentum_identical=bool((g_mom - g_mom[0]).abs().max() == 0),
+           buffers_identical=bool((g_buf - g_buf[0]).abs().max() == 0),
+           grads_none=all(p.grad is None for p in model.parameters()))
+
+
+def first_lr_decay():
+    """warmup 'first_lr_decay': mini-batch until the LR first drops, then local SGD."""
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(),
+                                     config={"warmup": "first_lr_decay", "policy": "fixed",
+                                             "periods": [4]})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[7], gamma=0.1)
+    for x, y in batches(15, seed=7):
+        train_step(model, opt, x, y)
+        sched.step()
+    report("first_lr_decay", switch_step=opt.alsgd.scheduler.switch_step,
+           phase=opt.alsgd.scheduler.phase, syncs=opt.alsgd.scheduler.syncs)
+
+
+def time_budget():
+    """Mixed-speed mode: the slow rank takes fewer local steps per round; one collective per
+    round on every rank; the average is weighted by steps."""
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
+                                     named_parameters=model.named_parameters(),
+                                     config={"policy": "fixed", "periods": [4], "time_budget": True,
+                                             "timing_warmup": 0})
+    sched = opt.alsgd.scheduler
+    steps = 0
+    rounds = 0
+    while rounds < 12:
+        x, y = next(batches(1, seed=8 + steps))
+        if RANK == 1:
+            time.sleep(0.012)
+        else:
+            time.sleep(0.003)
+        before = sum(sched.syncs)
+        train_step(model, opt, x, y)
+        steps += 1
+        rounds += sum(sched.syncs) - before
+    g = gathered(flat(model))
+    report("time_budget", steps=steps, rank_steps=sched.rank_steps,
+           identical=bool((g - g[0]).abs().max() == 0))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        globals()[name]()

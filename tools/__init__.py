@@ -1,0 +1,1 @@
+"""User-facing programs: tuning tool, launcher, benchmarks, emulated cluster."""
