@@ -56,8 +56,10 @@ class Policy:
     def initial_periods(self) -> tuple:
         return self._periods_from_config(1)
 
-    def choose(self, model: CostModel | None, current: tuple, cap: int | None) -> tuple:
-        """Return ``(periods, reason)``; ``model`` is None until every level was measured."""
+    def choose(self, model: CostModel | None, current: tuple, cap: int | None,
+               settled: bool = True) -> tuple:
+        """Return ``(periods, reason)``; ``model`` is None until the levels were measured;
+        ``settled`` is False while ``current`` are still the initial periods."""
         return current, "fixed"
 
 
@@ -79,6 +81,13 @@ class AdaptivePolicy(Policy):
     """
 
     name = "adaptive"
+
+    def initial_periods(self) -> tuple:
+        """Level 0 at 1, upper levels at 2 (unless configured): every level then has syncs of
+        its own, so each link gets measured before the first decision."""
+        if self.config.periods is not None:
+            return self._periods_from_config(1)
+        return (1,) + (2,) * (self.num_levels - 1)
 
     def __init__(self, config: Config, num_levels: int):
         super().__init__(config, num_levels)
@@ -120,7 +129,7 @@ class AdaptivePolicy(Policy):
             pick = order[int(near[-1])]
         return tuple(int(h) for h in self._mesh[pick])
 
-    def choose(self, model, current, cap):
+    def choose(self, model, current, cap, settled: bool = True):
         if model is None:
             return current, "measuring"
         target = self.config.target_comm_fraction
@@ -129,7 +138,11 @@ class AdaptivePolicy(Policy):
             return best, "hold"
         h = self.config.hysteresis
         p_cur = math.prod(current)
-        if h > 0 and (cap is None or p_cur <= cap):
+        # Hold only settled periods whose own share is within the loosened target: the
+        # initial periods are a placeholder, and an equal global period is no reason to keep
+        # a split of it that misses the target.
+        if (h > 0 and settled and (cap is None or p_cur <= cap)
+                and model.comm_fraction(current) <= target * (1 + h)):
             p_lo = math.prod(self.best(model, min(target * (1 + h), 0.999), cap))
             p_hi = math.prod(self.best(model, target * (1 - h), cap))
             if p_lo <= p_cur <= p_hi:

@@ -151,6 +151,10 @@ class Scheduler:
             return self.rank_steps[self.rank]
         return self.periods[0]
 
+    def steps_to_sync(self) -> int:
+        """Local steps left until this rank's next sync (in the local phase)."""
+        return max(1, self.level_steps() - self._steps_in_round)
+
     # -- the step -----------------------------------------------------------------------------
     def step_done(self, compute_s: float, lr: float | None = None) -> SyncPlan | None:
         """Report a finished local step (``compute_s``: from its start to the end of the local
@@ -200,7 +204,9 @@ class Scheduler:
         if warmup == "first_lr_decay":
             if lr is None:
                 return
-            if self._initial_lr is None:
+            # Against the peak so far: an LR warm-up ramp (Horovod's LearningRateWarmupCallback)
+            # raises the LR first; the first *drop* below the peak ends the mini-batch phase.
+            if self._initial_lr is None or lr > self._initial_lr:
                 self._initial_lr = float(lr)
             elif lr < self._initial_lr * (1 - 1e-9):
                 self._enter_local("first learning-rate drop")
@@ -286,11 +292,9 @@ class Scheduler:
         lrs = table[:, COL_LR]
         if np.any(lrs >= 0):
             self.shared_lr = float(lrs[lrs >= 0].min())
-        if self._hist_compute and all(self._hist_links):
-            self.model = CostModel(statistics.median(self._hist_compute),
-                                   [statistics.median(h) for h in self._hist_links],
-                                   chained=self.topology.chained)
-        new, reason = self.policy.choose(self.model, self.periods, self._cap())
+        self.model = self._build_model()
+        new, reason = self.policy.choose(self.model, self.periods, self._cap(),
+                                         settled=self.last_decision not in (None, "measuring"))
         if self.config.time_budget and np.all(compute > 0):
             slowest = float(compute.max())
             base = new[0]
@@ -418,11 +422,21 @@ class Scheduler:
         (self.time_compute, self.time_comm, self.time_mini_batch,
          self.steps_mini_batch) = state["accounting"]
         self.model = None
-        if self._hist_compute and all(self._hist_links):
-            self.model = CostModel(statistics.median(self._hist_compute),
-                                   [statistics.median(h) for h in self._hist_links],
-                                   chained=self.topology.chained)
+        self.model = self._build_model()
         self.log.resume()
+
+    def _build_model(self) -> CostModel | None:
+        """The shared cost model, once compute and the top link were measured. A lower level
+        not measured yet (its syncs may all have been subsumed by higher ones) takes the
+        nearest measured level above it: an upper bound, since lower links are the cheap ones."""
+        if not self._hist_compute or not self._hist_links[-1]:
+            return None
+        links = [statistics.median(h) if h else None for h in self._hist_links]
+        for lvl in reversed(range(len(links) - 1)):
+            if links[lvl] is None:
+                links[lvl] = links[lvl + 1]
+        return CostModel(statistics.median(self._hist_compute), links,
+                         chained=self.topology.chained)
 
 
 __all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",

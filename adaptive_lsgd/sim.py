@@ -143,7 +143,8 @@ class ClusterSim:
                                 else load_config(config, env={}))
         self.hosts, self.wph = hosts, workers_per_host
         self.world = world = hosts * workers_per_host
-        self.topology = Topology.from_spec(f"{hosts}x{workers_per_host}", world)
+        self.topology = Topology.from_config(f"{hosts}x{workers_per_host}", ["h"] * world,
+                                             chained=config.chained_allreduce)
         self.compute_s = compute_ms / 1000.0
         self.nbytes = 4.0 * params
         self.jitter = float(jitter)
@@ -222,12 +223,14 @@ class ClusterSim:
         out[key] = times
 
     def _collective(self, clocks, free, level: int) -> dict:
-        """A sync at ``level``: reduce stages up, the allreduce, broadcast stages down."""
+        """A sync at ``level``: one allreduce over the level's blocks, or (chained) reduce
+        stages up, the leaders' allreduce, broadcast stages down."""
         out: dict = {}
-        for j in range(level):
+        below = range(level) if self.topology.chained else range(0)
+        for j in below:
             self._stage(clocks, free, j, out, ("reduce", j))
         self._stage(clocks, free, level, out, ("allreduce", level))
-        for j in reversed(range(level)):
+        for j in reversed(below):
             self._stage(clocks, free, j, out, ("broadcast", j))
         return out
 
@@ -254,7 +257,7 @@ class ClusterSim:
                 if phase == MINI_BATCH:
                     k = np.ones(world, dtype=np.int64)
                 else:
-                    k = np.array([s.level_steps() for s in scheds], dtype=np.int64)
+                    k = np.array([s.steps_to_sync() for s in scheds], dtype=np.int64)
                 if not time_budget:
                     k = np.minimum(k, steps - done)
                 kmax = int(k.max())

@@ -223,6 +223,7 @@ class LocalSGD:
         return self.scheduler.is_local
 
     # -- the gradient side (used by DistributedOptimizer and DistributedGradientTape) -------------
+    @tf.autograph.experimental.do_not_convert
     def reduce_gradients(self, reduce_fn, grads, sparse_as_dense: bool = False) -> list:
         """``reduce_fn(grads)`` (Horovod's reduction) in the mini-batch phase; ``grads`` as they
         are in the local phase. Inside ``tf.function`` a ``tf.cond`` on
@@ -430,6 +431,23 @@ def _runtime_for(config) -> LocalSGD:
 
 
 # -- Keras optimizer ------------------------------------------------------------------------------
+class _OptimizerMethods:
+    """What the Keras optimizer from :func:`DistributedOptimizer` adds (as the PyTorch one)."""
+
+    @property
+    def alsgd(self) -> LocalSGD:
+        """The runtime: ``.config``, ``.topology``, ``.scheduler``, ``.state_dict()``."""
+        return self._alsgd
+
+    def average_now(self) -> None:
+        """Average the model over all ranks now (collective, e.g. before evaluating)."""
+        self._alsgd.average_now()
+
+    def alsgd_reset(self) -> None:
+        """Rebuild topology, process sets and scheduler after an elastic reset."""
+        self._alsgd.reset()
+
+
 def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
     """Wrap a Keras optimizer like ``horovod.tensorflow.keras.DistributedOptimizer``, with
     adaptive local SGD.
@@ -460,14 +478,15 @@ def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
     horovod_cls = type(hvd_keras.DistributedOptimizer(optimizer, **hvd_kwargs))
     horovod_allreduce = horovod_cls.__dict__["_allreduce"]
 
+    @tf.autograph.experimental.do_not_convert
     def _allreduce(self, grads, vars):
         return self._alsgd.reduce_gradients(lambda g: horovod_allreduce(self, g, vars), grads,
                                             sparse_as_dense)
 
     namespace = {k: v for k, v in horovod_cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    namespace["_allreduce"] = _allreduce
-    namespace["alsgd"] = property(lambda self: self._alsgd,
-                                  doc="The LocalSGD runtime: .config, .topology, .scheduler.")
+    namespace.update(_allreduce=_allreduce, alsgd=_OptimizerMethods.alsgd,
+                     average_now=_OptimizerMethods.average_now,
+                     alsgd_reset=_OptimizerMethods.alsgd_reset)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
     opt = cls.from_config(optimizer.get_config())
     opt._alsgd = lsgd
@@ -479,6 +498,7 @@ def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
 _TAPE_CLASSES: dict = {}
 
 
+@tf.autograph.experimental.do_not_convert
 def _gradient(self, target, sources, output_gradients=None, use_generic_names=False):
     grads = hvd._DistributedGradientTape.gradient(self, target, sources, output_gradients,
                                                   use_generic_names)
@@ -508,6 +528,7 @@ def _tape_class(base):
     return _TAPE_CLASSES[base]
 
 
+@tf.autograph.experimental.do_not_convert
 def DistributedGradientTape(tape, config=None, device_dense="", device_sparse="",
                             compression=hvd.Compression.none, sparse_as_dense=False, op=hvd.Average,
                             gradient_predivide_factor=1.0, num_groups=0, groups=None,
@@ -551,6 +572,7 @@ def DistributedGradientTape(tape, config=None, device_dense="", device_sparse=""
               scale_local_gradients=scale_local_gradients)
     horovod_reduce = out._allreduce_grads
 
+    @tf.autograph.experimental.do_not_convert
     def allreduce_grads(grads, vars=None, use_generic_names=False):
         return lsgd.reduce_gradients(lambda g: horovod_reduce(g, vars, use_generic_names), grads,
                                      sparse_as_dense)

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+# Worker scripts run under horovodrun; pytest (with --doctest-modules) must not import them.
+collect_ignore_glob = ["workers/*", "torch_workers/*", "tf_workers/*"]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 HOROVODRUN = os.path.join(VENV_BIN, "horovodrun")

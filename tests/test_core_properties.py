@@ -87,6 +87,10 @@ def test_slower_link_never_gives_a_smaller_period(data, levels, compute, target,
     links = [data.draw(st.floats(1e-5, 2.0), label=f"link{lvl}") for lvl in range(levels)]
     which = data.draw(st.sampled_from(["all"] + list(range(levels))), label="which")
     slower = [t * slow if which in ("all", lvl) else t for lvl, t in enumerate(links)]
+    # A block sync is its own allreduce (non-chained): once the intra-block link is slower
+    # than the one above it, skipping block syncs for global ones is the faster choice and
+    # may shorten the global period. The property holds for links ordered as in a cluster.
+    assume(all(a <= b for a, b in zip(slower, slower[1:])))
     current = tuple(data.draw(st.integers(1, max_period), label="current") for _ in range(levels))
     fast_m, slow_m = CostModel(compute, links), CostModel(compute, slower)
 

@@ -311,8 +311,9 @@ def test_syncs_per_super_round():
 
 
 def test_round_times_and_comm_fraction():
-    m = CostModel(0.05, [0.01, 0.2])
-    assert m.sync_s == [0.01, 0.22]  # a global sync reduces and broadcasts through level 0
+    assert CostModel(0.05, [0.01, 0.2]).sync_s == [0.01, 0.2]  # one allreduce per sync
+    m = CostModel(0.05, [0.01, 0.2], chained=True)
+    assert m.sync_s == [0.01, 0.22]  # a chained global sync reduces and broadcasts through level 0
     steps, compute, comm = m.round_times([2, 3])
     assert steps == 6 and math.isclose(compute, 0.3) and math.isclose(comm, 2 * 0.01 + 0.22)
     assert math.isclose(m.comm_fraction([2, 3]), 0.24 / 0.54)

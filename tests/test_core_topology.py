@@ -5,12 +5,17 @@ import pytest
 from adaptive_lsgd.topology import Stage, Topology, TopologyError
 
 
+def chained(spec, size):
+    """The leader (chained) hierarchical allreduce: config ``chained_allreduce: true``."""
+    return Topology.from_config(spec, ["h"] * size, chained=True)
+
+
 def kinds(topo, level, rank):
     return [(s.kind, s.link_level, s.ranks, s.root) for s in topo.stages(level, rank)]
 
 
 def test_spec_2x2():
-    topo = Topology.from_spec("2x2", 4)
+    topo = chained("2x2", 4)
     assert topo.num_levels == 2 and topo.size == 4
     assert topo.blocks(0) == [(0, 1), (2, 3)]
     assert topo.blocks(1) == [(0, 1, 2, 3)]
@@ -32,7 +37,7 @@ def test_spec_2x2():
 
 
 def test_spec_2x2x2():
-    topo = Topology.from_spec("2x2x2", 8)
+    topo = chained("2x2x2", 8)
     assert topo.num_levels == 3
     assert topo.blocks(0) == [(0, 1), (2, 3), (4, 5), (6, 7)]
     assert topo.blocks(1) == [(0, 1, 2, 3), (4, 5, 6, 7)]
@@ -49,7 +54,7 @@ def test_spec_2x2x2():
 
 
 def test_explicit_blocks_may_be_uneven():
-    topo = Topology.from_spec([[0, 1, 2], [3]], 4)
+    topo = chained([[0, 1, 2], [3]], 4)
     assert topo.num_levels == 2
     assert topo.blocks(0) == [(0, 1, 2), (3,)]
     assert topo.links(1) == [(0, 3)]
@@ -65,7 +70,8 @@ def test_explicit_blocks_are_sorted():
 def test_from_hosts():
     topo = Topology.from_hosts(["a", "b", "a", "b"])
     assert topo.blocks(0) == [(0, 2), (1, 3)]
-    assert topo.links(1) == [(0, 1)]
+    assert topo.links(1) == [(0, 1, 2, 3)]
+    assert Topology(topo.blocks_all(), 4, chained=True).links(1) == [(0, 1)]
     assert Topology.from_config("auto", ["x", "x", "y", "y"]).blocks(0) == [(0, 1), (2, 3)]
     assert Topology.from_config("2x2", ["x", "x", "x", "x"]).blocks(0) == [(0, 1), (2, 3)]
     assert Topology.from_config("flat", ["x", "y"]).num_levels == 1
@@ -127,17 +133,32 @@ def test_flat_size_must_be_positive():
 
 
 def test_large_topology_is_fast():
-    topo = Topology.from_spec("1250x8", 10000)
+    topo = chained("1250x8", 10000)
     assert topo.num_levels == 2 and len(topo.links(1)) == 1 and len(topo.links(1)[0]) == 1250
     assert topo.block_of(0, 9999) == tuple(range(9992, 10000))
     assert [s.kind for s in topo.stages(1, 9992)] == ["reduce", "allreduce", "broadcast"]
 
 
 def test_link_arrays():
-    topo = Topology.from_spec([[0, 1, 2], [3], [4, 5]], 6)
+    topo = chained([[0, 1, 2], [3], [4, 5]], 6)
     members, starts = topo.link_arrays(0)
     assert members.tolist() == [0, 1, 2, 4, 5] and starts.tolist() == [0, 3]  # (3,) is left out
     members, starts = topo.link_arrays(1)
     assert members.tolist() == [0, 3, 4] and starts.tolist() == [0]
     assert Topology.flat(1).link_arrays(0) is None
     assert topo.link_arrays(0) is topo.link_arrays(0)  # cached
+
+
+def test_default_sync_is_one_allreduce_per_level_block():
+    """Default (non-chained): each sync is one allreduce over the level's block, so a rank is
+    in one process set per level (Horovod 0.28.1 with Gloo hangs when a rank is in two
+    non-global sets and global collectives interleave)."""
+    topo = Topology.from_spec("2x2x2", 8)
+    assert not topo.chained
+    assert topo.links(1) == [(0, 1, 2, 3), (4, 5, 6, 7)] and topo.links(2) == [tuple(range(8))]
+    assert kinds(topo, 0, 5) == [("allreduce", 0, (4, 5), 4)]
+    assert kinds(topo, 1, 5) == [("allreduce", 1, (4, 5, 6, 7), 4)]
+    assert kinds(topo, 2, 5) == [("allreduce", 2, tuple(range(8)), 0)]
+    sets = topo.process_sets()
+    assert all(sum(r in s for s in sets if len(s) < 8) <= 2 for r in range(8))
+    assert Topology.from_spec([[0, 1, 2], [3]], 4).stages(0, 3) == []  # a block of one

@@ -149,7 +149,8 @@ def fit_accuracy():
     final = htf.allgather_object(digest(ours.variables))
     report("fit_accuracy", acc_ref=accuracy(ref), acc_ours=accuracy(ours), ref_s=ref_s, ours_s=ours_s,
            syncs=opt.alsgd.scheduler.syncs, steps=opt.alsgd.scheduler.step,
-           final_identical=len(set(final)) == 1, summary=alsgd.summary(opt), **compare_rows(rec.rows))
+           final_identical=len(set(final)) == 1, final_digest=final[0], summary=alsgd.summary(opt),
+           **compare_rows(rec.rows))
 
 
 def custom_loop():
@@ -184,7 +185,8 @@ def custom_loop():
     seconds = time.perf_counter() - start
     final = htf.allgather_object(digest(model.variables))
     report("custom_loop", acc_ours=accuracy(model), ours_s=seconds, syncs=lsgd.scheduler.syncs,
-           steps=lsgd.scheduler.step, final_identical=len(set(final)) == 1, **compare_rows(rows))
+           steps=lsgd.scheduler.step, final_identical=len(set(final)) == 1, final_digest=final[0],
+           **compare_rows(rows))
 
 
 def minibatch_equals_horovod():
@@ -330,11 +332,14 @@ def adaptive_noise():
            final_identical=len(set(final)) == 1)
 
 
-def hierarchical_2x2():
-    """4 ranks, topology 2x2, periods [2, 2]: blocks average every 2 steps, all ranks every 4."""
+def hierarchical_2x2(chained: bool = False):
+    """4 ranks, topology 2x2, periods [2, 2]: blocks average every 2 steps, all ranks every 4
+    (one allreduce over all ranks, or chained: block sums, leaders, back down)."""
+    case = "hierarchical_2x2_chained" if chained else "hierarchical_2x2"
     model = mlp(width=16)
     opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9),
-                                     config={"topology": "2x2", "policy": "fixed", "periods": [2, 2]})
+                                     config={"topology": "2x2", "policy": "fixed", "periods": [2, 2],
+                                             "chained_allreduce": chained})
     model.compile(opt, LOSS)
     rec = Recorder(opt.alsgd, lambda: model.variables)
     model.fit(X_MINE[:24 * 16], Y_MINE[:24 * 16], batch_size=16, epochs=1, shuffle=False, verbose=0,
@@ -346,9 +351,13 @@ def hierarchical_2x2():
              "block1_same": every[2][i]["digest"] == every[3][i]["digest"],
              "all_same": len({r[i]["digest"] for r in every}) == 1}
             for i, row in enumerate(every[RANK])]
-    report("hierarchical_2x2", rows=rows, syncs=opt.alsgd.scheduler.syncs,
+    report(case, rows=rows, syncs=opt.alsgd.scheduler.syncs,
            levels=opt.alsgd.topology.describe()["levels"],
            process_sets=sorted(list(k) for k in opt.alsgd.process_sets))
+
+
+def hierarchical_2x2_chained():
+    hierarchical_2x2(chained=True)
 
 
 if __name__ == "__main__":
