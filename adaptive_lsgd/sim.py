@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hysteresis", type=float, help="default 0.25")
     s.add_argument("--time-budget", action="store_true", default=None,
                    help="mixed-speed mode: faster ranks take more steps per round")
+    s.add_argument("--chained-allreduce", action="store_true", default=None,
+                   help="leader (chained) hierarchical allreduce: reduce up, leaders' allreduce, "
+                        "broadcast down (default: one allreduce over each level's block)")
     s.add_argument("--log", metavar="FILE", help="write rank 0's decision log (JSON lines)")
     o = p.add_argument_group("output and checks")
     o.add_argument("--json", action="store_true", help="print one JSON object")
@@ -495,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> object:
     values = read_config_file(args.config) if args.config else {}
     for key in ("policy", "periods", "target_comm_fraction", "warmup", "hysteresis",
-                "time_budget", "log"):
+                "time_budget", "chained_allreduce", "log"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v

@@ -107,6 +107,30 @@ def test_hierarchical_wall_time_matches_the_stages(chained):
     assert out["compute_only_samples_per_s"] == pytest.approx(4 * 4 * 32 / 0.04)
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_sync_runs_the_topology_stages(chained):
+    sim = make(2, 2, config={"chained_allreduce": chained})
+    assert sim.topology.chained is chained
+    for level in range(sim.topology.num_levels):
+        clocks, free = sim.clocks.copy(), sim.free_clocks.copy()
+        ran = sim._collective(clocks, free, level)  # (kind, level) -> each rank's time or NaN
+        for rank in range(sim.world):
+            stages = [(s.kind, s.link_level) for s in sim.topology.stages(level, rank)]
+            took_part = [key for key, times in ran.items() if not math.isnan(times[rank])]
+            assert took_part == stages, (level, rank)
+
+
+def test_chained_allreduce_flag():
+    args = ("--hosts", "2", "--workers-per-host", "2", "--steps", "4", "--policy", "fixed",
+            "--periods", "1,2", "--params", "1e6", "--inter-gbps", "1", "--intra-gbps", "10",
+            "--latency-us", "100", "--intra-latency-us", "1")
+    default, chained = sim_json(*args), sim_json(*args, "--chained-allreduce")
+    t0 = ring_allreduce_s(2, 4e6, 10.0, 1e-6)
+    assert default["link_s"] == pytest.approx([t0, ring_allreduce_s(4, 4e6, 1.0, 1e-4)])
+    assert chained["link_s"] == pytest.approx([t0, ring_allreduce_s(2, 4e6, 1.0, 1e-4)])
+    assert "--chained-allreduce" in sim_cli("--help").stdout
+
+
 def test_ranks_measure_their_own_wait():
     sim = make(2, 1, compute_ms=100, slow_host_factor=2.0, config={"policy": "fixed", "periods": [1]})
     sim.run(steps=1)
