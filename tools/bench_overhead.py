@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
+
+from adaptive_lsgd.tools.launch import relaunch, worker_settings
 
 
 def parse_args(argv=None):
@@ -94,16 +93,9 @@ def worker(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        if os.environ.get("_ALSGD_BENCH_ARGS"):
-            args = argparse.Namespace(**json.loads(os.environ["_ALSGD_BENCH_ARGS"]))
-        worker(args)
+        worker(worker_settings(args))
         return 0
-    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
-    cmd = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
-           sys.executable, "-m", "adaptive_lsgd.tools.bench_overhead", "--worker"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
-               _ALSGD_BENCH_ARGS=json.dumps(vars(args)))
-    return subprocess.call(cmd, env=env)
+    return relaunch("adaptive_lsgd.tools.bench_overhead", args.np, vars(args))
 
 
 if __name__ == "__main__":

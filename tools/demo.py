@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
+
+from adaptive_lsgd.tools.launch import relaunch, worker_settings
 
 
 def parse_args(argv=None):
@@ -146,22 +145,12 @@ def worker(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        if os.environ.get("_ALSGD_DEMO_ARGS"):
-            args = argparse.Namespace(**json.loads(os.environ["_ALSGD_DEMO_ARGS"]))
-        worker(args)
+        worker(worker_settings(args))
         return 0
     from adaptive_lsgd.tools.datasets import load_mnist1d
 
     load_mnist1d()  # generate once, before the workers start
-    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
-    cmd = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
-           sys.executable, "-m", "adaptive_lsgd.tools.demo", "--worker"]
-    # Worker settings travel in the environment: horovodrun would take flags such as
-    # --config as abbreviations of its own options.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
-               _ALSGD_DEMO_ARGS=json.dumps(vars(args)))
-    print("[demo] " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    return relaunch("adaptive_lsgd.tools.demo", args.np, vars(args))
 
 
 if __name__ == "__main__":
