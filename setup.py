@@ -22,11 +22,5 @@ setup(
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "mnist1d", "matplotlib", "tqdm",
                 "jsonschema"],
     },
-    entry_points={
-        "console_scripts": [
-            "alsgd-tune=adaptive_lsgd.tools.tune:main",
-            "alsgd-run=adaptive_lsgd.tools.run:main",
-            "alsgd-bench=adaptive_lsgd.tools.bench:main",
-        ]
-    },
+    # Console scripts (alsgd-tune, alsgd-run, alsgd-bench) arrive with the tools that back them.
 )
