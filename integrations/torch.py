@@ -81,9 +81,8 @@ def process_set_for(ranks: tuple):
 class _Runtime:
     """What one optimizer needs from the job: config, topology, process sets, scheduler."""
 
-    def __init__(self, config: Config, params_fn, param_bytes: int):
+    def __init__(self, config: Config, param_bytes: int):
         self.config = config
-        self.params_fn = params_fn
         self.param_bytes = param_bytes
         self.build()
 
@@ -280,7 +279,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     opt._alsgd_model = model
     opt._alsgd_cuda = any(p.is_cuda for p in params)
-    opt._alsgd = _Runtime(cfg, lambda: params, param_bytes)
+    opt._alsgd = _Runtime(cfg, param_bytes)
     opt._alsgd_t = time.perf_counter()
     return opt
 
