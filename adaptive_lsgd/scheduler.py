@@ -421,7 +421,6 @@ class Scheduler:
         self.last_decision = state["last_decision"]
         (self.time_compute, self.time_comm, self.time_mini_batch,
          self.steps_mini_batch) = state["accounting"]
-        self.model = None
         self.model = self._build_model()
         self.log.resume()
 

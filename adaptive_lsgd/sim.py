@@ -226,7 +226,7 @@ class ClusterSim:
         """A sync at ``level``: one allreduce over the level's blocks, or (chained) reduce
         stages up, the leaders' allreduce, broadcast stages down."""
         out: dict = {}
-        below = range(level) if self.topology.chained else range(0)
+        below = range(level) if self.topology.chained else ()
         for j in below:
             self._stage(clocks, free, j, out, ("reduce", j))
         self._stage(clocks, free, level, out, ("allreduce", level))

@@ -56,7 +56,6 @@ _HVD_INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
 import contextlib  # noqa: E402
-import socket  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -67,6 +66,7 @@ import tensorflow as tf  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
 from adaptive_lsgd.config import Config, load_config  # noqa: E402
+from adaptive_lsgd.integrations._horovod import ProcessSets, host_name  # noqa: E402
 from adaptive_lsgd.scheduler import Scheduler, SyncPlan, SyncResult  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
 from adaptive_lsgd.topology import Topology  # noqa: E402
@@ -77,35 +77,14 @@ _HVD_INIT_BEFORE_IMPORT = _HVD_INIT_BEFORE_IMPORT and hvd.is_initialized()
 __all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape", "LocalSGDCallback",
            "step", "summary", "host_name", "process_set_for"]
 
-_PROCESS_SETS: dict = {}
+_PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.tensorflow",
+                            init_before_import=_HVD_INIT_BEFORE_IMPORT)
 _SHARED: dict = {}  # effective-config digest -> LocalSGD, for the config-keyed helpers
 
 
-def host_name() -> str:
-    """The host this worker runs on, as Horovod names it (emulated clusters set it)."""
-    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
-
-
 def process_set_for(ranks: tuple):
-    """The Horovod process set over ``ranks``: the global one for all ranks, else one dynamic
-    set per distinct rank tuple (Horovod refuses duplicates). Collective: every rank must ask
-    for the same tuples in the same order."""
-    if len(ranks) == hvd.size():
-        return hvd.global_process_set
-    if ranks not in _PROCESS_SETS:
-        try:
-            _PROCESS_SETS[ranks] = hvd.add_process_set(list(ranks))
-        except ValueError as exc:
-            if "HOROVOD_DYNAMIC_PROCESS_SETS" in str(exc):
-                late = (" (hvd.init() ran before adaptive_lsgd.integrations.tensorflow was imported)"
-                        if _HVD_INIT_BEFORE_IMPORT else "")
-                raise RuntimeError(
-                    "adaptive-lsgd needs Horovod's dynamic process sets for a hierarchical "
-                    f"topology{late}: import adaptive_lsgd.integrations.tensorflow before "
-                    "hvd.init(), set HOROVOD_DYNAMIC_PROCESS_SETS=1, or call "
-                    "hvd.init(process_sets='dynamic')") from exc
-            raise
-    return _PROCESS_SETS[ranks]
+    """The Horovod process set over ``ranks`` (see :class:`ProcessSets`)."""
+    return _PROCESS_SETS.get(ranks)
 
 
 # -- helpers on TensorFlow objects ----------------------------------------------------------------
