@@ -19,8 +19,15 @@ setup(
     extras_require={
         "torch": ["torch>=2.1", "horovod==0.28.1"],
         "tensorflow": ["tensorflow-cpu==2.15.1", "horovod==0.28.1"],
+        "tools": ["jsonschema", "tqdm", "matplotlib"],
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "mnist1d", "matplotlib", "tqdm",
                 "jsonschema"],
     },
-    # Console scripts (alsgd-tune, alsgd-run, alsgd-bench) arrive with the tools that back them.
+    entry_points={
+        "console_scripts": [
+            "alsgd-tune=adaptive_lsgd.tools.tune:main",
+            "alsgd-run=adaptive_lsgd.tools.run:main",
+            "alsgd-bench=adaptive_lsgd.tools.bench:main",
+        ],
+    },
 )

@@ -30,6 +30,9 @@ RANK_LOCAL_KEYS = ("log", "log_all_ranks")
 
 def rank_info(config, host: str, extra: dict | None = None) -> dict:
     shared = {k: v for k, v in config.to_dict().items() if k not in RANK_LOCAL_KEYS}
+    if shared.get("profile"):  # the same path must hold the same numbers on every host
+        with open(shared["profile"], "rb") as fh:
+            shared["profile_sha256"] = hashlib.sha256(fh.read()).hexdigest()[:16]
     info = {"config": shared, "host": host}
     if extra:
         info.update(extra)

@@ -57,6 +57,7 @@ class Config:
     history: int = 5
     nonfinite_guard: bool = True
     chained_allreduce: bool = False
+    profile: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,7 +124,7 @@ def _check(key: str, v: Any) -> Any:
         if isinstance(v, bool):
             return v
         raise ValueError("expected true or false")
-    if key == "log":
+    if key in ("log", "profile"):
         if v is None or (isinstance(v, str) and v.strip()):
             return v
         raise ValueError("expected a file path or null")
@@ -237,6 +238,12 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
             except ValueError as exc:
                 raise ConfigError(f"config key {key!r} (from {source}): {exc}, got {v!r}") from None
     cfg = Config(**values)
+    if cfg.profile:
+        from .profile import ProfileError, load_profile
+        try:
+            load_profile(cfg.profile)
+        except ProfileError as exc:
+            raise ConfigError(f"config key 'profile': {exc}") from None
     if cfg.policy == "fixed" and cfg.periods is None:
         raise ConfigError("config key 'periods' is required with policy 'fixed' "
                           "(e.g. periods: [4], or [2, 8] for two levels)")

@@ -43,6 +43,7 @@ from .config import Config, load_config
 from .cost_model import CostModel
 from .decision_log import DecisionLog
 from .policies import make_policy
+from .profile import level_kinds, load_profile
 from .timing import WindowStat
 from .topology import Stage, Topology
 
@@ -112,6 +113,8 @@ class Scheduler:
         self.phase = LOCAL if cfg.warmup == 0 else MINI_BATCH
         self.step = 0
         self.periods = self.policy.initial_periods()
+        # A tuning-tool profile seeds the cost model until the levels are measured here.
+        self.seed = self._seed_model()
         self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
         self._counters = [0] * self.num_levels
         self._compute = WindowStat(cfg.window, skip=cfg.timing_warmup)
@@ -127,7 +130,11 @@ class Scheduler:
         self.shared_lr: float | None = None
         self.model: CostModel | None = None
         self.last_decision: str | None = None
+        self._own_healthy = True  # the health flag this rank gave the current sync's payload
         self.switch_step: int | None = 0 if self.phase == LOCAL else None
+        if self.seed is not None and cfg.policy == "adaptive" and cfg.periods is None:
+            self.periods, _ = self.policy.choose(self.seed, self.periods, None, settled=False)
+            self.model, self.last_decision = self.seed, "profile"
         # Local accounting for summaries (never used for decisions).
         self.time_compute = 0.0
         self.time_comm = 0.0
@@ -223,6 +230,7 @@ class Scheduler:
     def payload(self, plan: SyncPlan, healthy: bool = True) -> np.ndarray:
         """This rank's contribution to the payload (float32): its row of statistics at a
         top-level sync, then ``weight`` and the health flag. Unhealthy ranks add weight 0."""
+        self._own_healthy = healthy  # logged by complete_sync: this rank was reset
         out = np.zeros(plan.payload_len, dtype=np.float32)
         if plan.is_global:
             out[self.rank * self.cols:(self.rank + 1) * self.cols] = self.payload_row(plan, healthy)
@@ -272,6 +280,9 @@ class Scheduler:
         else:
             members = len(self.topology.block_of(plan.level, self.rank))
             record["excluded"] = members - healthy
+        if not self._own_healthy:
+            record["nonfinite_reset"] = True  # this rank's model was non-finite: reset to the average
+        self._own_healthy = True
         record.update(self._describe(plan.level))
         self.log.write(record)
         return result
@@ -333,6 +344,8 @@ class Scheduler:
             "comm_s": None if m is None else m.sync_s[level],
             "link_s": None if m is None else list(m.link_s),
             "predicted_comm_fraction": None if m is None else m.comm_fraction(self.periods),
+            "from_profile": self.seed is not None and (
+                not self._hist_compute or not all(self._hist_links)),
             "lr": self.shared_lr,
             "rank_steps": self.rank_steps,
         }
@@ -424,10 +437,26 @@ class Scheduler:
         self.model = self._build_model()
         self.log.resume()
 
+    def _seed_model(self) -> CostModel | None:
+        """The cost model of the configured profile for this topology and model size."""
+        if not self.config.profile:
+            return None
+        prof = load_profile(self.config.profile)
+        topo = self.topology
+        kinds = level_kinds(self.num_levels, topo.spans_hosts())
+        levels = [(kind, topo.link_ranks(lvl)) for lvl, kind in enumerate(kinds)]
+        return prof.cost_model(levels, nbytes=self.param_bytes or None, chained=topo.chained)
+
     def _build_model(self) -> CostModel | None:
         """The shared cost model, once compute and the top link were measured. A lower level
         not measured yet (its syncs may all have been subsumed by higher ones) takes the
-        nearest measured level above it: an upper bound, since lower links are the cheap ones."""
+        nearest measured level above it: an upper bound, since lower links are the cheap ones.
+        With a profile, whatever was not measured yet comes from the profile's model."""
+        seed = self.seed
+        if seed is not None:
+            compute = statistics.median(self._hist_compute) if self._hist_compute else seed.compute_s
+            links = [statistics.median(h) if h else s for h, s in zip(self._hist_links, seed.link_s)]
+            return CostModel(compute, links, chained=self.topology.chained)
         if not self._hist_compute or not self._hist_links[-1]:
             return None
         links = [statistics.median(h) if h else None for h in self._hist_links]

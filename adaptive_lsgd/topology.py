@@ -87,6 +87,7 @@ class Topology:
         self._link_index = [{r: link for link in links for r in link} for links in self._links]
         self._stage_cache: dict = {}
         self._array_cache: dict = {}
+        self.hosts: list | None = None  # each rank's host name, when known (from_config)
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -139,6 +140,7 @@ class Topology:
         topo = cls.from_hosts(hosts) if spec == "auto" else cls.from_spec(spec, len(hosts))
         if chained:
             topo = cls(topo.blocks_all(), topo.size, chained=True)
+        topo.hosts = list(hosts)
         return topo
 
     def blocks_all(self) -> list:
@@ -207,6 +209,18 @@ class Topology:
             down = [Stage(s.link_level, s.ranks, "broadcast", s.root) for s in reversed(up)]
             self._stage_cache[key] = up + top + down
         return self._stage_cache[key]
+
+    def spans_hosts(self) -> list | None:
+        """Per level, whether some link of it joins ranks of different hosts (None if the host
+        names are unknown): what a tuning profile's ``intra``/``inter`` fits are matched by."""
+        if self.hosts is None:
+            return None
+        return [any(len({self.hosts[r] for r in link}) > 1 for link in self._links[lvl])
+                for lvl in range(self.num_levels)]
+
+    def link_ranks(self, level: int) -> int:
+        """Ranks in the largest link of ``level`` (what one allreduce of that level spans)."""
+        return max(len(link) for link in self._links[level])
 
     def describe(self) -> dict:
         return {"size": self.size, "levels": [[list(b) for b in p] for p in self._partitions]}

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 # Worker scripts run under horovodrun; pytest (with --doctest-modules) must not import them.
-collect_ignore_glob = ["workers/*", "torch_workers/*", "tf_workers/*"]
+collect_ignore_glob = ["workers/*", "torch_workers/*", "tf_workers/*", "user_scripts/*",
+                       "reliability_workers/*", "elastic_workers/*", "tune_models/*"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)

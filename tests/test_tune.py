@@ -1,0 +1,269 @@
+"""``alsgd-tune`` (issue #7): a profile recorded here under real horovodrun, recommendations
+from it through the core's cost model, ``analyze`` of a real decision log, and bad input
+that always ends in one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, horovodrun, results
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_lsgd import Scheduler, Topology, load_config
+from adaptive_lsgd.profile import PROFILE_FORMAT
+from adaptive_lsgd.tools import tune
+
+MODELS = os.path.join(REPO, "tests", "tune_models", "models.py")
+TUNE = [sys.executable, "-m", "adaptive_lsgd.tools.tune"]
+
+
+def run_tune(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALSGD_")}
+    env.update(OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([*TUNE, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+def tune_main(*args):
+    """``alsgd-tune`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = tune.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse usage errors
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_clean_error(rc, stderr, *needles):
+    assert rc not in (0, None), stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.strip().splitlines() if not ln.startswith("usage:")
+             and not ln.startswith(" ")]
+    assert len(lines) == 1 and "error" in lines[0], stderr
+    for needle in needles:
+        assert needle in lines[0], stderr
+
+
+@pytest.fixture(scope="module")
+def torch_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tune") / "profile.json"
+    proc = run_tune("profile", "--model", f"{MODELS}:mlp_1m", "--batch-size", 512, "-np", 2,
+                    "--steps", 10, "--reps", 6, "--out", path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return str(path), proc
+
+
+def test_profile_is_versioned_json_with_model_machine_and_samples(torch_profile):
+    path, proc = torch_profile
+    data = json.loads(open(path).read())
+    assert data["format"] == PROFILE_FORMAT and data["version"] == 1
+    assert data["model"] == {"source": data["model"]["source"], "framework": "torch",
+                             "parameters": 1_186_826, "bytes": 4 * 1_186_826, "batch_size": 512}
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["memory_bytes"] > 2**30
+    assert data["cluster"]["np"] == 2 and data["cluster"]["workers_per_host"] == 2
+    assert len(data["compute"]["samples_s"]) == 2 and data["compute"]["step_s"] > 0
+    intra = data["links"]["intra"]
+    sizes = sorted({n for n, _ in intra["samples"]})
+    assert sizes[0] == 4096 and 4 * 1_186_826 in sizes and len(intra["samples"]) == 6 * len(sizes)
+    assert intra["alpha_s"] >= 0 and intra["bus_bytes_per_s"] > 0 and intra["ranks"] == 2
+    assert "profiling" in proc.stderr  # the progress bar
+    tune.load_profile_checked(path)  # and the schema accepts it
+
+
+def test_recommend_slow_network_gives_h_above_1_and_fast_gives_1(torch_profile):
+    path, _ = torch_profile
+    slow = json.loads(run_tune("recommend", "--profile", path, "--inter-gbps", 0.1, "--json").stdout)
+    fast = json.loads(run_tune("recommend", "--profile", path, "--inter-gbps", 1000, "--json").stdout)
+    print(f"\n0.1 Gbit/s: {slow['periods']} {slow['predicted_samples_per_s']:.0f} samples/s; "
+          f"1000 Gbit/s: {fast['periods']} {fast['predicted_samples_per_s']:.0f} samples/s")
+    assert slow["periods"][0] > 1 and slow["speedup_vs_h1"] > 1.5
+    assert fast["periods"] == [1]
+    for rec in (slow, fast):
+        assert set(rec) >= {"periods", "predicted_comm_fraction", "predicted_samples_per_s",
+                            "speedup_vs_h1"}
+    assert slow["predicted_comm_fraction"] > fast["predicted_comm_fraction"]
+
+
+def test_recommend_uses_the_core_cost_model(torch_profile):
+    path, _ = torch_profile
+    rc, out, _ = tune_main("recommend", "--profile", path, "--hosts", 2, "--workers-per-host", 2,
+                           "--inter-gbps", 0.1, "--intra-gbps", 40, "--json")
+    rec = json.loads(out)
+    assert rc == 0 and len(rec["periods"]) == 2 and [lv["kind"] for lv in rec["levels"]] == ["intra", "inter"]
+    prof = tune.load_profile_checked(path).with_link("inter", gbps=0.1).with_link("intra", gbps=40)
+    model = prof.cost_model([("intra", 2), ("inter", 4)])
+    assert rec["predicted_comm_fraction"] == pytest.approx(model.comm_fraction(rec["periods"]))
+    assert rec["predicted_samples_per_s"] == pytest.approx(
+        model.steps_per_s(rec["periods"]) * 4 * 512)
+    best = [r for r in rec["candidates"] if r["periods"] == rec["periods"]]
+    assert best and all(r["predicted_comm_fraction"] >= rec["predicted_comm_fraction"] - 1e-12
+                        or r["periods"][r["level"]] > rec["periods"][r["level"]]
+                        for r in rec["candidates"])
+
+
+def test_recommend_table_config_and_plot(torch_profile, tmp_path):
+    path, _ = torch_profile
+    cfg, png = tmp_path / "cfg.yaml", tmp_path / "tune.png"
+    rc, out, err = tune_main("recommend", "--profile", path, "--inter-gbps", 0.1, "--out", cfg,
+                             "--plot", png)
+    assert rc == 0, err
+    assert "<- recommended" in out and "samples/s" in out and "comm share" in out
+    config = load_config(str(cfg), env={})  # loads as it is ...
+    assert config.policy == "fixed" and config.periods[0] > 1
+    sched = Scheduler(config, Topology.flat(2), rank=0)  # ... and drives a scheduler
+    assert sched.periods == tuple(config.periods)
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 300
+
+
+def test_profile_seeds_a_real_horovod_run(torch_profile, tmp_path):
+    """The scheduler of a real job loads the profile (ALSGD_PROFILE) and starts at the
+    periods the profile predicts, before it has measured anything."""
+    path, _ = torch_profile
+    what_if = tmp_path / "slow.json"
+    data = json.loads(open(path).read())
+    data["links"]["intra"]["bus_bytes_per_s"] = 0.1e9 / 8  # as if loopback were 100 Mbit/s
+    what_if.write_text(json.dumps(data))
+    proc = horovodrun(2, [os.path.join(REPO, "tests", "tune_models", "seeded_run.py")],
+                      env={"ALSGD_PROFILE": str(what_if)}, timeout=300)
+    seeded = results(proc)["seeded"]
+    expected = json.loads(run_tune("recommend", "--profile", what_if, "--hosts", 1,
+                                   "--workers-per-host", 2, "--json").stdout)["periods"]
+    assert [r["periods"] for r in seeded] == [expected, expected] and expected[0] > 1
+    assert all(r["decision"] == "profile" for r in seeded)
+
+
+def test_keras_model_profile(tmp_path):
+    path = tmp_path / "keras.json"
+    proc = run_tune("profile", "--model", f"{MODELS}:keras_small", "--batch-size", 32, "-np", 2,
+                    "--steps", 5, "--reps", 3, "--out", path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(path.read_text())
+    assert data["model"]["framework"] == "tensorflow"
+    assert data["model"]["parameters"] == 40 * 64 + 64 + 64 * 10 + 10
+
+
+def test_analyze_a_simulated_run(tmp_path):
+    log = tmp_path / "run.jsonl"
+    sim = subprocess.run([sys.executable, "-m", "adaptive_lsgd.sim", "--hosts", "2",
+                          "--workers-per-host", "2", "--compute-ms", "20", "--params", "1e6",
+                          "--inter-gbps", "0.1", "--steps", "600", "--log", str(log)],
+                         capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr
+    cfg = tmp_path / "next.yaml"
+    rc, out, err = tune_main("analyze", log, "--json", "--out", cfg)
+    assert rc == 0, err
+    rec = json.loads(out.splitlines()[0])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    syncs = [r for r in records if "level" in r]
+    assert rec["evidence"]["syncs_per_level"] == [sum(r["level"] == lvl for r in syncs) for lvl in (0, 1)]
+    assert rec["evidence"]["periods_over_time"][0]["periods"] == syncs[0]["periods"]
+    assert len(rec["periods"]) == 2 and rec["periods"][1] > 1  # the 100 Mbit/s level is costly
+    assert rec["predicted_comm_fraction"] <= 0.1 + 1e-9
+    assert load_config(str(cfg), env={}).periods == rec["periods"]
+    rc, out, _ = tune_main("analyze", log)
+    assert rc == 0 and "periods over time" in out and "recommended fixed periods" in out
+
+
+# -- bad input: one line, non-zero, no traceback ------------------------------------------------
+def test_profile_bad_model_factories(tmp_path):
+    out = tmp_path / "p.json"
+    for spec, needle in ((f"{MODELS}:raises", "weights file missing"),
+                         (f"{MODELS}:wrong_shape", "must return (model, loss_fn, example_batch)"),
+                         (f"{MODELS}:nope", "has no function 'nope'"),
+                         (f"{tmp_path}/missing.py:f", "does not exist"),
+                         ("models.py", "expected FILE.py:FUNC")):
+        rc, _, err = tune_main("profile", "--model", spec, "--batch-size", 8, "-np", 2, "--out", out)
+        assert_clean_error(rc, err, needle)
+    assert not out.exists()
+
+
+def test_recommend_and_analyze_bad_files(tmp_path):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"name": "a package.json"}))
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text(json.dumps({"format": PROFILE_FORMAT, "version": 1, "model": {},
+                                     "compute": {"step_s": 0.1}, "links": {}}))
+    notjson = tmp_path / "x.jsonl"
+    notjson.write_text("hello\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"step": 1, "event": "switch"}) + "\n")
+    cases = [(("recommend", "--profile", tmp_path / "missing.json"), "does not exist"),
+             (("recommend", "--profile", foreign), "not an adaptive-lsgd profile"),
+             (("recommend", "--profile", malformed), "malformed at"),
+             (("analyze", tmp_path / "missing.jsonl"), "does not exist"),
+             (("analyze", notjson), "not JSON lines"),
+             (("analyze", empty), "no sync records")]
+    for args, needle in cases:
+        rc, _, err = tune_main(*args)
+        assert_clean_error(rc, err, needle)
+    proc = run_tune("recommend", "--profile", foreign)  # and as a real command
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def _valid_profile():
+    return {"format": PROFILE_FORMAT, "version": 1,
+            "model": {"parameters": 1000, "bytes": 4000, "batch_size": 8},
+            "compute": {"step_s": 0.01},
+            "links": {"intra": {"alpha_s": 1e-4, "bus_bytes_per_s": 1e9, "ranks": 2}},
+            "cluster": {"np": 2, "hosts": ["a"], "workers_per_host": 2}}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
+    | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+PATHS = [("format",), ("version",), ("model",), ("model", "bytes"), ("model", "batch_size"),
+         ("compute", "step_s"), ("links",), ("links", "intra"), ("links", "intra", "alpha_s"),
+         ("links", "intra", "bus_bytes_per_s"), ("links", "intra", "ranks"), ("cluster",),
+         ("cluster", "hosts"), ("cluster", "workers_per_host")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(PATHS), json_values | st.just("<delete>")), max_size=3),
+       st.booleans())
+def test_fuzz_profile_loader(tmp_path, edits, garbage):
+    data = _valid_profile()
+    for path, value in edits:
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            if value == "<delete>":
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = value
+    file = tmp_path / "fuzz.json"
+    file.write_text("\x00{" if garbage and not edits else json.dumps(data))
+    rc, out, err = tune_main("recommend", "--profile", file, "--json")
+    if rc == 0:
+        assert json.loads(out)["periods"][0] >= 1
+    else:
+        assert_clean_error(rc, err)
+
+
+TOKENS = ["profile", "recommend", "analyze", "--profile", "--model", "--batch-size", "-np", "--out",
+          "--json", "--inter-gbps", "--intra-gbps", "--hosts", "--workers-per-host",
+          "--target-comm-fraction", "--max-period", "--plot", "0", "-1", "2", "0.5", "1e999",
+          "nan", "x.py:f", "", "--steps", "--reps", "-H", "--help-me"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(TOKENS), max_size=6))
+def test_fuzz_cli_arguments(tmp_path, argv):
+    argv = [a if a != "x.py:f" else f"{tmp_path}/x.py:f" for a in argv]
+    if "profile" in argv[:1] and "-np" in argv:  # never launch a job from the fuzzer
+        argv = [a for a in argv if a != "--out"] + ["--out", "/nonexistent-dir/p.json"]
+    rc, out, err = tune_main(*argv)
+    assert "Traceback" not in err
+    if rc != 0:
+        assert rc in (1, 2) and "error" in err
