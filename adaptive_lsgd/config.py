@@ -170,8 +170,13 @@ def read_config_file(path: str) -> dict:
     """Read a YAML or JSON mapping; errors name the file."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)
@@ -227,6 +232,7 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
         layers.append(("the config argument", config))
 
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for source, layer in layers:
         for key, v in layer.items():
             if key not in KEYS:
@@ -235,6 +241,7 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
                 source = f"environment variable {ENV_PREFIX}{key.upper()}"
             try:
                 values[key] = _check(key, v)
+                sources[key] = source
             except ValueError as exc:
                 raise ConfigError(f"config key {key!r} (from {source}): {exc}, got {v!r}") from None
     cfg = Config(**values)
@@ -243,7 +250,7 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
         try:
             load_profile(cfg.profile)
         except ProfileError as exc:
-            raise ConfigError(f"config key 'profile': {exc}") from None
+            raise ConfigError(f"config key 'profile' (from {sources['profile']}): {exc}") from None
     if cfg.policy == "fixed" and cfg.periods is None:
         raise ConfigError("config key 'periods' is required with policy 'fixed' "
                           "(e.g. periods: [4], or [2, 8] for two levels)")
