@@ -14,7 +14,7 @@ setup(
         "adaptive_lsgd.integrations": "integrations",
         "adaptive_lsgd.tools": "tools",
     },
-    package_data={"adaptive_lsgd.tools": ["*.sh"]},
+    package_data={"adaptive_lsgd.tools": ["*.sh", "inject/*.py"]},
     install_requires=["numpy", "psutil", "pyyaml"],
     extras_require={
         "torch": ["torch>=2.1", "horovod==0.28.1"],

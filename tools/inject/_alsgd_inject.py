@@ -1,0 +1,372 @@
+"""Swap Horovod's optimizer wrappers for adaptive-lsgd's in a worker started by ``alsgd-run``.
+
+``install()`` (called by this folder's ``sitecustomize``) adds a ``sys.meta_path`` finder.
+When the script imports ``horovod.torch``, ``horovod.tensorflow``, ``horovod.tensorflow.keras``
+or ``horovod.keras``, the module runs as usual and then its ``DistributedOptimizer`` /
+``DistributedGradientTape`` are replaced by wrappers that call ours (imported only then, so
+torch/tensorflow load only if the script loads them). The TensorFlow side also patches
+``tf.keras.Model.fit`` (adds ``LocalSGDCallback`` when the model's optimizer is ours) and
+``tf.function`` calls (a traced step that built our tape reports the step when it returns).
+At exit each worker writes what it wrapped and its scheduler's local figures (no collective)
+to ``$_ALSGD_RUN_DIR/rank<R>-<pid>.json``; ``alsgd-run`` combines them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.abc
+import inspect
+import json
+import os
+import sys
+import threading
+
+TARGETS = ("horovod.torch", "horovod.tensorflow", "horovod.tensorflow.keras", "horovod.keras")
+USED: list = []      # names of the Horovod symbols whose replacement ran
+NOTES: list = []     # why a use was left to Horovod
+RUNTIMES: list = []  # objects with .scheduler (one per wrapped optimizer / tape runtime)
+INFO: dict = {"batch_size": None}
+_TLS = threading.local()
+
+
+def _note_use(name: str, runtime) -> None:
+    if name not in USED:
+        USED.append(name)
+    if runtime is not None and all(r is not runtime for r in RUNTIMES):
+        RUNTIMES.append(runtime)
+
+
+def _note(text: str) -> None:
+    if text not in NOTES:
+        NOTES.append(text)
+
+
+class _Reentry:
+    """Our integrations call Horovod's own wrappers: inside one of ours, give the original."""
+
+    def __enter__(self):
+        _TLS.depth = getattr(_TLS, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _TLS.depth -= 1
+
+    @staticmethod
+    def active() -> bool:
+        return getattr(_TLS, "depth", 0) > 0
+
+
+def _kwargs(original, args, kwargs, drop=()) -> dict:
+    """The call's arguments by name, as ``original``'s signature binds them."""
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    return {k: v for k, v in bound.arguments.items() if k not in drop}
+
+
+# -- PyTorch --------------------------------------------------------------------------------------
+class _StateDictBuffers:
+    """A stand-in ``model`` for our torch optimizer: the floating buffers (BatchNorm statistics)
+    of the state dicts the script broadcast with ``hvd.broadcast_parameters``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.state_dicts: list = []
+
+    def buffers(self):
+        params = {p.data_ptr() for g in self.optimizer.param_groups for p in g["params"]}
+        seen, out = set(params), []
+        for sd in self.state_dicts:
+            for t in sd.values():
+                if hasattr(t, "is_floating_point") and t.is_floating_point() and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    out.append(t)
+        return out
+
+
+_TORCH_BUFFERS: list = []
+_TORCH_STATE_DICTS: list = []
+
+
+def _patch_torch(mod) -> None:
+    original = mod.DistributedOptimizer
+    original_broadcast = mod.broadcast_parameters
+
+    def DistributedOptimizer(*args, **kwargs):
+        if _Reentry.active():
+            return original(*args, **kwargs)
+        from adaptive_lsgd.integrations import torch as alsgd
+
+        holder = _StateDictBuffers(None)  # the public ``model`` argument: it needs .buffers()
+        holder.state_dicts = _TORCH_STATE_DICTS
+        with _Reentry():
+            opt = alsgd.DistributedOptimizer(model=holder, **_kwargs(original, args, kwargs))
+        holder.optimizer = opt
+        _TORCH_BUFFERS.append(holder)
+        _note_use("horovod.torch.DistributedOptimizer", opt.alsgd)
+        return opt
+
+    def broadcast_parameters(params, root_rank, *args, **kwargs):
+        if isinstance(params, dict) and all(params is not sd for sd in _TORCH_STATE_DICTS):
+            _TORCH_STATE_DICTS.append(params)
+        return original_broadcast(params, root_rank, *args, **kwargs)
+
+    DistributedOptimizer.__doc__ = original.__doc__
+    broadcast_parameters.__doc__ = original_broadcast.__doc__
+    mod.DistributedOptimizer = DistributedOptimizer
+    mod.broadcast_parameters = broadcast_parameters
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    original_init = DataLoader.__init__
+
+    def __init__(self, *args, **kwargs):  # the per-rank batch size, for samples/s: the first
+        original_init(self, *args, **kwargs)  # loader over a DistributedSampler (training's)
+        if isinstance(self.sampler, DistributedSampler) and self.batch_size and not INFO["batch_size"]:
+            INFO["batch_size"] = self.batch_size
+
+    DataLoader.__init__ = __init__
+
+
+# -- TensorFlow / Keras ---------------------------------------------------------------------------
+_TF: dict = {"lsgd": None, "sources": None, "broadcasts": [], "dirty": False, "fns": {},
+             "fit_patched": False, "call_patched": False}
+
+
+def _is_keras_optimizer(opt) -> bool:
+    import tensorflow as tf
+
+    classes = [tf.keras.optimizers.Optimizer]
+    legacy = getattr(tf.keras.optimizers, "legacy", None)
+    if legacy is not None:
+        classes.append(legacy.Optimizer)
+    return isinstance(opt, tuple(classes))
+
+
+def _keras_optimizer(original, name: str, drop=()):
+    def DistributedOptimizer(*args, **kwargs):
+        if _Reentry.active():
+            return original(*args, **kwargs)
+        call = _kwargs(original, args, kwargs, drop)
+        optimizer = call.pop("optimizer")
+        if not _is_keras_optimizer(optimizer):
+            _note(f"{name} got a {type(optimizer).__name__} (not a Keras optimizer): left to Horovod")
+            return original(*args, **kwargs)
+        from adaptive_lsgd.integrations import tensorflow as alsgd
+
+        with _Reentry():
+            opt = alsgd.DistributedOptimizer(optimizer, **call)
+        _note_use(name, opt.alsgd)
+        return opt
+
+    DistributedOptimizer.__doc__ = original.__doc__
+    return DistributedOptimizer
+
+
+def _tf_model_variables() -> list:
+    """What the tape runtime averages: the broadcast list holding every differentiated
+    variable (model.variables: weights and BatchNorm statistics), else those variables."""
+    sources = _TF["sources"] or []
+    refs = {v.ref() for v in sources}
+    for variables in _TF["broadcasts"]:
+        if refs and refs <= {v.ref() for v in variables}:
+            return variables
+    return sources
+
+
+def _tf_step_done() -> None:
+    lsgd = _TF["lsgd"]
+    if _TF["dirty"]:
+        lsgd.attach(model=_tf_model_variables())
+        _TF["dirty"] = False
+    lsgd.step_done()
+
+
+def _patch_tf_function() -> None:
+    """A top-level ``tf.function`` call whose trace built our tape is one training step."""
+    if _TF["call_patched"]:
+        return
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function as pf
+
+    original_call = pf.Function.__call__
+
+    def __call__(self, *args, **kwargs):
+        if getattr(_TLS, "function", None) is not None:
+            return original_call(self, *args, **kwargs)
+        _TLS.function = self
+        try:
+            out = original_call(self, *args, **kwargs)
+        finally:
+            _TLS.function = None
+        if id(self) in _TF["fns"]:
+            if INFO["batch_size"] is None:  # the training step's first batched argument
+                shape = next((a.shape for a in args if getattr(a, "shape", None)), None)
+                INFO["batch_size"] = int(shape[0]) if shape and shape[0] is not None else 0
+            _tf_step_done()
+        return out
+
+    pf.Function.__call__ = __call__
+    _TF["call_patched"] = True
+
+
+def _patch_fit() -> None:
+    """``Model.fit`` with our optimizer gets ``LocalSGDCallback`` (unless it has one)."""
+    if _TF["fit_patched"]:
+        return
+    import tensorflow as tf
+
+    original_fit = tf.keras.Model.fit
+
+    def fit(self, *args, **kwargs):
+        if not RUNTIMES:
+            return original_fit(self, *args, **kwargs)
+        from adaptive_lsgd.integrations import tensorflow as alsgd
+
+        if alsgd._local_sgd_of(getattr(self, "optimizer", None)) is None:
+            return original_fit(self, *args, **kwargs)
+        bound = inspect.signature(original_fit).bind(self, *args, **kwargs)
+        callbacks = list(bound.arguments.get("callbacks") or [])
+        if not any(isinstance(c, alsgd.LocalSGDCallback) for c in callbacks):
+            callbacks.append(alsgd.LocalSGDCallback())
+            _note_use("tf.keras.Model.fit (LocalSGDCallback added)", None)
+        bound.arguments["callbacks"] = callbacks
+        x = bound.arguments.get("x")
+        if hasattr(x, "shape"):  # arrays: Keras batches them (32 unless told)
+            INFO["batch_size"] = bound.arguments.get("batch_size") or 32
+        return original_fit(*bound.args, **bound.kwargs)
+
+    fit.__doc__ = original_fit.__doc__
+    tf.keras.Model.fit = fit
+    _TF["fit_patched"] = True
+
+
+def _patch_tensorflow(mod) -> None:
+    import tensorflow as tf
+
+    mod.DistributedOptimizer = _keras_optimizer(mod.DistributedOptimizer,
+                                                "horovod.tensorflow.DistributedOptimizer",
+                                                drop=("use_locking",))
+    original_tape = mod.DistributedGradientTape
+    original_broadcast = mod.broadcast_variables
+
+    @tf.autograph.experimental.do_not_convert
+    def DistributedGradientTape(*args, **kwargs):
+        if _Reentry.active():
+            return original_tape(*args, **kwargs)
+        function = getattr(_TLS, "function", None)
+        if function is None:
+            _note("horovod.tensorflow.DistributedGradientTape used outside tf.function: left to "
+                  "Horovod (alsgd-run wraps tapes built in a tf.function training step)")
+            return original_tape(*args, **kwargs)
+        from adaptive_lsgd.integrations import tensorflow as alsgd
+
+        call = _kwargs(original_tape, args, kwargs)
+        tape = call.pop("gradtape")
+        if _TF["lsgd"] is None:
+            _TF["lsgd"] = alsgd._runtime_for(None)
+        _TF["fns"][id(function)] = function
+        _TF["sources"] = list(tape.watched_variables())
+        _TF["dirty"] = True
+        _note_use("horovod.tensorflow.DistributedGradientTape", _TF["lsgd"])
+        with _Reentry():
+            return alsgd.DistributedGradientTape(tape, _TF["lsgd"], **call)
+
+    @tf.autograph.experimental.do_not_convert
+    def broadcast_variables(variables, *args, **kwargs):
+        variables = list(variables)
+        if variables and all(hasattr(v, "ref") for v in variables):
+            _TF["broadcasts"].append(variables)
+            _TF["dirty"] = True
+        return original_broadcast(variables, *args, **kwargs)
+
+    DistributedGradientTape.__doc__ = original_tape.__doc__
+    broadcast_variables.__doc__ = original_broadcast.__doc__
+    mod.DistributedGradientTape = DistributedGradientTape
+    mod.broadcast_variables = broadcast_variables
+    _patch_tf_function()
+    _patch_fit()
+
+
+def _patch_keras(mod, name: str) -> None:
+    mod.DistributedOptimizer = _keras_optimizer(mod.DistributedOptimizer, f"{name}.DistributedOptimizer")
+    _patch_fit()
+
+
+PATCHES = {
+    "horovod.torch": _patch_torch,
+    "horovod.tensorflow": _patch_tensorflow,
+    "horovod.tensorflow.keras": lambda m: _patch_keras(m, "horovod.tensorflow.keras"),
+    "horovod.keras": lambda m: _patch_keras(m, "horovod.keras"),
+}
+
+
+# -- the import hook ------------------------------------------------------------------------------
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, name):
+        self.loader = loader
+        self.name = name
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        PATCHES[self.name](module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds the target modules with the other finders and patches them once loaded."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader, fullname)
+                return spec
+        return None
+
+
+def _rank() -> int:
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return -1
+
+
+def report() -> dict:
+    """What this worker wrapped and its schedulers' local figures (no collective)."""
+    summaries = []
+    for runtime in RUNTIMES:
+        try:
+            summaries.append(runtime.scheduler.summary())
+        except Exception as exc:  # a runtime half-built when the script failed
+            NOTES.append(f"no summary: {exc}")
+    log = None
+    if RUNTIMES:
+        log = RUNTIMES[0].config.log
+    direct = [m for m in ("adaptive_lsgd.integrations.torch", "adaptive_lsgd.integrations.tensorflow")
+              if m in sys.modules and not USED]  # imported by the script itself, not by us
+    return {"rank": _rank(), "pid": os.getpid(), "used": USED, "notes": NOTES, "direct": direct,
+            "summaries": summaries, "batch_size": INFO["batch_size"], "log": log}
+
+
+def _write_report() -> None:
+    run_dir = os.environ.get("_ALSGD_RUN_DIR")
+    if not run_dir or not os.path.isdir(run_dir):
+        return
+    path = os.path.join(run_dir, f"rank{_rank()}-{os.getpid()}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(report(), fh, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def install() -> None:
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    for name in TARGETS:
+        if name in sys.modules:  # imported before us (not by a normal script): patch now
+            PATCHES[name](sys.modules[name])
+    sys.meta_path.insert(0, _Finder())
+    atexit.register(_write_report)
