@@ -32,6 +32,7 @@ Example, a whole job of two ranks in one process (an integration does the collec
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
@@ -47,6 +48,7 @@ from .profile import level_kinds, load_profile
 from .timing import WindowStat
 from .topology import Stage, Topology
 
+_LOG = logging.getLogger("adaptive_lsgd")
 MINI_BATCH = "mini-batch"
 LOCAL = "local"
 
@@ -282,6 +284,9 @@ class Scheduler:
             record["excluded"] = members - healthy
         if not self._own_healthy:
             record["nonfinite_reset"] = True  # this rank's model was non-finite: reset to the average
+            _LOG.warning("adaptive-lsgd: rank %d had non-finite parameters at step %d; left out of "
+                         "the level-%d average and reset to the average of %d healthy rank(s)",
+                         self.rank, plan.step, plan.level, healthy)
         self._own_healthy = True
         record.update(self._describe(plan.level))
         self.log.write(record)
