@@ -26,6 +26,10 @@ from the core (``adaptive_lsgd.Scheduler``); this file only moves tensors and ti
 
 This module sets ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` when imported (unless set), so import it
 before ``hvd.init()``; hierarchical topologies need it.
+
+Elastic Horovod: put the optimizer in ``hvd.elastic.TorchState``; ``state_dict()`` carries the
+scheduler state, and after a reset the first hook or ``step()`` rebuilds topology, process sets
+and scheduler over the new world (docs/elastic.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import os
 _INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
+import copy  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -52,6 +57,7 @@ from adaptive_lsgd.topology import Topology  # noqa: E402
 __all__ = ["DistributedOptimizer", "summary", "host_name", "process_set_for"]
 
 _INIT_BEFORE_IMPORT = _INIT_BEFORE_IMPORT and hvd.is_initialized()
+_NOTHING = object()  # no scheduler state waiting for the next build
 _PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.torch",
                             init_before_import=_INIT_BEFORE_IMPORT)
 
@@ -61,24 +67,68 @@ def process_set_for(ranks: tuple):
     return _PROCESS_SETS.get(ranks)
 
 
-class _Runtime:
-    """What one optimizer needs from the job: config, topology, process sets, scheduler."""
+def _init_token():
+    """An object that changes whenever Horovod is (re-)initialised: ``horovod.torch.init()``
+    replaces its handle map on every call (an elastic reset is ``shutdown(); init()``)."""
+    return hvd.mpi_ops._handle_map
 
-    def __init__(self, config: Config, param_bytes: int):
+
+_SETS_TOKEN = [None]  # the init the cached process sets belong to
+_WARNED: list = []
+
+
+class _Runtime:
+    """What one optimizer needs from one Horovod initialisation: config, topology, process
+    sets, scheduler. Building it is a collective (an allgather, and with ``share`` a broadcast
+    of rank 0's scheduler state ``carry``, which an elastic job's new workers lack)."""
+
+    def __init__(self, config: Config, param_bytes: int, carry: dict | None = None,
+                 share: bool = False):
         self.config = config
         self.param_bytes = param_bytes
-        self.build()
-
-    def build(self, carry: dict | None = None) -> None:
-        infos = hvd.allgather_object(agreement.rank_info(self.config, host_name()))
+        self.token = _init_token()
+        if _SETS_TOKEN[0] is not self.token:  # Horovod re-initialised: its process sets are gone
+            _PROCESS_SETS.clear()
+            _SETS_TOKEN[0] = self.token
+        infos = hvd.allgather_object(agreement.rank_info(config, host_name()), name="alsgd.rank_info")
         agreement.check_agreement(infos)
-        self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
-                                             chained=self.config.chained_allreduce)
+        if share:
+            carry = hvd.broadcast_object(carry, root_rank=0, name="alsgd.scheduler_state")
+        self.topology = Topology.from_config(config.topology, [i["host"] for i in infos],
+                                             chained=config.chained_allreduce)
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
+        own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
+        if own_sets and os.environ.get("HOROVOD_ELASTIC") == "1" and not _WARNED:
+            _WARNED.append(True)
+            warnings.warn("adaptive-lsgd: this hierarchical topology uses Horovod process sets; with "
+                          "Horovod 0.28.1 and Gloo a worker *failure* then aborts every worker "
+                          "(horovod issue #4021). Graceful host changes work; use 'topology: flat' "
+                          "for fault tolerance (see docs/elastic.md)", stacklevel=2)
         self.rank = hvd.rank()
-        self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes)
+        self.scheduler = Scheduler(config, self.topology, self.rank, param_bytes)
         if carry is not None:
             self.scheduler.load_state_dict(carry, strict=False)
+            if share:
+                self.scheduler.log.write({"step": self.scheduler.step, "event": "elastic_reset",
+                                          "size": self.topology.size, "previous_size": carry["size"],
+                                          "periods": list(self.scheduler.periods),
+                                          "phase": self.scheduler.phase})
+
+    @property
+    def current(self) -> bool:
+        """False once Horovod was re-initialised (an elastic reset) since this was built."""
+        return self.token is _init_token()
+
+    def load(self, state: dict | None) -> None:
+        """Load a scheduler state (None: start the scheduler afresh); not a collective. A state
+        saved under another world size (an elastic commit from before a reset) carries the
+        phase, step count and periods; statistics start afresh."""
+        if state is None:
+            self.scheduler.log.close()
+            self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes)
+            self.scheduler.log.resume()  # append to the log of this run, do not truncate it
+        else:
+            self.scheduler.load_state_dict(state, strict=False)
 
 
 class _LocalSGDMixin:
@@ -88,14 +138,14 @@ class _LocalSGDMixin:
         horovod_hook = _DistributedOptimizer._make_hook(self, p)
 
         def hook(*ignore):
-            if getattr(self, "_alsgd", None) is not None and self._alsgd.scheduler.is_local:
+            if self._alsgd_runtime().scheduler.is_local:
                 return None  # local phase: no gradient communication
             return horovod_hook(*ignore)
 
         return hook
 
     def synchronize(self):
-        if self._alsgd.scheduler.is_local:
+        if self._alsgd_runtime().scheduler.is_local:
             self._synchronized = True
             return
         return _DistributedOptimizer.synchronize(self)
@@ -108,7 +158,7 @@ class _LocalSGDMixin:
         return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
-        rt = self._alsgd
+        rt = self._alsgd_runtime()
         sched = rt.scheduler
         if not sched.is_local:
             lr = self._alsgd_lr()
@@ -177,8 +227,9 @@ class _LocalSGDMixin:
         result = rt.scheduler.complete_sync(plan, payload.numpy(), times)
         if result.total_weight != 1.0:
             torch._foreach_div_(tensors, result.total_weight)
-        if rt.config.momentum == "reset" or not healthy:
-            torch._foreach_zero_(self._alsgd_state_tensors())
+        state = self._alsgd_state_tensors() if rt.config.momentum == "reset" or not healthy else []
+        if state:  # plain SGD (or no step yet) has no state, and _foreach_zero_ refuses []
+            torch._foreach_zero_(state)
 
     # -- helpers ------------------------------------------------------------------------------
     def _alsgd_lr(self) -> float:
@@ -192,35 +243,61 @@ class _LocalSGDMixin:
     def average_now(self) -> None:
         """Average the model over all ranks now (collective: call on every rank at the same
         point, e.g. before evaluating or saving at the end of training)."""
-        plan = self._alsgd.scheduler.sync_now()
+        plan = self._alsgd_runtime().scheduler.sync_now()
         if plan is not None:
             self._alsgd_sync(plan)
         self._alsgd_t = self._alsgd_now()
 
     def state_dict(self):
+        """The wrapped optimizer's state plus the scheduler's under ``"alsgd"`` (None before
+        the first step of an elastic job: a fresh scheduler). Never a collective."""
         state = super(self.__class__, self).state_dict()
-        state["alsgd"] = self._alsgd.scheduler.state_dict()
+        if self._alsgd_pending is not _NOTHING:
+            state["alsgd"] = copy.deepcopy(self._alsgd_pending)
+        else:
+            state["alsgd"] = None if self._alsgd is None else self._alsgd.scheduler.state_dict()
         return state
 
     def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict` (``hvd.elastic.TorchState.restore()`` calls this).
+        Never a collective: after an elastic reset the state waits for the next build."""
         state_dict = dict(state_dict)
+        has_alsgd = "alsgd" in state_dict
         alsgd_state = state_dict.pop("alsgd", None)
         _DistributedOptimizer.load_state_dict(self, state_dict)
-        if alsgd_state is not None:
-            self._alsgd.scheduler.load_state_dict(alsgd_state)
+        if not has_alsgd:
+            return
+        if self._alsgd is not None and self._alsgd.current:
+            self._alsgd.load(alsgd_state)
+        else:
+            self._alsgd_pending = copy.deepcopy(alsgd_state)
 
-    def alsgd_reset(self) -> None:
-        """Rebuild topology, process sets and scheduler after Horovod re-initialised (elastic
-        reset), carrying the scheduler's phase, step and periods across."""
-        carry = self._alsgd.scheduler.state_dict()
-        _PROCESS_SETS.clear()
-        self._alsgd.build(carry)
-        self._alsgd_t = time.perf_counter()
+    def _alsgd_runtime(self) -> _Runtime:
+        """The runtime of the current Horovod initialisation, rebuilt (a collective, the same
+        point on every rank: the first hook, step or ``alsgd`` access) when there is none yet
+        in an elastic job or Horovod was re-initialised. The scheduler continues from rank 0's
+        state (the last commit after ``TorchState.restore()``) over the new world."""
+        rt = self._alsgd
+        if rt is not None and rt.current:
+            return rt
+        if self._alsgd_pending is not _NOTHING:
+            carry = self._alsgd_pending
+        else:
+            carry = None if rt is None else rt.scheduler.state_dict()
+        if rt is not None:
+            rt.scheduler.log.close()
+        self._alsgd = _Runtime(self._alsgd_config, self._alsgd_param_bytes, carry, share=True)
+        if rt is not None:
+            self._alsgd.scheduler.log.resume()
+        self._alsgd_pending = _NOTHING
+        self._alsgd_t = self._alsgd_now()
+        return self._alsgd
 
     @property
     def alsgd(self) -> _Runtime:
-        """The runtime: ``.config``, ``.topology``, ``.scheduler``."""
-        return self._alsgd
+        """The runtime: ``.config``, ``.topology``, ``.scheduler`` (a collective when it must
+        be rebuilt, see :meth:`_alsgd_runtime`)."""
+        return self._alsgd_runtime()
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=None,
@@ -262,7 +339,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     opt._alsgd_model = model
     opt._alsgd_cuda = any(p.is_cuda for p in params)
-    opt._alsgd = _Runtime(cfg, param_bytes)
+    opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
+    # Elastic jobs build on first use: a worker that joins later must not run a collective
+    # here, while the others are already in TorchState.sync().
+    opt._alsgd = None if os.environ.get("HOROVOD_ELASTIC") == "1" else _Runtime(cfg, param_bytes)
     opt._alsgd_t = time.perf_counter()
     return opt
 
