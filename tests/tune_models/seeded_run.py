@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 model, loss_fn, (x, y) = mlp_1m()
 opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3),
                                  named_parameters=model.named_parameters(), model=model)
-sched = opt._alsgd.scheduler
+sched = opt.alsgd.scheduler
 first = {"periods": list(sched.periods), "decision": sched.last_decision}
 for _ in range(3):
     opt.zero_grad()
