@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-core demo lint check-build clean
+.PHONY: setup test test-core demo lint check-build clean bench
 
 setup:
 	@PYTHON=$(PYTHON) bash tools/bootstrap.sh
@@ -20,6 +20,10 @@ test-core: setup
 
 demo: setup
 	@$(PY) -m adaptive_lsgd.tools.demo
+
+# The results page docs/benchmarks.md (JSON + PNG in docs/bench/); needs root (emulated cluster).
+bench: setup
+	@$(VENV)/bin/alsgd-bench all --quick --out docs/bench --doc docs/benchmarks.md
 
 lint: setup
 	@$(VENV)/bin/ruff check adaptive_lsgd integrations tools tests setup.py

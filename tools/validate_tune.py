@@ -76,8 +76,11 @@ def worker(s: dict) -> None:
     hvd.barrier()
     wall = time.perf_counter() - start
     if hvd.rank() == 0:
-        print("RESULT " + json.dumps({"samples_per_s": steps * s["batch_size"] * hvd.size() / wall,
-                                      "steps": steps, "wall_s": wall}), flush=True)
+        summ = opt.alsgd.scheduler.summary()  # this rank's own accounting, warm-up round included
+        print("RESULT " + json.dumps({
+            "samples_per_s": steps * s["batch_size"] * hvd.size() / wall, "steps": steps,
+            "wall_s": wall, "compute_s_per_step": summ["compute_s"] / summ["steps"],
+            "comm_s_per_sync": summ["comm_s"] / max(1, sum(summ["syncs_per_level"]))}), flush=True)
 
 
 def recommend(profile: str, extra: list) -> dict:
@@ -99,7 +102,7 @@ def measure(cluster, args, periods) -> float:
         raise SystemExit("training run failed:\n" + res.output[-3000:])
     for _, stream, text in res.lines:
         if stream == "stdout" and text.startswith("RESULT "):
-            return json.loads(text.split(" ", 1)[1])["samples_per_s"]
+            return json.loads(text.split(" ", 1)[1])
     raise SystemExit("no RESULT line from rank 0")
 
 
@@ -132,18 +135,27 @@ def main(argv=None) -> int:
         measured_profile = recommend(on_cluster, [])
         for name, rec in (("what-if from loopback profile", what_if),
                           ("profile recorded on the cluster", measured_profile)):
-            runs = [measure(cluster, args, rec["periods"]) for _ in range(args.repeats)]
+            details = [measure(cluster, args, rec["periods"]) for _ in range(args.repeats)]
+            runs = [d["samples_per_s"] for d in details]
             got = statistics.median(runs)
             figures[name] = {"periods": rec["periods"],
                              "predicted_samples_per_s": rec["predicted_samples_per_s"],
                              "measured_samples_per_s": got, "measured_runs": runs,
                              "measured_over_predicted": got / rec["predicted_samples_per_s"],
                              "link_s": [lv["allreduce_s"] for lv in rec["levels"]],
-                             "compute_s": rec["compute_s"]}
+                             "compute_s": rec["compute_s"],
+                             "measured_compute_s_per_step": statistics.median(
+                                 d["compute_s_per_step"] for d in details),
+                             "measured_comm_s_per_sync": statistics.median(
+                                 d["comm_s_per_sync"] for d in details)}
             print(f"[validate] {name}: periods {rec['periods']}, predicted "
                   f"{rec['predicted_samples_per_s']:.0f} samples/s, measured {got:.0f} "
                   f"(runs {', '.join(f'{r:.0f}' for r in runs)}), measured/predicted "
-                  f"{got / rec['predicted_samples_per_s']:.3f}", flush=True)
+                  f"{got / rec['predicted_samples_per_s']:.3f}; compute/step predicted "
+                  f"{rec['compute_s'] * 1e3:.1f} ms, measured "
+                  f"{figures[name]['measured_compute_s_per_step'] * 1e3:.1f} ms; allreduce predicted "
+                  f"{rec['levels'][-1]['allreduce_s'] * 1e3:.0f} ms, measured "
+                  f"{figures[name]['measured_comm_s_per_sync'] * 1e3:.0f} ms", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(figures, fh, indent=1)

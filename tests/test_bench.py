@@ -1,0 +1,105 @@
+"""``alsgd-bench`` (adaptive_lsgd.tools.bench): short real runs of scenarios at a tiny size under
+real Horovod (Gloo), checking the JSON schema and that the numbers are sane. The speed goals
+themselves are benchmarks (docs/benchmarks.md), not tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+from conftest import REPO
+
+from adaptive_lsgd.tools import bench
+
+pytestmark = [pytest.mark.torch, pytest.mark.skipif(
+    importlib.util.find_spec("horovod") is None or shutil.which(
+        "horovodrun", path=os.path.dirname(sys.executable)) is None,
+    reason="Horovod is not installed (run `make test`, which sets up .venv)")]
+
+
+def _netns_usable() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        return False
+    return subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+
+
+def _bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALSGD_")}
+    return subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_overhead_tiny_run_writes_sane_json(tmp_path):
+    """All overhead variants (incl. the PyTorch peer), 2 interleaved rounds of 8 steps, 2 ranks."""
+    path = tmp_path / "overhead.json"
+    proc = _bench("overhead", "--json", str(path), "--rounds", "2", "--steps", "8")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "[bench] round 2/2" in proc.stdout  # progress is visible while it runs
+    doc = json.loads(path.read_text())
+    jsonschema.validate(doc, bench.SCHEMA)
+    res = doc["results"]
+    assert set(res) == {"compute-only", "horovod", "horovod-accumulate", "local-h1", "alsgd-minibatch",
+                        "local-h4", "torch-peer", "adaptive"}
+    steps = 2 * 8
+    assert all(r["steps"] == steps and len(r["rates"]) == 2 for r in res.values())
+    assert res["horovod"]["global_syncs"] == steps
+    assert res["horovod-accumulate"]["global_syncs"] == steps // 4
+    assert res["local-h1"]["global_syncs"] == steps
+    assert res["local-h4"]["global_syncs"] == steps // 4
+    assert res["alsgd-minibatch"]["global_syncs"] == steps  # every mini-batch step is a sync
+    assert res["torch-peer"]["global_syncs"] == steps // 4
+    assert res["compute-only"]["global_syncs"] == 0
+    assert res["local-h4"]["periods"] == [4] and res["local-h4"]["syncs_per_level"] == [steps // 4]
+    # compute-only is the limit: no variant beats it beyond noise (a busy 2-core machine)
+    limit = doc["compute_only_samples_per_s"]
+    assert all(r["samples_per_s"] <= 1.5 * limit for r in res.values()), res
+    assert all(0 <= r["comm_fraction"] <= 1 and 0 <= r["test_acc"] <= 1 for r in res.values())
+    assert [g["goal"] for g in doc["goals"]][0].startswith("local-h1 step time")
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(not _netns_usable(), reason="needs root, `ip netns` and `tc` (emulated cluster)")
+def test_comm_bound_tiny_run_on_emulated_cluster(tmp_path):
+    """2 emulated hosts at 100 Mbit/s, a 1M-parameter model: allreduce every step is slow."""
+    out = tmp_path / "bench"
+    proc = _bench("comm-bound", "--out", str(out), "--rounds", "2", "--steps", "8",
+                  "--variants", "horovod,local-h4,adaptive")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    doc = json.loads((out / "comm-bound.json").read_text())
+    jsonschema.validate(doc, bench.SCHEMA)
+    res = doc["results"]
+    assert set(res) == {"compute-only", "horovod", "local-h4", "adaptive"}
+    assert res["local-h4"]["global_syncs"] == 16 // 4
+    # 4.2 MB over two 100 Mbit/s links takes > 0.3 s; a step computes in far less
+    assert res["horovod"]["samples_per_s"] < 0.5 * doc["compute_only_samples_per_s"], res
+    assert res["horovod"]["comm_fraction"] > 0.5
+    assert res["local-h4"]["samples_per_s"] > res["horovod"]["samples_per_s"]
+    assert res["adaptive"]["trace"][0][2] == [1]  # the adaptive policy starts at H=1 ...
+    assert res["adaptive"]["periods"][0] > 1      # ... and raises H on the slow link
+    assert doc["cluster"]["rate_mbit"] == 100 and doc["ranks"] == 2
+    # the results page is generated from the JSON
+    page = bench_report_page(out)
+    assert "## `comm-bound`" in page and (out / "throughput.png").stat().st_size > 1000
+
+
+def bench_report_page(out) -> str:
+    from adaptive_lsgd.tools.bench_report import report
+
+    return report(str(out))
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path):
+    proc = _bench("comm-bound", "--out", str(tmp_path), "--variants", "horovod,nope", timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    if _netns_usable():
+        assert "unknown variant(s) nope" in proc.stderr
+    proc = _bench("no-such-scenario", "--json", "x.json", timeout=60)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _bench("report", "--out", str(tmp_path / "empty"), timeout=60)
+    assert proc.returncode == 1 and "no scenario JSON files" in proc.stderr

@@ -1,0 +1,446 @@
+"""``alsgd-bench``: interleaved benchmarks of adaptive local SGD on an emulated cluster.
+
+Each scenario runs in one invocation on an :class:`~adaptive_lsgd.tools.cluster.EmulatedCluster`
+(network namespaces, ``tc tbf`` links; needs root). All variants train their own copy of the
+model in the same job, interleaved: in every round each variant runs one segment (a fixed number
+of steps, or of rounds for time-budget variants), in an order that rotates from round to round;
+samples/s is the median over rounds. Variants:
+
+* ``compute-only``: the same training with no communication at all (the limit);
+* ``horovod``: ``hvd.DistributedOptimizer``; ``horovod-accumulate``: the same with
+  ``backward_passes_per_step=H`` (the large-batch alternative);
+* ``local-hH``: our fixed-period local SGD (``hier-AxB``: fixed hierarchical periods);
+* ``torch-peer``: PyTorch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager`` over
+  ``torch.distributed`` (Gloo);
+* ``adaptive``: our adaptive policy (periods chosen online); ``*-time-budget``: time-budget rounds.
+
+Examples (as root)::
+
+    alsgd-bench comm-bound --json comm-bound.json --quick
+    alsgd-bench all --quick --out docs/bench --doc docs/benchmarks.md   # the results page
+    alsgd-bench report --out docs/bench --doc docs/benchmarks.md        # re-plot from the JSON
+
+``comm_fraction``: ours from the integration's summary (time in collectives / time; a run that
+never left the mini-batch phase like the others); the others ``1 - compute-only step time / step
+time``. ``global_syncs``: global synchronisations per rank
+(a mini-batch step counts as one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from adaptive_lsgd.tools.launch import SETTINGS_ENV
+
+PROG = "alsgd-bench"
+
+
+_NUM = {"type": "number", "minimum": 0}
+SCHEMA = {
+    "type": "object",
+    "required": ["scenario", "date", "machine", "compute_only_samples_per_s", "results", "goals"],
+    "properties": {
+        "compute_only_samples_per_s": {"type": "number", "exclusiveMinimum": 0},
+        "results": {"type": "object", "minProperties": 1, "additionalProperties": {
+            "type": "object",
+            "required": ["samples_per_s", "comm_fraction", "test_acc", "global_syncs"],
+            "properties": {"samples_per_s": {"type": "number", "exclusiveMinimum": 0},
+                           "comm_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                           "test_acc": {"type": "number", "minimum": 0, "maximum": 1},
+                           "global_syncs": {"type": "integer", "minimum": 0},
+                           "rates": {"type": "array", "items": _NUM}}}},
+        "goals": {"type": "array", "items": {"type": "object", "required": ["goal", "value", "met"]}},
+    },
+}
+"""The JSON a scenario writes (checked before writing): the issue's schema plus details."""
+
+
+def _v(name, kind, H=1, **kw) -> dict:
+    return {"name": name, "kind": kind, "H": H, **kw}
+
+
+def _ours(name, H=1, **config) -> dict:
+    return _v(name, "alsgd", H, config=config)
+
+
+def _standard(hs: list, ref: int, warmup: int = 0, **adaptive) -> list:
+    """compute-only, horovod, horovod-accumulate, local-hH for H in hs, torch-peer, adaptive."""
+    out = [_v("compute-only", "compute"), _v("horovod", "horovod"),
+           _v("horovod-accumulate", "horovod", ref)]
+    out += [_ours(f"local-h{h}", h, policy="fixed", periods=[h], warmup=warmup, topology="flat")
+            for h in hs]
+    out += [_v("torch-peer", "peer", ref, warmup=warmup),
+            _ours("adaptive", ref, policy="adaptive", warmup=warmup, **adaptive)]
+    return out
+
+
+# Each scenario: cluster shape, model, data and the variants. rounds/steps: (full, quick).
+SCENARIOS = {
+    "overhead": dict(
+        about="H=1 cost against hvd.DistributedOptimizer: 1 host x 2 workers, unshaped",
+        hosts=1, workers=2, rate=None, model="mlp", width=512, batch=64, lr=0.01,
+        rounds=(12, 6), steps=(25, 25),
+        variants=_standard([1, 4], 4)[:3] + [
+            _ours("local-h1", 1, policy="fixed", periods=[1]),
+            _ours("alsgd-minibatch", 1, warmup=10**9),
+            _ours("local-h4", 4, policy="fixed", periods=[4]),
+            _v("torch-peer", "peer", 4), _ours("adaptive", 4, policy="adaptive")]),
+    "comm-bound": dict(
+        about="2 hosts x 1 worker, 100 Mbit/s links, 1.05M-parameter MLP (4.2 MB)",
+        hosts=2, workers=1, rate=100, model="mlp", width=1000, batch=64, lr=0.05,
+        rounds=(6, 3), steps=(128, 64), variants=_standard([4, 16, 64], 16)),
+    "changing-network": dict(
+        about="2 hosts x 1 worker, 100 Mbit/s dropping to 10 Mbit/s half-way, 105k-parameter MLP, "
+              "80 ms emulated device step",
+        hosts=2, workers=1, rate=100, drop_to=10, model="mlp", width=300, batch=64, lr=0.05,
+        compute_ms=80, rounds=(10, 6), steps=(64, 64), variants=_standard([4, 16, 64], 16)),
+    "hierarchical": dict(
+        about="2 hosts x 2 workers: loopback inside a host, 100 Mbit/s between hosts, 105k-parameter "
+              "MLP, 80 ms emulated device step",
+        hosts=2, workers=2, rate=100, model="mlp", width=300, batch=64, lr=0.05, compute_ms=80,
+        rounds=(8, 4), steps=(64, 32),
+        variants=_standard([16], 16, topology="auto") + [
+            _ours("hier-4x4", 16, policy="fixed", periods=[4, 4], topology="auto"),
+            _ours("adaptive-flat", 16, policy="adaptive", topology="flat")]),
+    "heterogeneous": dict(
+        about="2 hosts x 1 worker, host 1 computes 2x slower, 1 Gbit/s, 105k-parameter MLP, "
+              "40 ms emulated device step",
+        hosts=2, workers=1, rate=1000, slowdown=[1.0, 2.0], model="mlp", width=300, batch=64,
+        lr=0.05, compute_ms=40, rounds=(8, 4), steps=(64, 32),
+        variants=_standard([8], 8) + [
+            _ours("local-h8-time-budget", 8, policy="fixed", periods=[8], time_budget=True),
+            _ours("adaptive-time-budget", 8, policy="adaptive", time_budget=True)]),
+    "accuracy": dict(
+        about="MNIST-1D 1-D CNN, 4 hosts x 1 worker, 5 Mbit/s links, LR /10 at 50% and 75%, "
+              "fixed number of samples; post-local variants switch after 5% of the steps",
+        hosts=4, workers=1, rate=5, model="cnn", width=0, batch=32, lr=0.05, lr_decay=[0.5, 0.75],
+        rounds=(15, 6), steps=(100, 100), eval_every_round=True, warmup_frac=0.05),
+}
+
+
+def _accuracy_variants(warmup: int) -> list:
+    return [_v("compute-only", "compute"), _v("horovod", "horovod"),
+            _v("horovod-accumulate", "horovod", 8),
+            _ours("local-h8", 8, policy="fixed", periods=[8]),
+            _ours("local-h32", 32, policy="fixed", periods=[32]),
+            _ours("post-local-h32", 32, policy="fixed", periods=[32], warmup=warmup),
+            _v("torch-peer", "peer", 32, warmup=warmup),
+            _ours("adaptive", 32, policy="adaptive", warmup=warmup)]
+
+
+def settings_for(name: str, quick: bool, rounds: int | None, steps: int | None) -> dict:
+    sc = SCENARIOS[name]
+    s = {k: v for k, v in sc.items() if k not in ("rounds", "steps", "hosts", "workers", "rate",
+                                                  "slowdown", "drop_to", "about")}
+    s["scenario"] = name
+    s["rounds"] = rounds or sc["rounds"][1 if quick else 0]
+    s["segment_steps"] = steps or sc["steps"][1 if quick else 0]
+    if name == "accuracy":
+        total = s["rounds"] * s["segment_steps"]
+        s["variants"] = _accuracy_variants(max(1, int(sc["warmup_frac"] * total)))
+    if sc.get("drop_to"):
+        s["drop_after_round"] = s["rounds"] // 2
+    return s
+
+
+def _log(msg: str) -> None:
+    print(f"[{PROG}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_scenario(name: str, quick: bool = False, rounds: int | None = None, steps: int | None = None,
+                 variants: list | None = None, timeout: float = 3600) -> dict:
+    """Run one scenario on an emulated cluster; return its JSON document."""
+    from adaptive_lsgd.tools import cluster as emu
+    from adaptive_lsgd.tools.datasets import load_mnist1d
+
+    sc = SCENARIOS[name]
+    s = settings_for(name, quick, rounds, steps)
+    if variants:
+        known = [v["name"] for v in s["variants"]]
+        bad = [v for v in variants if v not in known]
+        if bad:
+            raise ValueError(f"unknown variant(s) {', '.join(bad)} for {name}; "
+                             f"allowed: {', '.join(known)}")
+        s["variants"] = [v for v in s["variants"] if v["name"] in variants or v["kind"] == "compute"]
+    load_mnist1d()  # generate the data once, before the workers start
+    tmp = tempfile.mkdtemp(prefix="alsgd-bench-")
+    s["drop_marker"] = os.path.join(tmp, "drop")
+    s["result_path"] = os.path.join(tmp, "result.json")
+    s["master_port"] = 29500 + secrets.randbelow(2000)
+    s["iface"] = emu.HOST_IFACE
+    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "GLOO_SOCKET_IFNAME": emu.HOST_IFACE}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALSGD_")}, **env}
+    stop = threading.Event()
+    try:
+        if sc["hosts"] == 1 and not sc["rate"] and not sc.get("slowdown"):
+            result = _run_local(sc, s, env, timeout)  # one host, no shaping: plain horovodrun
+        else:
+            with emu.EmulatedCluster(hosts=sc["hosts"], workers_per_host=sc["workers"],
+                                     rate_mbit=sc["rate"], slowdown=sc.get("slowdown"),
+                                     echo=True) as cluster:
+                s["master_addr"] = cluster.host_address(0)
+                env[SETTINGS_ENV] = json.dumps(s)
+                if sc.get("drop_to"):
+                    threading.Thread(target=_drop_link, daemon=True,
+                                     args=(cluster, s["drop_marker"], sc["drop_to"], stop)).start()
+                _log(f"{name}: {sc['about']}; {s['rounds']} rounds x {s['segment_steps']} steps")
+                result = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.bench_worker"],
+                                     env=env, timeout=timeout)
+        if result.ok:
+            with open(s["result_path"]) as f:
+                raw = json.load(f)
+    finally:
+        stop.set()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not result.ok:
+        tail = "\n".join(f"[{r}] {t}" for r, _, t in result.lines[-15:])
+        why = "timed out" if result.timed_out else f"exit codes {result.returncodes}"
+        raise RuntimeError(f"scenario {name} failed ({why}); last output:\n{tail}")
+    return document(name, sc, s, raw, quick)
+
+
+def _run_local(sc: dict, s: dict, env: dict, timeout: float):
+    """``horovodrun --gloo`` on this machine (no root needed); a RunResult-like object."""
+    from adaptive_lsgd.tools.cluster import RunResult
+
+    n = sc["workers"]
+    s.update(master_addr="127.0.0.1", iface="lo")
+    env = {**env, SETTINGS_ENV: json.dumps(s), "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
+    cmd = [horovodrun, "-np", str(n), "-H", f"localhost:{n}", "--gloo", sys.executable, "-m",
+           "adaptive_lsgd.tools.bench_worker"]
+    _log(f"{s['scenario']}: {sc['about']}; {s['rounds']} rounds x {s['segment_steps']} steps")
+    start = time.monotonic()
+    try:
+        rc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return RunResult([None] * n, [], [], elapsed=time.monotonic() - start, timed_out=True)
+    return RunResult([rc] * n, [], [], elapsed=time.monotonic() - start)
+
+
+def _drop_link(cluster, marker: str, rate: float, stop: threading.Event) -> None:
+    """Wait for rank 0's marker, drop every host's link to ``rate``, then answer."""
+    while not stop.is_set() and not os.path.exists(marker):
+        time.sleep(0.05)
+    if stop.is_set():
+        return
+    for h in range(cluster.hosts):
+        cluster.set_rate(h, rate)
+    with open(marker + ".done", "w") as f:
+        f.write("done\n")
+    _log(f"links dropped to {rate:g} Mbit/s")
+
+
+def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
+    """The scenario's JSON: the issue's schema plus what the plots and the docs need."""
+    vs = raw["variants"]
+    if sc.get("drop_to"):  # the link changes mid-run: whole-run rate, not a median over rounds
+        for v in vs.values():
+            v["samples_per_s"] = (v["samples"] / sum(v["walls"]) if v["kind"] != "compute" else
+                                  len(v["rates"]) / sum(1 / r for r in v["rates"]))
+    limit = vs.get("compute-only", {}).get("samples_per_s")
+    results = {}
+    for vname, v in vs.items():
+        if v["kind"] == "alsgd" and v.get("switch_step") is not None:
+            comm = v["comm_fraction_summary"]  # the integration's own figure (local phase)
+        elif v["kind"] == "compute" or not limit:
+            comm = 0.0
+        else:
+            comm = max(0.0, 1.0 - v["samples_per_s"] / limit)
+        row = {"samples_per_s": v["samples_per_s"], "comm_fraction": comm, "test_acc": v["test_acc"],
+               "global_syncs": v["global_syncs"], "H": v["H"], "steps": v["steps"],
+               "samples": v["samples"], "rates": v["rates"], "walls": v["walls"], "accs": v["accs"]}
+        for key in ("periods", "syncs_per_level", "switch_step", "trace"):
+            if key in v and v[key] not in (None, []):
+                row[key] = v[key]
+        results[vname] = row
+    doc = {
+        "scenario": name, "about": sc["about"], "quick": quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "cluster": {"hosts": sc["hosts"], "workers_per_host": sc["workers"], "rate_mbit": sc["rate"],
+                    "slowdown": sc.get("slowdown"), "drop_to_mbit": sc.get("drop_to")},
+        "settings": {k: s[k] for k in ("model", "width", "batch", "lr", "rounds", "segment_steps")},
+        "params": raw["params"], "ranks": raw["ranks"], "wall_s": raw["wall_s"],
+        "drop_t": raw.get("drop_t"),
+        "compute_only_samples_per_s": limit,
+        "results": results,
+    }
+    doc["goals"] = goals(name, doc)
+    import jsonschema
+
+    jsonschema.validate(doc, SCHEMA)
+    return doc
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}"
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def goals(name: str, doc: dict) -> list:
+    """The issue's goals for this scenario: [{goal, value, met}]."""
+    r = doc["results"]
+    sps = {k: v["samples_per_s"] for k, v in r.items()}
+    out = []
+
+    def add(goal, value, met):
+        out.append({"goal": goal, "value": value, "met": bool(met) if value is not None else None})
+
+    if name == "comm-bound" and "adaptive" in r and "horovod" in r:
+        x = _ratio(sps["adaptive"], sps["horovod"])
+        add("adaptive >= 4x horovod samples/s", x, x and x >= 4)
+        x = _ratio(sps["adaptive"], doc["compute_only_samples_per_s"])
+        add("adaptive >= 0.9 of compute-only", x, x and x >= 0.9)
+        x = (r["adaptive"]["test_acc"] - r["horovod"]["test_acc"]) * 100
+        add("adaptive test accuracy within 1 point of horovod (points)", x, abs(x) <= 1)
+    if name == "changing-network" and "adaptive" in r and any(k.startswith("local-h") for k in r):
+        ref = reference_h(doc)
+        if ref:
+            x = _ratio(sps["adaptive"], sps[ref])
+            add(f"adaptive >= 1.3x the fixed H chosen for the starting link ({ref})", x, x and x >= 1.3)
+    if name == "hierarchical" and "adaptive" in r:
+        x = _ratio(sps["adaptive"], sps.get("local-h16"))
+        add("adaptive hierarchical >= 1.2x flat local SGD (local-h16)", x, x and x >= 1.2)
+        x = _ratio(sps.get("hier-4x4"), sps.get("local-h16"))
+        add("hier-4x4 (global period 16) >= 1.2x flat local-h16", x, x and x >= 1.2)
+    if name == "heterogeneous":
+        x = _ratio(sps.get("local-h8-time-budget"), sps.get("local-h8"))
+        add("time-budget rounds >= 1.4x fixed H (local-h8)", x, x and x >= 1.4)
+    if name == "accuracy" and "adaptive" in r and "horovod" in r:
+        x = (r["adaptive"]["test_acc"] - r["horovod"]["test_acc"]) * 100
+        add("adaptive post-local >= horovod - 0.3 points (difference, points)", x, x >= -0.3)
+        x = _ratio(r["horovod"]["global_syncs"], r["adaptive"]["global_syncs"])
+        add("adaptive >= 8x fewer global syncs than horovod", x, x and x >= 8)
+    if name == "overhead" and "local-h1" in r and "horovod" in r:
+        x = _ratio(sps["horovod"], sps["local-h1"])
+        add("local-h1 step time <= 1.03x horovod", x, x and x <= 1.03)
+        x = _ratio(sps["horovod"], sps.get("alsgd-minibatch"))
+        add("mini-batch phase step time <= 1.03x horovod", x, x and x <= 1.03)
+    return out
+
+
+def reference_h(doc: dict) -> str | None:
+    """changing-network: the fixed H "chosen for the starting link": the smallest fixed H of the
+    scenario at or above the period the adaptive policy chose before the drop (the largest fixed H
+    if none is). Conservative: a larger fixed H loses less after the drop."""
+    r = doc["results"]
+    fixed = sorted((v["H"], k) for k, v in r.items() if k.startswith("local-h"))
+    trace, drop = r.get("adaptive", {}).get("trace", []), doc.get("drop_t")
+    before = [p for t, _, p in trace if drop is None or t < drop]
+    if not fixed or not before:
+        return None
+    h = 1
+    for p in before[-1]:
+        h *= p
+    return next((k for H, k in fixed if H >= h), fixed[-1][1])
+
+
+def write_json(doc: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def print_table(doc: dict) -> None:
+    print(f"[{PROG}] {doc['scenario']}: compute-only {doc['compute_only_samples_per_s']:.0f} samples/s")
+    for k, v in doc["results"].items():
+        print(f"[{PROG}]   {k:22s} {v['samples_per_s']:9.0f} samples/s  comm {v['comm_fraction']:6.1%}  "
+              f"acc {v['test_acc']:6.2%}  global syncs {v['global_syncs']}")
+    for g in doc["goals"]:
+        val = "n/a" if g["value"] is None else f"{g['value']:.3f}"
+        print(f"[{PROG}]   goal: {g['goal']}: {val} -> {'met' if g['met'] else 'MISSED'}")
+
+
+def parse_args(argv=None):
+    names = list(SCENARIOS)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="scenarios: " + "; ".join(f"{k}: {v['about']}"
+                                                                 for k, v in SCENARIOS.items()))
+    p.add_argument("scenario", choices=names + ["all", "report"],
+                   help="a scenario, 'all' (every scenario, then the report) or 'report' (plots and "
+                        "the results page from the JSON files in --out)")
+    p.add_argument("--json", default=None, help="write the scenario's results here (one scenario)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds/steps (comm-bound < 10 min)")
+    p.add_argument("--out", default=None, help="folder for SCENARIO.json and the PNG plots")
+    p.add_argument("--doc", default=None, help="with all/report: write the results page (markdown)")
+    p.add_argument("--rounds", type=int, default=None, help="override the scenario's rounds")
+    p.add_argument("--steps", type=int, default=None, help="override the steps per segment")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of variants (compute-only always runs)")
+    p.add_argument("--timeout", type=float, default=3600, help="per scenario, seconds")
+    args = p.parse_args(argv)
+    for flag in ("rounds", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    if args.scenario in names and not (args.json or args.out):
+        p.error(f"{args.scenario}: give --json PATH or --out DIR")
+    if args.scenario in ("all", "report") and not args.out:
+        p.error(f"{args.scenario}: give --out DIR")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.scenario == "report":
+        from adaptive_lsgd.tools.bench_report import report
+
+        try:
+            report(args.out, args.doc)
+        except (OSError, ValueError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    from adaptive_lsgd.tools.cluster import ClusterError
+
+    variants = args.variants.split(",") if args.variants else None
+    failed = []
+    for name in names:
+        start = time.monotonic()
+        try:
+            doc = run_scenario(name, args.quick, args.rounds, args.steps, variants, args.timeout)
+        except (ClusterError, ValueError, RuntimeError) as e:
+            print(f"{PROG}: error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; cluster torn down", file=sys.stderr)
+            return 130
+        path = args.json if args.json and len(names) == 1 else os.path.join(args.out, f"{name}.json")
+        write_json(doc, path)
+        if args.out and args.json and len(names) == 1:
+            write_json(doc, os.path.join(args.out, f"{name}.json"))
+        print_table(doc)
+        _log(f"{name} done in {time.monotonic() - start:.0f}s; wrote {path}")
+    if args.scenario == "all":
+        from adaptive_lsgd.tools.bench_report import report
+
+        report(args.out, args.doc)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

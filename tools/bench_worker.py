@@ -1,0 +1,280 @@
+"""One rank of an ``alsgd-bench`` scenario (started by :mod:`adaptive_lsgd.tools.bench`).
+
+Every variant trains its own copy of the model on the same data stream; the variants run
+interleaved: in each round every variant runs one segment, in an order that rotates from
+round to round. A segment starts and ends with one tiny allreduce (a barrier that also sums
+the steps the ranks took), so its wall time includes waiting for the slowest rank. Rank 0
+prints a progress line per segment and, at the end, writes the results (JSON) to
+``result_path``.
+
+Settings come as JSON in ``_ALSGD_WORKER_SETTINGS`` (see ``bench.py``); run by hand::
+
+    _ALSGD_WORKER_SETTINGS='{"model": "cnn", ...}' horovodrun -np 2 -H localhost:2 --gloo \\
+        python -m adaptive_lsgd.tools.bench_worker
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import horovod.torch as hvd  # noqa: I001
+import torch
+import torch.distributed as dist
+
+import adaptive_lsgd.integrations.torch as alsgd  # before hvd.init(): dynamic process sets
+from adaptive_lsgd.tools.cluster import emulated_slowdown
+from adaptive_lsgd.tools.datasets import load_mnist1d, shard
+from adaptive_lsgd.tools.launch import SETTINGS_ENV
+
+
+def build_model(kind: str, width: int) -> torch.nn.Module:
+    """``mlp``: 40-W-W-10 (W=1000 gives about 1.05M parameters); ``cnn``: the demo's 1-D CNN."""
+    nn = torch.nn
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, 10))
+    from adaptive_lsgd.tools.demo import build_model as cnn
+
+    return cnn()
+
+
+class Variant:
+    """One training run: model, optimizer, data stream, and what its segments measured."""
+
+    def __init__(self, spec: dict, s: dict, data: tuple):
+        self.name, self.kind = spec["name"], spec["kind"]
+        self.H = int(spec.get("H", 1))
+        self.spec, self.s = spec, s
+        torch.manual_seed(0)
+        self.model = build_model(s["model"], s["width"])
+        self.x, self.y = data
+        self.gen = torch.Generator().manual_seed(1000 + hvd.rank())
+        self.perm, self.pos = torch.randperm(len(self.x), generator=self.gen), 0
+        self.steps = 0             # this rank's optimizer steps (micro-batches)
+        self.samples = 0           # over all ranks
+        self.rates, self.walls, self.accs, self.trace = [], [], [], []
+        self.busy = 0.0            # this variant's own wall time so far
+        self.sched = None
+        self.net = self.model
+        lr, params = s["lr"], self.model.parameters()
+        named = [(f"{self.name}.{n}", p) for n, p in self.model.named_parameters()]
+        sgd = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        if self.kind == "compute":
+            self.opt = sgd
+        elif self.kind == "horovod":
+            self.opt = hvd.DistributedOptimizer(sgd, named_parameters=named,
+                                                backward_passes_per_step=self.H)
+        elif self.kind == "alsgd":
+            self.opt = alsgd.DistributedOptimizer(sgd, named_parameters=named, model=self.model,
+                                                  config=dict(spec["config"]))
+            self.sched = self.opt.alsgd.scheduler
+        elif self.kind == "peer":
+            self._peer(sgd, spec.get("warmup", 0))
+        else:
+            raise ValueError(f"unknown variant kind {self.kind!r}")
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+
+    def _peer(self, sgd, warmup: int) -> None:
+        """PyTorch's post-local SGD: DDP with ``post_localSGD_hook`` (gradient allreduce for
+        ``warmup`` steps, then only within a one-rank subgroup, i.e. none) and
+        ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager`` (model average every H steps)."""
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+            PostLocalSGDState,
+            post_localSGD_hook,
+        )
+        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+        from torch.distributed.optim import PostLocalSGDOptimizer
+
+        subgroup, _ = dist.new_subgroups(group_size=1)
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.net.register_comm_hook(PostLocalSGDState(process_group=None, subgroup=subgroup,
+                                                      start_localSGD_iter=warmup),
+                                    post_localSGD_hook)
+        sgd = torch.optim.SGD(self.model.parameters(), lr=self.s["lr"], momentum=0.9)
+        self.warmup = warmup
+        self.opt = PostLocalSGDOptimizer(sgd, PeriodicModelAverager(period=self.H,
+                                                                    warmup_steps=warmup))
+
+    # -- training ----------------------------------------------------------------------------
+    def batch(self):
+        b = self.s["batch"]
+        if self.pos + b > len(self.x):
+            self.perm, self.pos = torch.randperm(len(self.x), generator=self.gen), 0
+        idx = self.perm[self.pos:self.pos + b]
+        self.pos += b
+        return self.x[idx], self.y[idx]
+
+    def set_lr(self, frac: float) -> None:
+        """Step decay: the LR drops 10x at each fraction of the run in ``lr_decay``."""
+        lr = self.s["lr"] * 0.1 ** sum(frac >= d for d in self.s.get("lr_decay", []))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def one_step(self, loss_fn, slowdown: float) -> None:
+        start = time.perf_counter()
+        x, y = self.batch()
+        loss = loss_fn(self.net(x), y)
+        if self.kind == "horovod" and self.H > 1:
+            loss = loss / self.H
+        loss.backward()
+        # Emulated device: pad the step to at least compute_ms, then stretch it by the host's
+        # slowdown (a sleep proportional to the measured compute time).
+        spent = time.perf_counter() - start
+        target = max(spent, self.s.get("compute_ms", 0) / 1e3) * slowdown
+        if target > spent:
+            time.sleep(target - spent)
+        self.steps += 1
+        if self.kind == "horovod" and self.H > 1 and self.steps % self.H:
+            return  # accumulate: Horovod allreduces on the H-th backward pass, step() after it
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def syncs(self) -> int:
+        """Global synchronisations so far (mini-batch allreduces count as syncs)."""
+        if self.kind == "compute":
+            return 0
+        if self.kind == "horovod":
+            return self.steps // self.H
+        if self.kind == "peer":
+            local = max(0, self.steps - self.warmup)
+            return min(self.steps, self.warmup) + local // self.H
+        return self.sched.global_syncs + self.sched.steps_mini_batch
+
+    def segment(self, steps: int, rounds: int, frac: float, loss_fn, slowdown: float, t_job: float):
+        """Run one segment: ``steps`` steps, or for time-budget variants ``rounds`` syncs."""
+        self.set_lr(frac)
+        barrier = torch.zeros(1)
+        hvd.allreduce_(barrier, name="bench.barrier", op=hvd.Sum)
+        if self.sched is not None:
+            self.opt._alsgd_t = time.perf_counter()  # time away from this variant is not compute
+        start, steps0 = time.perf_counter(), self.steps
+        if self.spec.get("config", {}).get("time_budget"):
+            goal = sum(self.sched.syncs) + rounds
+            while sum(self.sched.syncs) < goal:
+                self._traced_step(loss_fn, slowdown, t_job)
+        else:
+            for _ in range(steps):
+                self._traced_step(loss_fn, slowdown, t_job)
+        own = time.perf_counter() - start
+        # steps of all ranks, and (compute-only) the sum of each rank's own rate: the limit in which
+        # no rank ever waits for another
+        done = torch.tensor([float(self.steps - steps0), (self.steps - steps0) * self.s["batch"] / own])
+        hvd.allreduce_(done, name="bench.steps", op=hvd.Sum)
+        wall = time.perf_counter() - start
+        self.busy += wall
+        n = int(done[0].item()) * self.s["batch"]
+        self.samples += n
+        self.walls.append(wall)
+        self.rates.append(float(done[1]) if self.kind == "compute" else n / wall)
+        return self.rates[-1]
+
+    def _traced_step(self, loss_fn, slowdown: float, t_job: float) -> None:
+        before = self.sched.global_syncs if self.sched is not None else None
+        self.one_step(loss_fn, slowdown)
+        if self.sched is not None and self.sched.global_syncs != before:
+            self.trace.append([round(time.perf_counter() - t_job, 3), self.sched.step,
+                               list(self.sched.periods)])
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def accuracy(self, x_test, y_test) -> float:
+        """Test accuracy of the average of the ranks' models (the models are not changed)."""
+        params = [p.detach().clone() for p in self.model.parameters()]
+        hvd.grouped_allreduce_(params, op=hvd.Average, name=f"bench.eval.{self.name}")
+        probe = build_model(self.s["model"], self.s["width"])
+        for dst, src in zip(probe.parameters(), params):
+            dst.copy_(src)
+        probe.eval()
+        return (probe(x_test).argmax(1) == y_test).float().mean().item()
+
+    def finish(self) -> dict:
+        out = {"global_syncs": self.syncs()}  # before the final average (taken for evaluation)
+        if self.kind == "alsgd":
+            summ = alsgd.summary(self.opt)
+            self.opt.average_now()
+            out.update(comm_fraction_summary=summ["comm_fraction"], periods=summ["periods"],
+                       syncs_per_level=summ["syncs_per_level"], switch_step=summ["switch_step"])
+        return out
+
+
+def main() -> int:
+    s = json.loads(os.environ[SETTINGS_ENV])
+    hvd.init()
+    torch.set_num_threads(1)
+    rank, size = hvd.rank(), hvd.size()
+    if any(v["kind"] == "peer" for v in s["variants"]):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", s.get("iface") or "lo")
+        dist.init_process_group("gloo", init_method=f"tcp://{s['master_addr']}:{s['master_port']}",
+                                rank=rank, world_size=size)
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    data = load_mnist1d()
+    idx = shard(len(data["x"]), rank, size)
+    train = torch.from_numpy(data["x"][idx]), torch.from_numpy(data["y"][idx])
+    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    variants = [Variant(spec, s, train) for spec in s["variants"]]
+    params = sum(p.numel() for p in variants[0].model.parameters())
+    rounds, steps = s["rounds"], s["segment_steps"]
+    say(f"[bench] {s['scenario']}: {size} ranks, {params} parameters, {len(variants)} variants x "
+        f"{rounds} rounds x {steps} steps (batch {s['batch']} per rank), interleaved")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    slowdown = emulated_slowdown()
+    _warm_up(s, loss_fn)
+    t_job = time.perf_counter()
+    drop_at = s.get("drop_after_round")
+    drop_t = None
+    for r in range(rounds):
+        if drop_at is not None and r == drop_at:
+            drop_t = _signal_drop(s, rank, t_job)
+            say(f"[bench] link rate dropped before round {r + 1} (t={drop_t:.1f}s)")
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotating order
+            rate = v.segment(steps, max(1, steps // max(v.H, 1)), r / rounds, loss_fn, slowdown, t_job)
+            line = f"[bench] round {r + 1}/{rounds} {v.name:22s} {rate:9.0f} samples/s"
+            if s.get("eval_every_round"):
+                v.accs.append([v.samples, v.accuracy(x_test, y_test)])
+                line += f"  test acc {v.accs[-1][1]:.2%}"
+            say(line + f"  syncs {v.syncs()}  t={time.perf_counter() - t_job:.0f}s")
+    out = {"params": params, "ranks": size, "drop_t": drop_t, "wall_s": time.perf_counter() - t_job,
+           "variants": {}}
+    for v in variants:
+        row = v.finish()
+        row.update(test_acc=v.accuracy(x_test, y_test), rates=v.rates, walls=v.walls,
+                   samples=v.samples, steps=v.steps, accs=v.accs, trace=v.trace,
+                   samples_per_s=statistics.median(v.rates), H=v.H, kind=v.kind)
+        out["variants"][v.name] = row
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(s["result_path"], "w") as f:
+            json.dump(out, f)
+    return 0
+
+
+def _warm_up(s: dict, loss_fn) -> None:
+    """A few untimed steps on a throw-away model (kernels, allocator) before round 1."""
+    model = build_model(s["model"], s["width"])
+    x, y = torch.randn(s["batch"], 40), torch.randint(0, 10, (s["batch"],))
+    for _ in range(3):
+        loss_fn(model(x), y).backward()
+
+
+def _signal_drop(s: dict, rank: int, t_job: float) -> float:
+    """Rank 0 asks the launcher to drop the link (a marker file) and waits for its answer."""
+    if rank == 0:
+        with open(s["drop_marker"], "w") as f:
+            f.write("drop\n")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(s["drop_marker"] + ".done"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the launcher did not change the link rate within 60 s")
+            time.sleep(0.05)
+    hvd.allreduce_(torch.zeros(1), name="bench.drop", op=hvd.Sum)
+    return time.perf_counter() - t_job
+
+
+if __name__ == "__main__":
+    sys.exit(main())
