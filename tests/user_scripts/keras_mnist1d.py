@@ -15,7 +15,7 @@ import tensorflow as tf
 from adaptive_lsgd.tools.datasets import load_mnist1d, shard
 
 parser = argparse.ArgumentParser(description="Keras MNIST-1D Example")
-parser.add_argument("--epochs", type=int, default=6)
+parser.add_argument("--epochs", type=int, default=8)
 parser.add_argument("--batch-size", type=int, default=32)
 args = parser.parse_args()
 
@@ -52,6 +52,9 @@ callbacks = [
     hvd.callbacks.BroadcastGlobalVariablesCallback(0),
     # Horovod: average metrics among workers at the end of every epoch.
     hvd.callbacks.MetricAverageCallback(),
+    # Scale the learning rate down 10x for the last quarter of training.
+    tf.keras.callbacks.LearningRateScheduler(
+        lambda epoch: scaled_lr * (0.1 if epoch >= args.epochs * 3 // 4 else 1.0)),
 ]
 
 mnist_model.fit(data["x"][idx], data["y"][idx], batch_size=args.batch_size, epochs=args.epochs,
