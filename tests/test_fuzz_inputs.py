@@ -151,3 +151,52 @@ def test_fuzz_cluster_cli_arguments(argv):
                                     schedule=args.schedule, run_id=args.run_id, echo=False)
     except ValueError as exc:  # main prints it as one `error:` line
         assert "\n" not in str(exc) and str(exc)
+
+
+RUN_TOKENS = ["-np", "2", "0", "-H", "localhost:2", "--gloo", "--mpi", "--alsgd-config",
+              "--alsgd-run-dir", "--alsgd-bogus", "--min-np", "--max-np", "--host-discovery-script",
+              "--hostfile", "/nonexistent", "-p", "x", "--", "--verbose", "--timeline-filename"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(RUN_TOKENS + ["CFG"]), max_size=7), st.booleans(),
+       configs() | st.text(max_size=30))
+def test_fuzz_alsgd_run_arguments(tmp_path, tokens, with_command, cfg):
+    """alsgd-run with --alsgd-dry-run (so nothing is launched): it prints the plan or one
+    usage error, exit status 0 or 2, never a traceback."""
+    from adaptive_lsgd.tools import run as run_mod
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg if isinstance(cfg, str) else __import__("json").dumps(cfg))
+    argv = ["--alsgd-dry-run"] + [str(cfg_file) if t == "CFG" else t for t in tokens]
+    if with_command:
+        argv += ["python", "train.py"]
+    rc, err = run_cli(run_mod.main, argv)
+    assert "Traceback" not in err
+    assert rc in (0, 2), err
+    if rc == 2:
+        assert err.strip().splitlines()[-1].startswith("alsgd-run: error:"), err
+
+
+BENCH_TOKENS = ["overhead", "comm-bound", "all", "report", "nope", "--json", "--out", "--doc",
+                "--quick", "--rounds", "--steps", "--variants", "--timeout", "0", "-1", "3",
+                "x,y", "OUT"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(BENCH_TOKENS), max_size=6))
+def test_fuzz_alsgd_bench_arguments(tmp_path, tokens):
+    """alsgd-bench's argument checks; `report` (cheap, no cluster) is run for real on an empty
+    or missing folder, scenarios are only parsed."""
+    from adaptive_lsgd.tools import bench as bench_mod
+
+    argv = [str(tmp_path / "out") if t == "OUT" else t for t in tokens]
+    rc, err = run_cli(bench_mod.parse_args, argv)
+    assert "Traceback" not in err
+    if not isinstance(rc, bench_mod.argparse.Namespace):
+        assert rc == 2 and "error:" in err
+        return
+    if rc.scenario == "report":
+        rc2, err = run_cli(bench_mod.main, argv)
+        assert "Traceback" not in err
+        assert rc2 in (0, 1) and (rc2 == 0 or "error:" in err)
