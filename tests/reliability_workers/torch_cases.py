@@ -221,11 +221,15 @@ def _ckpt_config(name: str, run: str, policy: str) -> dict:
     if policy == "fixed":
         return {"policy": "fixed", "periods": [2, 3], "topology": "2x2",
                 "warmup": "first_lr_decay", "log": path}
-    return {"policy": "adaptive", "topology": "2x2", "warmup": 5, "timing_warmup": 0, "window": 4,
+    # Flat: with "2x2" this adaptive job (decisions every few steps) intermittently failed
+    # under load with Horovod's "Process set provided does not exist" (an open bug).
+    return {"policy": "adaptive", "topology": "flat", "warmup": 5, "timing_warmup": 0, "window": 4,
             "max_period": 4, "log": path}
 
 
 FIXED_N, FIXED_SAVES, FIXED_MILESTONES = 40, (8, 23), (12, 30)
+# One optimizer per process (each part of the checkpoint test is its own horovodrun job).
+CKPT_PART = os.environ.get("REL_CKPT_PART", "")
 ADAPT_N, ADAPT_SAVE = 70, 30
 
 
@@ -242,8 +246,11 @@ def ckpt_save():
     """Run B: the same run, checkpoints after steps 8 (mini-batch phase: the switch at the LR
     drop comes later) and 23 (local phase, mid-round), then it stops. The adaptive run saves
     its scheduler state after step 30 and stops."""
-    _ckpt_run("fixed", _ckpt_config("fixed", "B", "fixed"), FIXED_N, save_at=FIXED_SAVES,
-              stop_at=max(FIXED_SAVES), milestones=FIXED_MILESTONES)
+    if CKPT_PART == "fixed":
+        _ckpt_run("fixed", _ckpt_config("fixed", "B", "fixed"), FIXED_N, save_at=FIXED_SAVES,
+                  stop_at=max(FIXED_SAVES), milestones=FIXED_MILESTONES)
+        report("ckpt_save", part="fixed")
+        return
     _, opt, _, _ = _ckpt_run("adaptive", _ckpt_config("adaptive", "B", "adaptive"), ADAPT_N,
                              save_at=(ADAPT_SAVE,), stop_at=ADAPT_SAVE)
     report("ckpt_save", adaptive_phase=opt.alsgd.scheduler.phase,
@@ -253,9 +260,9 @@ def ckpt_save():
 
 
 def ckpt_resume():
-    """Run C (a fresh process): resume each checkpoint and continue to the end."""
+    """Run C (a fresh process per checkpoint): resume it and continue to the end."""
     out = {}
-    for t in FIXED_SAVES:
+    for t in [t for t in FIXED_SAVES if CKPT_PART == f"fixed{t}"]:
         model, opt, restored, _ = _ckpt_run("fixed", _ckpt_config("fixed", f"C{t}", "fixed"), FIXED_N,
                                             resume_from=t, milestones=FIXED_MILESTONES)
         out[str(t)] = {"params": flat(model.parameters()).tolist(), "restored": restored,
@@ -263,6 +270,9 @@ def ckpt_resume():
                            os.path.join(CASE_DIR, f"log.fixed.C{t}.{RANK}.jsonl"))),
                        "switch_step": opt.alsgd.scheduler.switch_step,
                        "syncs": opt.alsgd.scheduler.syncs}
+    if out:
+        report("ckpt_resume", fixed=out)
+        return
     # Adaptive: decisions depend on measured time, so C is compared with what B's saved
     # scheduler state decides from the very inputs C's scheduler was given.
     cfg = _ckpt_config("adaptive", "C", "adaptive")
@@ -286,7 +296,7 @@ def ckpt_resume():
     real_log = read_log(os.path.join(CASE_DIR, f"log.adaptive.C.{RANK}.jsonl"))
     real_decisions = [[r["decision"], r["periods"]] for r in real_log if "decision" in r]
     twin_state, real_state = twin.state_dict(), real.state_dict()
-    report("ckpt_resume", fixed=out, adaptive={
+    report("ckpt_resume", adaptive={
         "restored": restored, "same_plans": same_plans, "steps_fed": sum(c[0] == "step" for c in calls),
         "twin_decisions": twin_decisions, "real_decisions": real_decisions,
         "same_final_state": twin_state == real_state,
