@@ -51,12 +51,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 
 import numpy as np
 
+from .cli_args import number, positive_int
 from .config import Config, ConfigError, load_config, read_config_file
 from .scheduler import MINI_BATCH, Scheduler
 from .topology import Topology, TopologyError
@@ -409,29 +409,6 @@ class ClusterSim:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _number(lo: float, lo_open: bool):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
-            raise argparse.ArgumentTypeError(
-                f"expected a number {'>' if lo_open else '>='} {lo:g}, got {text!r}")
-        return v
-    return parse
-
-
 def _int_list(text: str) -> list:
     try:
         vals = [int(x) for x in text.split(",")]
@@ -448,28 +425,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m adaptive_lsgd.sim",
         description="Simulate a cluster running adaptive local SGD with the real scheduler.")
     c = p.add_argument_group("cluster")
-    c.add_argument("--hosts", type=_positive_int, default=2, help="number of hosts (default 2)")
-    c.add_argument("--workers-per-host", type=_positive_int, default=1,
+    c.add_argument("--hosts", type=positive_int, default=2, help="number of hosts (default 2)")
+    c.add_argument("--workers-per-host", type=positive_int, default=1,
                    help="workers (GPUs) per host (default 1)")
-    c.add_argument("--compute-ms", type=_number(0, True), default=50.0,
+    c.add_argument("--compute-ms", type=number(0, True), default=50.0,
                    help="compute time of one local step in ms (default 50)")
-    c.add_argument("--params", type=_number(0, False), default=25e6,
+    c.add_argument("--params", type=number(0, False), default=25e6,
                    help="model parameters, averaged as float32 (default 25e6)")
-    c.add_argument("--inter-gbps", type=_number(0, True), default=10.0,
+    c.add_argument("--inter-gbps", type=number(0, True), default=10.0,
                    help="bandwidth of links between hosts, Gbit/s (default 10)")
-    c.add_argument("--intra-gbps", type=_number(0, True), default=100.0,
+    c.add_argument("--intra-gbps", type=number(0, True), default=100.0,
                    help="bandwidth of links inside a host, Gbit/s (default 100)")
-    c.add_argument("--latency-us", type=_number(0, False), default=50.0,
+    c.add_argument("--latency-us", type=number(0, False), default=50.0,
                    help="per-hop latency of links between hosts, us (default 50)")
-    c.add_argument("--intra-latency-us", type=_number(0, False), default=5.0,
+    c.add_argument("--intra-latency-us", type=number(0, False), default=5.0,
                    help="per-hop latency of links inside a host, us (default 5)")
-    c.add_argument("--slow-host-factor", type=_number(0, True), default=1.0,
+    c.add_argument("--slow-host-factor", type=number(0, True), default=1.0,
                    help="compute-time multiplier of host 0 (a mixed cluster; default 1)")
-    c.add_argument("--jitter", type=_number(0, False), default=0.0,
+    c.add_argument("--jitter", type=number(0, False), default=0.0,
                    help="relative std of per-step compute noise, e.g. 0.1 (default 0)")
     r = p.add_argument_group("run")
-    r.add_argument("--steps", type=_positive_int, default=200, help="local steps per rank (default 200)")
-    r.add_argument("--batch-size", type=_positive_int, default=32, help="samples per step (default 32)")
+    r.add_argument("--steps", type=positive_int, default=200, help="local steps per rank (default 200)")
+    r.add_argument("--batch-size", type=positive_int, default=32, help="samples per step (default 32)")
     r.add_argument("--seed", type=int, default=0, help="seed of the compute noise (default 0)")
     s = p.add_argument_group("scheduler config (flags override --config)")
     s.add_argument("--config", metavar="FILE", help="a YAML/JSON adaptive-lsgd config file")

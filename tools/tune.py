@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 
+from adaptive_lsgd.cli_args import number, positive_int
 from adaptive_lsgd.config import ConfigError, load_config
 from adaptive_lsgd.cost_model import CostModel, LinkModel
 from adaptive_lsgd.decision_log import read_log
@@ -308,10 +309,6 @@ def make_profile(settings, framework, count, nbytes, hosts, topo, links, gathere
 def cmd_profile(args) -> int:
     if args.np < 2:
         raise TuneError(f"-np {args.np}: profiling needs at least 2 workers")
-    if args.batch_size < 1:
-        raise TuneError(f"--batch-size {args.batch_size}: expected a positive integer")
-    if args.steps < 1 or args.reps < 1:
-        raise TuneError("--steps and --reps must be positive")
     out = os.path.abspath(args.out)
     if not os.path.isdir(os.path.dirname(out)):
         raise TuneError(f"--out {args.out!r}: directory {os.path.dirname(out)!r} does not exist")
@@ -594,28 +591,8 @@ def _numbers(v) -> bool:
 
 
 # -- command line ------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
 def _fraction(text: str) -> float:
-    v = _positive_float(text)
+    v = number(0, lo_open=True)(text)
     if v >= 1:
         raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
     return v
@@ -628,33 +605,32 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure compute and allreduce times under horovodrun")
     pr.add_argument("--model", required=True, metavar="FILE.py:FUNC",
                     help="FUNC() returns (model, loss_fn, example_batch)")
-    pr.add_argument("--batch-size", type=_positive_int, required=True)
-    pr.add_argument("-np", "--num-proc", dest="np", type=_positive_int, required=True,
+    pr.add_argument("--batch-size", type=positive_int, required=True)
+    pr.add_argument("-np", "--num-proc", dest="np", type=positive_int, required=True,
                     help="number of workers (as horovodrun -np)")
     pr.add_argument("-H", "--hosts", default=None, help="as horovodrun -H (default localhost:NP)")
     pr.add_argument("--out", required=True, help="the profile to write (JSON)")
-    pr.add_argument("--steps", type=_positive_int, default=30, help="timed training steps")
-    pr.add_argument("--reps", type=_positive_int, default=10, help="allreduces per size")
+    pr.add_argument("--steps", type=positive_int, default=30, help="timed training steps")
+    pr.add_argument("--reps", type=positive_int, default=10, help="allreduces per size")
     rc = sub.add_parser("recommend", help="recommend periods per level from a profile")
     rc.add_argument("--profile", required=True)
-    rc.add_argument("--hosts", type=_positive_int, default=None,
+    rc.add_argument("--hosts", type=positive_int, default=None,
                     help="hosts of the cluster asked about (default: the profile's)")
-    rc.add_argument("--workers-per-host", type=_positive_int, default=None)
+    rc.add_argument("--workers-per-host", type=positive_int, default=None)
     for kind, where in (("inter", "between hosts"), ("intra", "inside a host")):
-        rc.add_argument(f"--{kind}-gbps", type=_positive_float, default=None,
+        rc.add_argument(f"--{kind}-gbps", type=number(0, lo_open=True), default=None,
                         help=f"link bandwidth {where}, Gbit/s (default: the profile's)")
-        rc.add_argument(f"--{kind}-latency-us", type=_positive_float, default=None,
+        rc.add_argument(f"--{kind}-latency-us", type=number(0, lo_open=True), default=None,
                         help=f"allreduce latency {where}, microseconds")
-    for sp in (rc,):
-        sp.add_argument("--target-comm-fraction", type=_fraction, default=0.1)
-        sp.add_argument("--max-period", type=_positive_int, default=64)
-        sp.add_argument("--json", action="store_true", help="print one JSON object")
-        sp.add_argument("--out", metavar="CFG.yaml", help="write the recommended config")
+    rc.add_argument("--target-comm-fraction", type=_fraction, default=0.1)
+    rc.add_argument("--max-period", type=positive_int, default=64)
+    rc.add_argument("--json", action="store_true", help="print one JSON object")
+    rc.add_argument("--out", metavar="CFG.yaml", help="write the recommended config")
     rc.add_argument("--plot", metavar="OUT.png", help="plot throughput and comm share against H")
     an = sub.add_parser("analyze", help="recommend fixed periods from a run's decision log")
     an.add_argument("log", metavar="RUN.jsonl")
     an.add_argument("--target-comm-fraction", type=_fraction, default=0.1)
-    an.add_argument("--max-period", type=_positive_int, default=64)
+    an.add_argument("--max-period", type=positive_int, default=64)
     an.add_argument("--json", action="store_true")
     an.add_argument("--out", metavar="CFG.yaml")
     return p
