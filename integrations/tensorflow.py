@@ -66,7 +66,11 @@ import tensorflow as tf  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
 from adaptive_lsgd.config import Config, load_config  # noqa: E402
-from adaptive_lsgd.integrations._horovod import ProcessSets, host_name  # noqa: E402
+from adaptive_lsgd.integrations._horovod import (  # noqa: E402
+    ProcessSets,
+    host_name,
+    install_exit_barrier,
+)
 from adaptive_lsgd.scheduler import Scheduler, SyncPlan, SyncResult  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
 from adaptive_lsgd.topology import Topology  # noqa: E402
@@ -80,6 +84,10 @@ __all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape", "Local
 _PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.tensorflow",
                             init_before_import=_HVD_INIT_BEFORE_IMPORT)
 _SHARED: dict = {}  # effective-config digest -> LocalSGD, for the config-keyed helpers
+
+
+def _exit_barrier() -> None:
+    hvd.allreduce(tf.zeros([1]), op=hvd.Sum, name="alsgd.exit")
 
 
 def process_set_for(ranks: tuple):
@@ -172,6 +180,8 @@ class LocalSGD:
         self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
                                              chained=self.config.chained_allreduce)
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
+        if any(ps is not hvd.global_process_set for ps in self.process_sets.values()):
+            install_exit_barrier(_exit_barrier)  # block-local last syncs: see install_exit_barrier
         self.rank = hvd.rank()
         self.scheduler = Scheduler(self.config, self.topology, self.rank, self._param_bytes or 0)
         if carry is not None:

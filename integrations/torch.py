@@ -49,7 +49,11 @@ from horovod.torch.optimizer import _DistributedOptimizer  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
 from adaptive_lsgd.config import Config, load_config  # noqa: E402
-from adaptive_lsgd.integrations._horovod import ProcessSets, host_name  # noqa: E402
+from adaptive_lsgd.integrations._horovod import (  # noqa: E402
+    ProcessSets,
+    host_name,
+    install_exit_barrier,
+)
 from adaptive_lsgd.scheduler import Scheduler, SyncPlan  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
 from adaptive_lsgd.topology import Topology  # noqa: E402
@@ -71,6 +75,10 @@ def _init_token():
     """An object that changes whenever Horovod is (re-)initialised: ``horovod.torch.init()``
     replaces its handle map on every call (an elastic reset is ``shutdown(); init()``)."""
     return hvd.mpi_ops._handle_map
+
+
+def _exit_barrier() -> None:
+    hvd.allreduce(torch.zeros(1), op=hvd.Sum, name="alsgd.exit")
 
 
 _SETS_TOKEN = [None]  # the init the cached process sets belong to
@@ -98,6 +106,8 @@ class _Runtime:
                                              chained=config.chained_allreduce)
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
         own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
+        if own_sets:  # block-local last syncs: no rank may shut Horovod down before the others
+            install_exit_barrier(_exit_barrier)
         if own_sets and os.environ.get("HOROVOD_ELASTIC") == "1" and not _WARNED:
             _WARNED.append(True)
             warnings.warn("adaptive-lsgd: this hierarchical topology uses Horovod process sets; with "

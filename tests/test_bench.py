@@ -88,6 +88,30 @@ def test_comm_bound_tiny_run_on_emulated_cluster(tmp_path):
     assert "## `comm-bound`" in page and (out / "throughput.png").stat().st_size > 1000
 
 
+@pytest.mark.cluster
+@pytest.mark.skipif(not _netns_usable(), reason="needs root, `ip netns` and `tc` (emulated cluster)")
+def test_time_budget_segments_count_the_slowest_ranks_steps(tmp_path):
+    """heterogeneous (host 1 2x slower): a time-budget segment runs whole rounds until the slow
+    rank took the segment's steps, so the fast rank (rank 0) takes more steps than in the
+    fixed-H variant and the variant trains on more samples in the same number of rounds."""
+    path = tmp_path / "het.json"
+    proc = _bench("heterogeneous", "--json", str(path), "--rounds", "3", "--steps", "8",
+                  "--variants", "local-h8,local-h8-time-budget")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(path.read_text())["results"]
+    fixed, budget = res["local-h8"], res["local-h8-time-budget"]
+    assert fixed["steps"] == 3 * 8 and fixed["global_syncs"] == 3
+    # the first round runs H=8 on both ranks; once step times are shared, rank 0 takes ~2x
+    assert budget["steps"] >= 8 + 2 * 12, budget
+    assert budget["samples"] > fixed["samples"] * 1.2, (budget["samples"], fixed["samples"])
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    r = {"a": {"rates": [100.0, 300.0, 90.0, 100.0]}, "b": {"rates": [50.0, 100.0, 100.0, 100.0]}}
+    assert bench.paired_ratio(r, "a", "b") == pytest.approx((1.0 + 2.0) / 2)  # ratios 2, 3, .9, 1
+    assert bench.paired_ratio(r, "a", "missing") is None
+
+
 def bench_report_page(out) -> str:
     from adaptive_lsgd.tools.bench_report import report
 

@@ -18,6 +18,9 @@
   inter-host link dropped 10x once rank 0 has logged step 2,500: every rank finishes, the
   models end identical and the four decision logs are identical. Wall time, steps/s and the
   periods before/after the change are printed.
+* Ends of hierarchical runs: one block leaves its loop 3 s before the other's last block sync;
+  every rank finishes (the integrations' exit barrier), PyTorch and TensorFlow. A rank that
+  crashes still ends the job at once.
 * Checkpoint and resume (item 5): 4 ranks, PyTorch, fixed periods ``[2, 3]`` on ``2x2``,
   post-local SGD switching at the first LR drop (step 13), momentum, a MultiStepLR. Run A goes
   40 steps unbroken; run B saves per-rank checkpoints (model, optimizer with the scheduler
@@ -25,10 +28,10 @@
   phase, mid-round) and stops; a fresh run C resumes each. Parameters equal A's (1e-5;
   the mini-batch phase's fused allreduce may sum in another order) and every decision record
   after the checkpoint equals A's (all keys except measured times). Adaptive policy (decisions
-  depend on measured time, so A is not comparable): the scheduler state C restores equals what
-  B saved, and a core scheduler loaded from B's saved state, fed the very inputs C's scheduler
-  received (step times, learning rates, reduced payloads), takes the same sync plans and
-  decisions and ends in the same state.
+  depend on measured time, so A is not comparable; topology ``2x2``): the scheduler state C
+  restores equals what B saved, and a core scheduler loaded from B's saved state, fed the very
+  inputs C's scheduler received (step times, learning rates, reduced payloads), takes the same
+  sync plans and decisions and ends in the same state.
 """
 
 from __future__ import annotations
@@ -119,6 +122,40 @@ def test_config_invalid_on_one_rank_ends_the_job():
     print(f"\n[agreement] torch, max_period=0 on rank 1 only: the job ended {ended - last_in:.1f}s after "
           f"the last rank began building; whole job (start-up included) {seconds:.1f}s, exit {rc}")
     assert ended - last_in < 30
+
+
+# -- blocks that end apart ------------------------------------------------------------------------
+@pytest.mark.parametrize("framework", [pytest.param("torch", marks=pytest.mark.torch),
+                                       pytest.param("tensorflow", marks=pytest.mark.tensorflow)])
+def test_blocks_that_end_apart_both_finish(framework):
+    """2x2: block (2, 3) reaches its last block-local sync 3 s after block (0, 1) has left the
+    loop. Horovod's exit shutdown is global, so without the integrations' exit barrier rank 0's
+    exit kills block (2, 3)'s sync ("Process set provided does not exist"); with it every rank
+    finishes and the early block waits for the late one."""
+    script, case = (TORCH, "uneven_end") if framework == "torch" else (TF, "tf_uneven_end")
+    worker_case = "uneven_end"
+    start = time.time()
+    rows = per_rank(results(horovodrun(4, [script, worker_case], timeout=300)), case, 4)
+    assert all(r["syncs"] == [5, 0] for r in rows), rows  # steps 2, 4, .., 10: five block syncs
+    late = min(r["t"] for r in rows[2:]) - max(r["t"] for r in rows[:2])
+    print(f"\n[exit barrier] {framework}: all 4 ranks finished; block (2, 3) left its loop "
+          f"{late:.2f}s after block (0, 1); job {time.time() - start:.1f}s")
+    assert late > 2.5  # the late block really was late (the barrier, not luck, kept the job alive)
+
+
+@pytest.mark.torch
+def test_a_crash_is_not_held_up_by_the_exit_barrier():
+    """Rank 3 raises mid-run while the others train on: the job ends with an error promptly
+    (the barrier is skipped after an uncaught exception; it never waits its 120 s)."""
+    rc, out, seconds = horovodrun_failing(4, [TORCH, "crash_in_block"], timeout=300)
+    ended = time.time()
+    assert rc != 0 and "injected failure on rank 3" in out, out[-3000:]
+    started = marks(out, "MARK", "crash_in_block")
+    assert sorted(started) == [0, 1, 2, 3], out[-3000:]
+    after = ended - max(t for t, _ in started.values())
+    print(f"\n[exit barrier] rank 3 crashed at step 6: job ended {after:.1f}s after the last rank "
+          f"started training (whole job {seconds:.1f}s), exit {rc}")
+    assert after < 60
 
 
 # -- item 2 ---------------------------------------------------------------------------------------

@@ -21,13 +21,14 @@ METHOD = """\
 
 * **One invocation per scenario, interleaved.** Every variant trains its own copy of the model
   in the same Horovod job on the same emulated cluster. In each round every variant runs one
-  segment (the same number of steps; time-budget variants run the same number of averaging
-  rounds), and the order of the variants rotates from round to round, so slow drifts of the
-  machine hit every variant alike. `samples_per_s` is the **median over rounds** of
-  (samples taken by all ranks in the segment) / (segment wall time on rank 0). A segment starts
-  and ends with a one-float allreduce, so its time includes waiting for the slowest rank.
-  Before round 1 a throw-away model takes a few untimed steps. In `changing-network` (the link
-  drops half-way) `samples_per_s` is the whole run's samples / segment time instead of a median.
+  segment (the same number of steps; time-budget variants run whole rounds until the slowest
+  rank has taken that many steps, the faster ranks take more), and the order of the variants
+  rotates from round to round, so slow drifts of the machine hit every variant alike.
+  `samples_per_s` is the **median over rounds** of (samples taken by all ranks in the segment) /
+  (segment wall time on rank 0). A segment starts and ends with a one-float allreduce, so its
+  time includes waiting for the slowest rank. Before round 1 a throw-away model takes a few
+  untimed steps. In `changing-network` (the link drops half-way) `samples_per_s` is the whole
+  run's samples / segment time instead of a median.
 * **Overlap.** Horovod's gradient allreduce, started by the backward hooks, runs while the rest of
   the step (the emulated device time) passes, as it would overlap a GPU's backward pass; model
   averaging (ours and the PyTorch peer's) runs after the optimizer step and does not overlap.

@@ -144,8 +144,8 @@ class Variant:
             return min(self.steps, self.warmup) + local // self.H
         return self.sched.global_syncs + self.sched.steps_mini_batch
 
-    def segment(self, steps: int, rounds: int, frac: float, loss_fn, slowdown: float, t_job: float):
-        """Run one segment: ``steps`` steps, or for time-budget variants ``rounds`` syncs."""
+    def segment(self, steps: int, frac: float, loss_fn, slowdown: float, t_job: float):
+        """Run one segment: ``steps`` steps (time-budget variants: of the slowest rank)."""
         self.set_lr(frac)
         barrier = torch.zeros(1)
         hvd.allreduce_(barrier, name="bench.barrier", op=hvd.Sum)
@@ -153,9 +153,19 @@ class Variant:
             self.opt._alsgd_t = time.perf_counter()  # time away from this variant is not compute
         start, steps0 = time.perf_counter(), self.steps
         if self.spec.get("config", {}).get("time_budget"):
-            goal = sum(self.sched.syncs) + rounds
-            while sum(self.sched.syncs) < goal:
-                self._traced_step(loss_fn, slowdown, t_job)
+            # Whole rounds until the slowest rank has taken ``steps`` steps (as in every other
+            # variant's segment); faster ranks take more. Decided from shared state only.
+            slow_steps = 0
+            while slow_steps < steps:
+                if not self.sched.is_local:
+                    self._traced_step(loss_fn, slowdown, t_job)
+                    slow_steps += 1
+                    continue
+                per_round = min(self.sched.rank_steps or [self.sched.periods[0]])
+                goal = sum(self.sched.syncs) + 1
+                while sum(self.sched.syncs) < goal:
+                    self._traced_step(loss_fn, slowdown, t_job)
+                slow_steps += per_round
         else:
             for _ in range(steps):
                 self._traced_step(loss_fn, slowdown, t_job)
@@ -232,7 +242,7 @@ def main() -> int:
             say(f"[bench] link rate dropped before round {r + 1} (t={drop_t:.1f}s)")
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:  # rotating order
-            rate = v.segment(steps, max(1, steps // max(v.H, 1)), r / rounds, loss_fn, slowdown, t_job)
+            rate = v.segment(steps, r / rounds, loss_fn, slowdown, t_job)
             line = f"[bench] round {r + 1}/{rounds} {v.name:22s} {rate:9.0f} samples/s"
             if s.get("eval_every_round"):
                 v.accs.append([v.samples, v.accuracy(x_test, y_test)])

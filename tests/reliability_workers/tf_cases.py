@@ -74,6 +74,20 @@ def nonfinite():
     report("tf_nonfinite", events=events, log=os.path.join(CASE_DIR, f"tfnf.{RANK}.jsonl"))
 
 
+def uneven_end():
+    """2x2, fixed periods [2, 1000]: block (2, 3) is 3 s late for its last block sync while
+    block (0, 1) exits at once (see torch_cases.uneven_end)."""
+    w = tf.Variable(tf.fill([6, 5], float(RANK)))
+    lsgd = alsgd.LocalSGD([w], config={"policy": "fixed", "periods": [2, 1000], "topology": "2x2",
+                                       "warmup": 0})
+    for step in range(1, 11):
+        if step == 10 and RANK >= 2:
+            time.sleep(3.0)
+        w.assign_add(tf.ones([6, 5]))
+        lsgd.step_done(compute_s=0.001)
+    report("tf_uneven_end", syncs=lsgd.scheduler.syncs, t=time.time())
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         globals()[name]()

@@ -221,9 +221,7 @@ def _ckpt_config(name: str, run: str, policy: str) -> dict:
     if policy == "fixed":
         return {"policy": "fixed", "periods": [2, 3], "topology": "2x2",
                 "warmup": "first_lr_decay", "log": path}
-    # Flat: with "2x2" this adaptive job (decisions every few steps) intermittently failed
-    # under load with Horovod's "Process set provided does not exist" (an open bug).
-    return {"policy": "adaptive", "topology": "flat", "warmup": 5, "timing_warmup": 0, "window": 4,
+    return {"policy": "adaptive", "topology": "2x2", "warmup": 5, "timing_warmup": 0, "window": 4,
             "max_period": 4, "log": path}
 
 
@@ -301,6 +299,40 @@ def ckpt_resume():
         "twin_decisions": twin_decisions, "real_decisions": real_decisions,
         "same_final_state": twin_state == real_state,
         "differing_keys": sorted(k for k in real_state if twin_state[k] != real_state[k])})
+
+
+# -- blocks that end apart: Horovod's exit shutdown is global --------------------------------------
+def uneven_end():
+    """2x2, fixed periods [2, 1000] (after step 0, only block syncs): block (2, 3) is 3 s late
+    for its last sync, block (0, 1) leaves the loop and exits at once (no global collective
+    after the loop). Without the integration's exit barrier, rank 0's exit shuts Horovod down
+    under block (2, 3)'s sync."""
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(),
+                                     config={"policy": "fixed", "periods": [2, 1000],
+                                             "topology": "2x2", "warmup": 0})
+    for step, (x, y) in enumerate(batches(10, seed=3), start=1):
+        if step == 10 and RANK >= 2:
+            time.sleep(3.0)
+        train_step(model, opt, x, y)
+    report("uneven_end", syncs=opt.alsgd.scheduler.syncs, t=time.time())
+
+
+def crash_in_block():
+    """2x2 as above, rank 3 raises at step 6 while rank 0 trains on: the job must end with
+    Horovod's error promptly (the exit barrier is skipped after an uncaught exception)."""
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(),
+                                     config={"policy": "fixed", "periods": [2, 4],
+                                             "topology": "2x2", "warmup": 0})
+    print(f"MARK crash_in_block {RANK} {time.time():.6f}", flush=True)
+    for step, (x, y) in enumerate(batches(100000, seed=3), start=1):
+        if step == 6 and RANK == 3:
+            raise RuntimeError("injected failure on rank 3")
+        train_step(model, opt, x, y)
+        time.sleep(0.01)
 
 
 # -- item 3: no deadlock under noise (emulated cluster) -------------------------------------------
