@@ -106,18 +106,18 @@ def _check(key: str, v: Any) -> Any:
         return lst[0] if _is_int(v) else lst
     if key == "topology":
         if isinstance(v, str):
-            if v in ("auto", "flat"):
+            if v in ("auto", "flat", "hosts"):
                 return v
             parts = v.lower().split("x")
             if len(parts) >= 2 and all(p.isdigit() and int(p) >= 1 for p in parts):
                 return v.lower()
-            raise ValueError("expected 'auto', 'flat', a shape like '2x2' (blocks x workers), "
+            raise ValueError("expected 'auto', 'flat', 'hosts', a shape like '2x2' (blocks x workers), "
                              "or a list of blocks like [[0, 1], [2, 3]]")
         if isinstance(v, (list, tuple)) and v and all(
                 isinstance(b, (list, tuple)) and b and all(_is_int(r) and r >= 0 for r in b)
                 for b in v):
             return [list(b) for b in v]
-        raise ValueError("expected 'auto', 'flat', a shape like '2x2' (blocks x workers), "
+        raise ValueError("expected 'auto', 'flat', 'hosts', a shape like '2x2' (blocks x workers), "
                          "or a list of blocks like [[0, 1], [2, 3]]")
     if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard",
                "chained_allreduce"):

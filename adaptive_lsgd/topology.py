@@ -107,10 +107,11 @@ class Topology:
 
     @classmethod
     def from_spec(cls, spec, size: int) -> Topology:
-        """``"auto"``/``"flat"``, a shape ``"AxB"`` (A blocks of B workers, ``"AxBxC"`` deeper),
-        or an explicit list of level-0 blocks such as ``[[0, 1], [2, 3]]``."""
+        """``"auto"``/``"flat"``/``"hosts"`` (flat: no host names here), a shape ``"AxB"`` (A
+        blocks of B workers, ``"AxBxC"`` deeper), or an explicit list of level-0 blocks such as
+        ``[[0, 1], [2, 3]]``."""
         _check_size(size)
-        if spec in (None, "flat", "auto"):
+        if spec in (None, "flat", "auto", "hosts"):  # no host names here: one block
             return cls.flat(size)
         if isinstance(spec, str):
             try:
@@ -134,10 +135,23 @@ class Topology:
         return cls([spec], size)
 
     @classmethod
-    def from_config(cls, spec, hosts: Sequence[str], chained: bool = False) -> Topology:
+    def from_config(cls, spec, hosts: Sequence[str], chained: bool = False,
+                    elastic: bool = False) -> Topology:
         """What integrations call: ``spec`` is the ``topology`` config key, ``hosts`` every
-        rank's host name (allgathered at start); ``"auto"`` makes one block per host."""
-        topo = cls.from_hosts(hosts) if spec == "auto" else cls.from_spec(spec, len(hosts))
+        rank's host name (allgathered at start). ``"hosts"`` makes one block per host;
+        ``"auto"`` does too, except in an elastic job (``elastic``), where it is flat: with
+        Horovod 0.28.1 and Gloo a worker failure aborts elastic jobs that use process sets
+        (horovod#4021), and fault tolerance is why a job is elastic.
+
+        >>> Topology.from_config("auto", ["a", "a", "b", "b"]).blocks(0)
+        [(0, 1), (2, 3)]
+        >>> Topology.from_config("auto", ["a", "a", "b", "b"], elastic=True).num_levels
+        1
+        """
+        if spec == "hosts" or (spec == "auto" and not elastic):
+            topo = cls.from_hosts(hosts)
+        else:
+            topo = cls.from_spec(spec, len(hosts))
         if chained:
             topo = cls(topo.blocks_all(), topo.size, chained=True)
         topo.hosts = list(hosts)

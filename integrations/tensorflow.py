@@ -178,7 +178,8 @@ class LocalSGD:
             infos = hvd.allgather_object(agreement.rank_info(self.config, host_name()))
         agreement.check_agreement(infos)
         self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
-                                             chained=self.config.chained_allreduce)
+                                             chained=self.config.chained_allreduce,
+                                             elastic=os.environ.get("HOROVOD_ELASTIC") == "1")
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
         if any(ps is not hvd.global_process_set for ps in self.process_sets.values()):
             install_exit_barrier(_exit_barrier)  # block-local last syncs: see install_exit_barrier

@@ -103,7 +103,8 @@ class _Runtime:
         if share:
             carry = hvd.broadcast_object(carry, root_rank=0, name="alsgd.scheduler_state")
         self.topology = Topology.from_config(config.topology, [i["host"] for i in infos],
-                                             chained=config.chained_allreduce)
+                                             chained=config.chained_allreduce,
+                                             elastic=os.environ.get("HOROVOD_ELASTIC") == "1")
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
         own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
         if own_sets:  # block-local last syncs: no rank may shut Horovod down before the others
@@ -112,8 +113,9 @@ class _Runtime:
             _WARNED.append(True)
             warnings.warn("adaptive-lsgd: this hierarchical topology uses Horovod process sets; with "
                           "Horovod 0.28.1 and Gloo a worker *failure* then aborts every worker "
-                          "(horovod issue #4021). Graceful host changes work; use 'topology: flat' "
-                          "for fault tolerance (see docs/elastic.md)", stacklevel=2)
+                          "(horovod issue #4021). Graceful host changes work; 'topology: auto' (the "
+                          "default) is flat in elastic jobs for that reason (see docs/elastic.md)",
+                          stacklevel=2)
         self.rank = hvd.rank()
         self.scheduler = Scheduler(config, self.topology, self.rank, param_bytes)
         if carry is not None:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from adaptive_lsgd import load_config
 from adaptive_lsgd.topology import Stage, Topology, TopologyError
 
 
@@ -75,6 +76,15 @@ def test_from_hosts():
     assert Topology.from_config("auto", ["x", "x", "y", "y"]).blocks(0) == [(0, 1), (2, 3)]
     assert Topology.from_config("2x2", ["x", "x", "x", "x"]).blocks(0) == [(0, 1), (2, 3)]
     assert Topology.from_config("flat", ["x", "y"]).num_levels == 1
+
+
+def test_auto_is_flat_in_elastic_jobs_and_hosts_is_not():
+    hosts = ["x", "x", "y", "y"]
+    assert Topology.from_config("auto", hosts, elastic=True).num_levels == 1
+    assert Topology.from_config("hosts", hosts, elastic=True).blocks(0) == [(0, 1), (2, 3)]
+    assert Topology.from_config("hosts", hosts).blocks(0) == [(0, 1), (2, 3)]
+    assert Topology.from_config("2x2", hosts, elastic=True).blocks(0) == [(0, 1), (2, 3)]
+    assert load_config({"topology": "hosts"}, env={}).topology == "hosts"
 
 
 @pytest.mark.parametrize("make, levels", [

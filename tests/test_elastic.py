@@ -201,7 +201,8 @@ def test_hierarchical_host_removed_rebuilds_process_sets(tmp_path):
     steps, commit, remove = 60, 5, 10
     proc, wall = elastic_run(tmp_path, {hosts[0]: 2, hosts[1]: 1, hosts[2]: 1}, min_np=3, env={
         "EL_STEPS": steps, "EL_COMMIT": commit, "EL_REMOVE_STEP": remove,
-        "EL_CONFIG": json.dumps({"policy": "fixed", "periods": [2, 3], "warmup": 0})})
+        "EL_CONFIG": json.dumps({"policy": "fixed", "periods": [2, 3], "warmup": 0,
+                                "topology": "hosts"})})
     assert "REMOVING" in proc.stdout
     survivors = results(proc)["elastic"]
     restored = survivors[0]["resets"][0]["batch"]

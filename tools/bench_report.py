@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 ORDER = ["comm-bound", "accuracy", "overhead", "hierarchical", "heterogeneous", "changing-network"]
 
@@ -222,12 +223,27 @@ def _notes(name: str, doc: dict) -> list:
                    "one per local period. Accuracy is one seed per variant; on MNIST-1D differences "
                    "below about one point are within seed-to-seed noise.")
     if name == "overhead":
-        out.append("Two workers share two cores (and, when these figures were taken, the machine "
-                   "with other jobs): with 25-step segments the ratios move by 10-20% between "
-                   "runs, so this machine cannot confirm or refute a 3% bound; take them on a quiet "
-                   "machine without `--quick`. `torch-peer` and `local-h4` average at the same "
-                   "period: the peer calls Gloo directly, ours goes through Horovod's background "
-                   "thread and its per-collective negotiation, which dominates on a fast link.")
+        spread = []
+        for v in ("local-h1", "alsgd-minibatch"):
+            if v in res and "horovod" in res:
+                r = sorted(a / b for a, b in zip(res["horovod"]["rates"], res[v]["rates"]) if a and b)
+                if len(r) >= 4:
+                    q = statistics.quantiles(r, n=4)
+                    spread.append(f"`{v}` {q[1]:.3f} (quartiles {q[0]:.2f}-{q[2]:.2f}, "
+                                  f"{len(r)} rounds)")
+        mb = (f"{res['alsgd-minibatch']['test_acc']:.2%} against `horovod`'s "
+              f"{res['horovod']['test_acc']:.2%}" if "alsgd-minibatch" in res else "n/a")
+        out.append(
+            "The goals compare step times round by round: per round, `horovod`'s samples/s over "
+            "the variant's (both ran in the same round), then the median over rounds: "
+            + "; ".join(spread) + ". Two workers share two cores with Horovod's and Gloo's "
+            "threads, so single rounds scatter widely; only the median of many rounds means "
+            "anything. `alsgd-minibatch` runs Horovod's own gradient hooks (from the same seeds, "
+            f"test accuracy {mb}): its ratio is our per-step bookkeeping. `local-h1` replaces the "
+            "per-tensor gradient allreduce by one grouped allreduce of the parameters after the "
+            "step. `torch-peer` and `local-h4` average at the same period: the peer calls Gloo "
+            "directly, ours goes through Horovod's background thread and its per-collective "
+            "negotiation, which dominates on a fast link.")
     if name in ("comm-bound", "accuracy") and "horovod-accumulate" in res:
         out.append("`horovod-accumulate` keeps the others' learning rate (loss divided by H, so the "
                    "update is the mean gradient of H micro-batches) and makes H times fewer "
@@ -246,10 +262,15 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
     first = next(iter(docs.values()))
     dates = [d["date"] for d in docs.values()]
     rel = os.path.relpath(out_dir, os.path.dirname(os.path.abspath(doc_path)) if doc_path else out_dir)
-    quick = any(d.get("quick") for d in docs.values())
+    full = [f"`{n}`" for n, d in docs.items() if not d.get("quick")]
+    if len(full) == len(docs):
+        how = ""
+    elif full:
+        how = f" Run with `--quick` (fewer rounds and steps) except {', '.join(full)}."
+    else:
+        how = " Run with `--quick` (fewer rounds and steps)."
     lines = ["# Benchmarks", "",
-             f"Machine: {first['machine']}. Measured {min(dates)} to {max(dates)}."
-             f"{' Run with `--quick` (fewer rounds and steps).' if quick else ''} On a machine "
+             f"Machine: {first['machine']}. Measured {min(dates)} to {max(dates)}.{how} On a machine "
              f"shared with other jobs the figures move by 10-20% between runs: read them as "
              f"preliminary unless taken on a quiet machine.", "",
              "Regenerate everything on this page (needs root for the emulated cluster; about "
