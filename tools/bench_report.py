@@ -217,11 +217,15 @@ def _notes(name: str, doc: dict) -> list:
                    "global period, which this design cannot meet.")
     if name == "accuracy":
         out.append("All variants see the same number of samples. `local-h8`/`local-h32` run local SGD "
-                   "from step 0; `post-local-h32`, `torch-peer` and `adaptive` start with mini-batch "
+                   "from step 0; `post-local-h32`, `torch-peer`, `adaptive` and `adaptive-qsr` start "
+                   "with mini-batch "
                    "SGD (gradient allreduce) for 5% of the steps, then switch (post-local SGD). A "
                    "mini-batch step counts as a global sync, so the syncs are the warm-up steps plus "
-                   "one per local period. Accuracy is one seed per variant; on MNIST-1D differences "
-                   "below about one point are within seed-to-seed noise.")
+                   "one per local period. `adaptive-qsr` adds the quadratic synchronisation rule "
+                   "(`qsr_alpha: 0.141`: global period at most (0.141 / LR)^2, i.e. 8 at the initial "
+                   "LR 0.05 and up to `max_period` after the first 10x drop). Accuracy is one seed "
+                   "per variant; on MNIST-1D differences below about one point are within "
+                   "seed-to-seed noise.")
     if name == "overhead":
         spread = []
         for v in ("local-h1", "alsgd-minibatch"):
