@@ -22,6 +22,11 @@ _LOG = logging.getLogger("adaptive_lsgd")
 EXIT_BARRIER_TIMEOUT_S = 120.0
 
 
+def elastic_job() -> bool:
+    """True in a Horovod elastic job (``horovodrun --min-np/--max-np/...`` sets this)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
 def host_name() -> str:
     """The host this worker runs on, as Horovod names it (emulated clusters set it)."""
     return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
@@ -97,15 +102,14 @@ def install_exit_barrier(barrier: Callable[[], object],
 
 def _run_exit_barrier() -> None:
     barrier = _EXIT["barrier"]
-    if barrier is None or _EXIT["crashed"] or os.environ.get("HOROVOD_ELASTIC") == "1":
+    if barrier is None or _EXIT["crashed"] or elastic_job():
         return
-    failed: list = []
 
     def run():
         try:
             barrier()
         except Exception as exc:  # Horovod already shut down (another rank failed): nothing to wait for
-            failed.append(exc)
+            _LOG.debug("adaptive-lsgd: exit barrier: %s", exc)
 
     thread = threading.Thread(target=run, name="alsgd-exit-barrier", daemon=True)
     thread.start()

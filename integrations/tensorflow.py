@@ -68,6 +68,7 @@ from adaptive_lsgd import agreement  # noqa: E402
 from adaptive_lsgd.config import Config, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
+    elastic_job,
     host_name,
     install_exit_barrier,
 )
@@ -179,7 +180,7 @@ class LocalSGD:
         agreement.check_agreement(infos)
         self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
                                              chained=self.config.chained_allreduce,
-                                             elastic=os.environ.get("HOROVOD_ELASTIC") == "1")
+                                             elastic=elastic_job())
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
         if any(ps is not hvd.global_process_set for ps in self.process_sets.values()):
             install_exit_barrier(_exit_barrier)  # block-local last syncs: see install_exit_barrier

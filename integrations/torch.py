@@ -51,6 +51,7 @@ from adaptive_lsgd import agreement  # noqa: E402
 from adaptive_lsgd.config import Config, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
+    elastic_job,
     host_name,
     install_exit_barrier,
 )
@@ -104,12 +105,12 @@ class _Runtime:
             carry = hvd.broadcast_object(carry, root_rank=0, name="alsgd.scheduler_state")
         self.topology = Topology.from_config(config.topology, [i["host"] for i in infos],
                                              chained=config.chained_allreduce,
-                                             elastic=os.environ.get("HOROVOD_ELASTIC") == "1")
+                                             elastic=elastic_job())
         self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
         own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
         if own_sets:  # block-local last syncs: no rank may shut Horovod down before the others
             install_exit_barrier(_exit_barrier)
-        if own_sets and os.environ.get("HOROVOD_ELASTIC") == "1" and not _WARNED:
+        if own_sets and elastic_job() and not _WARNED:
             _WARNED.append(True)
             warnings.warn("adaptive-lsgd: this hierarchical topology uses Horovod process sets; with "
                           "Horovod 0.28.1 and Gloo a worker *failure* then aborts every worker "
@@ -354,7 +355,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
     # Elastic jobs build on first use: a worker that joins later must not run a collective
     # here, while the others are already in TorchState.sync().
-    opt._alsgd = None if os.environ.get("HOROVOD_ELASTIC") == "1" else _Runtime(cfg, param_bytes)
+    opt._alsgd = None if elastic_job() else _Runtime(cfg, param_bytes)
     opt._alsgd_t = time.perf_counter()
     return opt
 

@@ -183,8 +183,10 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
     s["result_path"] = os.path.join(tmp, "result.json")
     s["master_port"] = 29500 + secrets.randbelow(2000)
     s["iface"] = emu.HOST_IFACE
+    # A transfer over a shaped 5 Mbit/s link can stall for a while (tbf drops, TCP backs off):
+    # a stall shows in the figures; Gloo's default 30 s timeout would end the whole run instead.
     env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "GLOO_SOCKET_IFNAME": emu.HOST_IFACE}
+           "GLOO_SOCKET_IFNAME": emu.HOST_IFACE, "HOROVOD_GLOO_TIMEOUT_SECONDS": "300"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALSGD_")}, **env}
     stop = threading.Event()
     try:

@@ -225,7 +225,8 @@ def _notes(name: str, doc: dict) -> list:
                    "(`qsr_alpha: 0.141`: global period at most (0.141 / LR)^2, i.e. 8 at the initial "
                    "LR 0.05 and up to `max_period` after the first 10x drop). Accuracy is one seed "
                    "per variant; on MNIST-1D differences below about one point are within "
-                   "seed-to-seed noise.")
+                   "seed-to-seed noise, and the adaptive variants' periods follow measured times, "
+                   "so their accuracy also moves between runs of the same seed.")
     if name == "overhead":
         spread = []
         for v in ("local-h1", "alsgd-minibatch"):
