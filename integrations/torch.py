@@ -89,11 +89,13 @@ _WARNED: list = []
 class _Runtime:
     """What one optimizer needs from one Horovod initialisation: config, topology, process
     sets, scheduler. Building it is a collective (an allgather, and with ``share`` a broadcast
-    of rank 0's scheduler state ``carry``, which an elastic job's new workers lack)."""
+    of rank 0's scheduler state ``carry``, which an elastic job's new workers lack, and of
+    rank 0's count of Horovod worlds ``world``)."""
 
     def __init__(self, config: Config, param_bytes: int, carry: dict | None = None,
-                 share: bool = False):
+                 share: bool = False, world: int = 0):
         self.config = config
+        self.world = world
         self.param_bytes = param_bytes
         self.token = _init_token()
         if _SETS_TOKEN[0] is not self.token:  # Horovod re-initialised: its process sets are gone
@@ -102,7 +104,8 @@ class _Runtime:
         infos = hvd.allgather_object(agreement.rank_info(config, host_name()), name="alsgd.rank_info")
         agreement.check_agreement(infos)
         if share:
-            carry = hvd.broadcast_object(carry, root_rank=0, name="alsgd.scheduler_state")
+            carry, self.world = hvd.broadcast_object((carry, world), root_rank=0,
+                                                     name="alsgd.scheduler_state")
         self.topology = Topology.from_config(config.topology, [i["host"] for i in infos],
                                              chained=config.chained_allreduce,
                                              elastic=elastic_job())
@@ -299,9 +302,17 @@ class _LocalSGDMixin:
             carry = None if rt is None else rt.scheduler.state_dict()
         if rt is not None:
             rt.scheduler.log.close()
-        self._alsgd = _Runtime(self._alsgd_config, self._alsgd_param_bytes, carry, share=True)
+        world = 1 if rt is None else rt.world + 1
+        self._alsgd = _Runtime(self._alsgd_config, self._alsgd_param_bytes, carry, share=True,
+                               world=world)
         if rt is not None:
             self._alsgd.scheduler.log.resume()
+        # Gradient allreduces are named per Horovod world (rank 0's count, so a worker that
+        # joins later agrees): a hook's enqueue that raced with the old world's shutdown can
+        # leave its name in Horovod's tensor table, and the same name in the new world would
+        # then fail with "a tensor with the same name ... is currently being processed".
+        self._parameter_names = {p: f"{name}.w{self._alsgd.world}"
+                                 for p, name in self._alsgd_names.items()}
         self._alsgd_pending = _NOTHING
         self._alsgd_t = self._alsgd_now()
         return self._alsgd
@@ -351,6 +362,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     params = [p for group in opt.param_groups for p in group["params"]]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     opt._alsgd_model = model
+    opt._alsgd_names = dict(opt._parameter_names)  # Horovod's names for the gradient allreduces
     opt._alsgd_cuda = any(p.is_cuda for p in params)
     opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
     # Elastic jobs build on first use: a worker that joins later must not run a collective

@@ -70,7 +70,7 @@ def elastic_run(tmp_path, slots: dict, min_np: int, env: dict, max_np: int | Non
                           timeout=timeout)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        pytest.fail(f"horovodrun exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+        pytest.fail(f"horovodrun exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-20000:]}")
     return proc, wall
 
 
