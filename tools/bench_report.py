@@ -66,11 +66,24 @@ def _load(out_dir: str) -> dict:
     return docs
 
 
-def plot_throughput(docs: dict, path: str) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_throughput(docs: dict, path: str) -> None:
+    plt = _pyplot()
 
     names = list(docs)
     cols = 2
@@ -90,16 +103,11 @@ def plot_throughput(docs: dict, path: str) -> None:
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_accuracy(doc: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, row in doc["results"].items():
@@ -111,16 +119,11 @@ def plot_accuracy(doc: dict, path: str) -> None:
     ax.set_title("accuracy: MNIST-1D, 4 workers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_periods(doc: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4))
     trace = doc["results"].get("adaptive", {}).get("trace", [])
@@ -136,9 +139,7 @@ def plot_periods(doc: dict, path: str) -> None:
     ax.set_title("changing-network: H chosen over time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _table(doc: dict) -> list:
