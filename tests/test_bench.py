@@ -109,6 +109,7 @@ def test_time_budget_segments_count_the_slowest_ranks_steps(tmp_path):
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     r = {"a": {"rates": [100.0, 300.0, 90.0, 100.0]}, "b": {"rates": [50.0, 100.0, 100.0, 100.0]}}
     assert bench.paired_ratio(r, "a", "b") == pytest.approx((1.0 + 2.0) / 2)  # ratios 2, 3, .9, 1
+    assert bench.paired_ratios(r, "a", "b") == [2.0, 3.0, 0.9, 1.0]
     assert bench.paired_ratio(r, "a", "missing") is None
 
 

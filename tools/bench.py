@@ -305,12 +305,17 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
-def paired_ratio(r: dict, a: str, b: str) -> float | None:
-    """Median over rounds of ``a``'s samples/s over ``b``'s in the *same* round (the variants
-    of a round run back to back, so drift of the shared machine cancels)."""
+def paired_ratios(r: dict, a: str, b: str) -> list:
+    """Per round, ``a``'s samples/s over ``b``'s in the *same* round (the variants of a round
+    run one after the other, so slow drift of the shared machine cancels); [] if one is missing."""
     if a not in r or b not in r:
-        return None
-    pairs = [x / y for x, y in zip(r[a]["rates"], r[b]["rates"]) if x and y]
+        return []
+    return [x / y for x, y in zip(r[a]["rates"], r[b]["rates"]) if x and y]
+
+
+def paired_ratio(r: dict, a: str, b: str) -> float | None:
+    """The median of :func:`paired_ratios` (None without rounds)."""
+    pairs = paired_ratios(r, a, b)
     return statistics.median(pairs) if pairs else None
 
 

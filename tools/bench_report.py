@@ -229,14 +229,15 @@ def _notes(name: str, doc: dict) -> list:
                    "seed-to-seed noise, and the adaptive variants' periods follow measured times, "
                    "so their accuracy also moves between runs of the same seed.")
     if name == "overhead":
+        from adaptive_lsgd.tools.bench import paired_ratios
+
         spread = []
         for v in ("local-h1", "alsgd-minibatch"):
-            if v in res and "horovod" in res:
-                r = sorted(a / b for a, b in zip(res["horovod"]["rates"], res[v]["rates"]) if a and b)
-                if len(r) >= 4:
-                    q = statistics.quantiles(r, n=4)
-                    spread.append(f"`{v}` {q[1]:.3f} (quartiles {q[0]:.2f}-{q[2]:.2f}, "
-                                  f"{len(r)} rounds)")
+            r = paired_ratios(res, "horovod", v)
+            if len(r) >= 4:
+                q = statistics.quantiles(r, n=4)
+                spread.append(f"`{v}` {q[1]:.3f} (quartiles {q[0]:.2f}-{q[2]:.2f}, "
+                              f"{len(r)} rounds)")
         mb = (f"{res['alsgd-minibatch']['test_acc']:.2%} against `horovod`'s "
               f"{res['horovod']['test_acc']:.2%}" if "alsgd-minibatch" in res else "n/a")
         out.append(
