@@ -43,6 +43,7 @@ class Config:
     warmup: int | str = 0
     target_comm_fraction: float = 0.1
     max_period: int | list = 64
+    max_global_period: int | None = None
     topology: str | list = "auto"
     time_budget: bool = False
     log: str | None = None
@@ -136,6 +137,10 @@ def _check(key: str, v: Any) -> Any:
         if v is None or (_is_num(v) and v > 0):
             return None if v is None else float(v)
         raise ValueError("expected a positive number or null")
+    if key == "max_global_period":
+        if v is None or (_is_int(v) and v >= 1):
+            return v
+        raise ValueError("expected a positive integer or null")
     if key in ("qsr_base", "window", "history"):
         if _is_int(v) and v >= 1:
             return v

@@ -335,10 +335,13 @@ class Scheduler:
         return float(per_link.max())
 
     def _cap(self) -> int | None:
+        """The largest global period allowed now: ``max_global_period`` and the quadratic
+        synchronisation rule (None: no cap)."""
         cfg = self.config
-        if cfg.qsr_alpha is None or not self.shared_lr or self.shared_lr <= 0:
-            return None
-        return max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / self.shared_lr) ** 2)))
+        caps = [cfg.max_global_period] if cfg.max_global_period is not None else []
+        if cfg.qsr_alpha is not None and self.shared_lr and self.shared_lr > 0:
+            caps.append(max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / self.shared_lr) ** 2))))
+        return min(caps) if caps else None
 
     def _describe(self, level: int) -> dict:
         m = self.model

@@ -84,6 +84,7 @@ def _exit_barrier() -> None:
 
 _SETS_TOKEN = [None]  # the init the cached process sets belong to
 _WARNED: list = []
+_WARNED_CHAINED: list = []
 
 
 class _Runtime:
@@ -119,6 +120,13 @@ class _Runtime:
                           "Horovod 0.28.1 and Gloo a worker *failure* then aborts every worker "
                           "(horovod issue #4021). Graceful host changes work; 'topology: auto' (the "
                           "default) is flat in elastic jobs for that reason (see docs/elastic.md)",
+                          stacklevel=2)
+        if self.topology.chained and self.topology.num_levels > 1 and not _WARNED_CHAINED:
+            _WARNED_CHAINED.append(True)
+            warnings.warn("adaptive-lsgd: chained_allreduce is on: pass name= to your own Horovod "
+                          "collectives. Horovod's automatic names count the operations each process "
+                          "enqueued, the block leaders enqueue more than the other ranks, and an "
+                          "unnamed collective would wait forever (README, 'Known limits')",
                           stacklevel=2)
         self.rank = hvd.rank()
         self.scheduler = Scheduler(config, self.topology, self.rank, param_bytes)

@@ -301,6 +301,25 @@ def test_qsr_cap_follows_the_shared_lr():
     assert c.periods == [(36,), (36,)]  # cap 100 no longer binds
 
 
+def test_max_global_period_caps_the_product_of_the_periods():
+    # flat: the link alone would ask for 36 (see test_adaptive_flat); capped at 16
+    c = FakeCluster(cfg(max_global_period=16), Topology.flat(2), link_s=[0.2])
+    for _ in range(60):
+        c.step_all(0.05)
+    assert c.periods == [(16,), (16,)]
+    # two levels, slow global link: every split of the cap is allowed, the product is not
+    c = FakeCluster(cfg(max_global_period=16), Topology.from_spec("2x2", 4), link_s=[0.005, 0.4])
+    for _ in range(120):
+        c.step_all(0.05)
+    assert len(set(c.periods)) == 1 and math.prod(c.periods[0]) == 16
+    # with the quadratic rule the smaller cap wins: (0.05 / 0.1)^2 -> base 4 < 16
+    c = FakeCluster(cfg(max_global_period=16, qsr_alpha=0.05, qsr_base=4), Topology.flat(2),
+                    link_s=[0.2])
+    for _ in range(40):
+        c.step_all(0.05, lr=0.1)
+    assert c.periods == [(4,), (4,)]
+
+
 # -- cost model -----------------------------------------------------------------------------------
 def test_syncs_per_super_round():
     m = CostModel(0.05, [0.01, 0.2])

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.torch
 WORKER = "tests/torch_workers/cases.py"
 TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
        "optimizer_api", "first_lr_decay", "time_budget"]
-FOUR = ["hierarchical_2x2", "adaptive_noise"]
+FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise"]
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,11 @@ def test_time_budget_gives_the_fast_rank_more_steps(two_ranks):
     assert fast["identical"] and slow["identical"]
 
 
-def test_hierarchical_2x2_block_and_global_periods(four_ranks):
-    for r in per_rank(four_ranks, "hierarchical_2x2", 4):
+@pytest.mark.parametrize("case", ["hierarchical_2x2", "hierarchical_2x2_chained"])
+def test_hierarchical_2x2_block_and_global_periods(four_ranks, case):
+    for r in per_rank(four_ranks, case, 4):
         assert r["levels"] == [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+        assert ([0, 2] in r["process_sets"]) == case.endswith("chained")  # the leaders' link
         assert r["syncs"] == [8, 4]  # 24 steps: blocks every 2 (not at 6k), all every 6
         for row in r["rows"]:
             step = row["step"]

@@ -107,13 +107,15 @@ SCENARIOS = {
         hosts=2, workers=1, rate=100, drop_to=10, model="mlp", width=300, batch=64, lr=0.05,
         compute_ms=80, rounds=(10, 6), steps=(64, 64), variants=_standard([4, 16, 64], 16)),
     "hierarchical": dict(
-        about="2 hosts x 2 workers: loopback inside a host, 100 Mbit/s between hosts, 105k-parameter "
-              "MLP, 80 ms emulated device step",
-        hosts=2, workers=2, rate=100, model="mlp", width=300, batch=64, lr=0.05, compute_ms=80,
-        rounds=(8, 4), steps=(64, 32),
-        variants=_standard([16], 16, topology="auto") + [
-            _ours("hier-4x4", 16, policy="fixed", periods=[4, 4], topology="auto"),
-            _ours("adaptive-flat", 16, policy="adaptive", topology="flat")]),
+        about="2 hosts x 2 workers: loopback inside a host, 50 Mbit/s between hosts, 1.05M-parameter "
+              "MLP (4.2 MB), 20 ms emulated device step",
+        hosts=2, workers=2, rate=50, model="mlp", width=1000, batch=64, lr=0.05, compute_ms=20,
+        rounds=(12, 6), steps=(32, 32),
+        # every variant averages all ranks every 16 steps (adaptive: at most every 16 steps)
+        variants=_standard([16], 16, topology="auto", chained_allreduce=True, max_global_period=16) + [
+            _ours("hier-4x4", 16, policy="fixed", periods=[4, 4], topology="auto",
+                  chained_allreduce=True),
+            _ours("hier-4x4-allreduce", 16, policy="fixed", periods=[4, 4], topology="auto")]),
     "heterogeneous": dict(
         about="2 hosts x 1 worker, host 1 computes 2x slower, 1 Gbit/s, 105k-parameter MLP, "
               "40 ms emulated device step",
@@ -340,11 +342,15 @@ def goals(name: str, doc: dict) -> list:
         if ref:
             x = _ratio(sps["adaptive"], sps[ref])
             add(f"adaptive >= 1.3x the fixed H chosen for the starting link ({ref})", x, x and x >= 1.3)
-    if name == "hierarchical" and "adaptive" in r:
-        x = _ratio(sps["adaptive"], sps.get("local-h16"))
-        add("adaptive hierarchical >= 1.2x flat local SGD (local-h16)", x, x and x >= 1.2)
-        x = _ratio(sps.get("hier-4x4"), sps.get("local-h16"))
-        add("hier-4x4 (global period 16) >= 1.2x flat local-h16", x, x and x >= 1.2)
+    if name == "hierarchical" and "local-h16" in r:
+        for v in ("adaptive", "hier-4x4"):
+            if v in r:
+                # a single stalled transfer swings a segment: per-round pairs, as for overhead
+                x = paired_ratio(r, v, "local-h16")
+                add(f"{v} (hierarchical) >= 1.2x flat local SGD at the same global period "
+                    f"(local-h16; median of per-round ratios)", x, x and x >= 1.2)
+                x = (r[v]["test_acc"] - r["local-h16"]["test_acc"]) * 100
+                add(f"{v} test accuracy >= local-h16 - 1 point (difference, points)", x, x >= -1)
     if name == "heterogeneous":
         x = _ratio(sps.get("local-h8-time-budget"), sps.get("local-h8"))
         add("time-budget rounds >= 1.4x fixed H (local-h8)", x, x and x >= 1.4)

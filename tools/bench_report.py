@@ -46,7 +46,8 @@ METHOD = """\
   `local-hH`: our local SGD with the fixed period H (`policy: fixed`). `torch-peer`: PyTorch's
   `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=H)` over `torch.distributed` (Gloo),
   with DDP and `post_localSGD_hook` for its warm-up. `adaptive`: our default policy (periods
-  chosen online, `target_comm_fraction` 0.1, `max_period` 64).
+  chosen online, `target_comm_fraction` 0.1, `max_period` 64; in `hierarchical` the chained sync
+  and `max_global_period: 16`, see there). `hier-AxB`: fixed hierarchical periods.
 * **Columns.** `comm_fraction`: ours from the integration's summary (collective time / (compute +
   collective time)); the others `1 - samples_per_s / compute-only samples_per_s`. `test_acc`:
   the average of the ranks' models on the MNIST-1D test set at the end. `global_syncs`: global
@@ -209,13 +210,35 @@ def _notes(name: str, doc: dict) -> list:
                    "2/3 of it; time-budget rounds let the fast rank take up to 2x the steps per round "
                    "(the average is weighted by steps), which can approach the limit.")
     if name == "hierarchical":
-        out.append("With the default sync (one allreduce over the level's block, see README "
-                   "\"Known limits\") a global average in the hierarchical run moves as many bytes "
-                   "over the slow link as a flat one, and the intra-host averages come on top: at "
-                   "the same global period a hierarchical run cannot be faster than a flat one. Its "
-                   "gain is accuracy per global sync (more frequent cheap averaging), or a larger "
-                   "global period at equal accuracy. The 1.2x goal compares throughput at the same "
-                   "global period, which this design cannot meet.")
+        from adaptive_lsgd.tools.bench import paired_ratios
+
+        pairs = []
+        for v in ("hier-4x4", "adaptive", "hier-4x4-allreduce"):
+            r = paired_ratios(res, v, "local-h16")
+            if len(r) >= 4:
+                q = statistics.quantiles(r, n=4)
+                pairs.append(f"`{v}` {q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f})")
+        periods = res.get("adaptive", {}).get("periods")
+        out.append(
+            "Every variant averages all four ranks every 16 steps (`adaptive`: at most every 16, "
+            "`max_global_period: 16`; it chose periods "
+            f"{periods} per level). `local-h16` averages with one allreduce over all ranks: in "
+            "Gloo's ring each host's link carries 1.5x the model each way. `hier-4x4` and `adaptive` "
+            "use the chained sync (`chained_allreduce: true`): a sum inside each host (loopback), "
+            "an allreduce between the two host leaders (the model once each way), then back down "
+            "inside the host. `hier-4x4-allreduce` averages its blocks the same way but its global "
+            "sync is one allreduce over all ranks, so it only adds the intra-host averages to "
+            "`local-h16`. Per-round samples/s ratios to `local-h16` (same round): "
+            + "; ".join(pairs) + ". With 2 workers per host the chained sync can save at most a "
+            "third of the bytes on the slow link (1.5x on the transfer, less end to end, since "
+            "compute and the intra-host stages stay). Single averages sometimes take seconds "
+            "longer than usual, and only through Horovod: per-round samples/s ranged "
+            + "; ".join(f"`{v}` {min(res[v]['rates']):.0f}-{max(res[v]['rates']):.0f}"
+                        for v in ("torch-peer", "local-h16", "adaptive") if v in res)
+            + " (`torch-peer` makes the same flat average as `local-h16`, calling Gloo directly; "
+            "no TCP retransmission timeouts were counted in the slow rounds). So the ratios "
+            "scatter widely, the goals use per-round pairs, and a median above 1.2 with quartiles "
+            "this wide is not a reliable gain.")
     if name == "accuracy":
         out.append("All variants see the same number of samples. `local-h8`/`local-h32` run local SGD "
                    "from step 0; `post-local-h32`, `torch-peer`, `adaptive` and `adaptive-qsr` start "
@@ -281,8 +304,8 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
              f"shared with other jobs the figures move by 10-20% between runs: read them as "
              f"preliminary unless taken on a quiet machine.", "",
              "Regenerate everything on this page (needs root for the emulated cluster; about "
-             "25 minutes with `--quick` on a 2-core machine; drop `--quick` for about twice the rounds, "
-             "about an hour):", "", "```bash", COMMAND,
+             "35 minutes with `--quick` on a 2-core machine; drop `--quick` for about twice the rounds, "
+             "about 90 minutes):", "", "```bash", COMMAND,
              ".venv/bin/alsgd-bench report --out docs/bench --doc docs/benchmarks.md   "
              "# re-plot only", "```", "",
              "One scenario: `alsgd-bench comm-bound --json comm-bound.json [--quick]`.", "",

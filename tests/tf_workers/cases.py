@@ -104,6 +104,14 @@ class Recorder(tf.keras.callbacks.Callback):
         self._syncs = syncs
 
 
+class BatchLossAverage(tf.keras.callbacks.Callback):
+    """A global allreduce after every batch (a per-batch metric average), interleaved with the
+    block and leader process sets of a hierarchical topology."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        htf.allreduce(tf.constant(float(logs["loss"])), name=f"loss.{batch}")
+
+
 def row(lsgd, variables, synced: bool) -> dict:
     sched = lsgd.scheduler
     return {"step": sched.step, "syncs": list(sched.syncs), "digest": digest(variables),
@@ -334,7 +342,8 @@ def adaptive_noise():
 
 def hierarchical_2x2(chained: bool = False):
     """4 ranks, topology 2x2, periods [2, 2]: blocks average every 2 steps, all ranks every 4
-    (one allreduce over all ranks, or chained: block sums, leaders, back down)."""
+    (one allreduce over all ranks, or chained: block sums, leaders, back down); a global
+    allreduce after every batch interleaves with them."""
     case = "hierarchical_2x2_chained" if chained else "hierarchical_2x2"
     model = mlp(width=16)
     opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9),
@@ -344,7 +353,7 @@ def hierarchical_2x2(chained: bool = False):
     rec = Recorder(opt.alsgd, lambda: model.variables)
     model.fit(X_MINE[:24 * 16], Y_MINE[:24 * 16], batch_size=16, epochs=1, shuffle=False, verbose=0,
               callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-                         alsgd.LocalSGDCallback(average_at_end=False), rec])
+                         alsgd.LocalSGDCallback(average_at_end=False), rec, BatchLossAverage()])
     every = htf.allgather_object(rec.rows)
     rows = [{"step": row["step"], "syncs": row["syncs"],
              "block0_same": every[0][i]["digest"] == every[1][i]["digest"],

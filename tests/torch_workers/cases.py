@@ -49,9 +49,14 @@ def flat(model_or_tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in ts])
 
 
+_GATHERS = [0]
+
+
 def gathered(t: torch.Tensor) -> torch.Tensor:
-    """(size, n): every rank's copy."""
-    return hvd.allgather(t.unsqueeze(0).clone())
+    """(size, n): every rank's copy. Named: Horovod's automatic names count the operations this
+    process enqueued, and with a chained sync the leaders enqueue more than the others."""
+    _GATHERS[0] += 1
+    return hvd.allgather(t.unsqueeze(0).clone(), name=f"test.gather.{_GATHERS[0]}")
 
 
 def train_step(model, opt, x, y):
@@ -132,12 +137,16 @@ def peer_periodic_model_averager():
            syncs=our_opt.alsgd.scheduler.syncs)
 
 
-def hierarchical_2x2():
-    """Topology override 2x2, periods [2, 3]: blocks average every 2 steps, all every 6."""
+def hierarchical_2x2(chained: bool = False):
+    """Topology override 2x2, periods [2, 3]: blocks average every 2 steps, all every 6 (chained:
+    block sums, the leaders, back down). A global allgather after every step interleaves with
+    the block and leader process sets."""
+    case = "hierarchical_2x2_chained" if chained else "hierarchical_2x2"
     model = make_model()
     opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
                                      named_parameters=model.named_parameters(),
-                                     config={"topology": "2x2", "policy": "fixed", "periods": [2, 3]})
+                                     config={"topology": "2x2", "policy": "fixed", "periods": [2, 3],
+                                             "chained_allreduce": chained})
     rows = []
     for step, (x, y) in enumerate(batches(24, seed=4), start=1):
         train_step(model, opt, x, y)
@@ -146,8 +155,13 @@ def hierarchical_2x2():
                      "block0_same": bool(torch.equal(g[0], g[1])),
                      "block1_same": bool(torch.equal(g[2], g[3])),
                      "all_same": bool(all(torch.equal(g[0], g[r]) for r in range(SIZE)))})
-    report("hierarchical_2x2", rows=rows, syncs=opt.alsgd.scheduler.syncs,
-           levels=opt.alsgd.topology.describe()["levels"])
+    report(case, rows=rows, syncs=opt.alsgd.scheduler.syncs,
+           levels=opt.alsgd.topology.describe()["levels"],
+           process_sets=sorted(list(k) for k in opt.alsgd.process_sets))
+
+
+def hierarchical_2x2_chained():
+    hierarchical_2x2(chained=True)
 
 
 def adaptive_noise():
