@@ -168,6 +168,15 @@ def _goals(doc: dict) -> list:
     return lines
 
 
+def _paired_quartiles(res: dict, a: str, b: str) -> tuple:
+    """Quartiles of ``a``'s over ``b``'s per-round samples/s and the number of rounds; (None, n)
+    with fewer than 4 rounds."""
+    from adaptive_lsgd.tools.bench import paired_ratios
+
+    r = paired_ratios(res, a, b)
+    return (statistics.quantiles(r, n=4) if len(r) >= 4 else None), len(r)
+
+
 def _notes(name: str, doc: dict) -> list:
     """Why a goal is met or missed, from the scenario's own figures."""
     res, out = doc["results"], []
@@ -210,14 +219,9 @@ def _notes(name: str, doc: dict) -> list:
                    "2/3 of it; time-budget rounds let the fast rank take up to 2x the steps per round "
                    "(the average is weighted by steps), which can approach the limit.")
     if name == "hierarchical":
-        from adaptive_lsgd.tools.bench import paired_ratios
-
-        pairs = []
-        for v in ("hier-4x4", "adaptive", "hier-4x4-allreduce"):
-            r = paired_ratios(res, v, "local-h16")
-            if len(r) >= 4:
-                q = statistics.quantiles(r, n=4)
-                pairs.append(f"`{v}` {q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f})")
+        pairs = [f"`{v}` {q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f})"
+                 for v in ("hier-4x4", "adaptive", "hier-4x4-allreduce")
+                 for q, _ in [_paired_quartiles(res, v, "local-h16")] if q]
         periods = res.get("adaptive", {}).get("periods")
         out.append(
             "Every variant averages all four ranks every 16 steps (`adaptive`: at most every 16, "
@@ -252,15 +256,9 @@ def _notes(name: str, doc: dict) -> list:
                    "seed-to-seed noise, and the adaptive variants' periods follow measured times, "
                    "so their accuracy also moves between runs of the same seed.")
     if name == "overhead":
-        from adaptive_lsgd.tools.bench import paired_ratios
-
-        spread = []
-        for v in ("local-h1", "alsgd-minibatch"):
-            r = paired_ratios(res, "horovod", v)
-            if len(r) >= 4:
-                q = statistics.quantiles(r, n=4)
-                spread.append(f"`{v}` {q[1]:.3f} (quartiles {q[0]:.2f}-{q[2]:.2f}, "
-                              f"{len(r)} rounds)")
+        spread = [f"`{v}` {q[1]:.3f} (quartiles {q[0]:.2f}-{q[2]:.2f}, {n} rounds)"
+                  for v in ("local-h1", "alsgd-minibatch")
+                  for q, n in [_paired_quartiles(res, "horovod", v)] if q]
         mb = (f"{res['alsgd-minibatch']['test_acc']:.2%} against `horovod`'s "
               f"{res['horovod']['test_acc']:.2%}" if "alsgd-minibatch" in res else "n/a")
         out.append(
