@@ -57,7 +57,7 @@ class Config:
     window: int = 16
     history: int = 5
     nonfinite_guard: bool = True
-    chained_allreduce: bool = False
+    chained_allreduce: bool | str = False
     profile: str | None = None
 
     def to_dict(self) -> dict:
@@ -67,6 +67,7 @@ class Config:
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
 POLICIES = ("adaptive", "fixed")
 MOMENTUM = ("local", "average", "reset")
+CHAINED_FORMS = ("sliced", "leaders")  # chained_allreduce: true picks sliced where it can
 
 
 def _is_int(v: Any) -> bool:
@@ -120,8 +121,11 @@ def _check(key: str, v: Any) -> Any:
             return [list(b) for b in v]
         raise ValueError("expected 'auto', 'flat', 'hosts', a shape like '2x2' (blocks x workers), "
                          "or a list of blocks like [[0, 1], [2, 3]]")
-    if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard",
-               "chained_allreduce"):
+    if key == "chained_allreduce":
+        if isinstance(v, bool) or v in CHAINED_FORMS:
+            return v
+        raise ValueError(f"expected true, false or one of the forms {', '.join(CHAINED_FORMS)}")
+    if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard"):
         if isinstance(v, bool):
             return v
         raise ValueError("expected true or false")

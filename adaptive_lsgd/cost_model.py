@@ -1,8 +1,10 @@
 """The cost model: alpha-beta links per level and the time of a round for given periods.
 
-A sync at level ``l`` costs its link's allreduce, ``sync_s(l) = link_s[l]``; with chained
-(leader) allreduce it also costs the reduce stages below it, once up and once down:
-``sync_s(l) = sum_{j<l} 2 * link_s[j] + link_s[l]``. With periods
+A sync at level ``l`` costs its link's allreduce, ``sync_s(l) = link_s[l]``; with the leaders'
+chained allreduce it also costs the reduce stages below it, once up and once down:
+``sync_s(l) = sum_{j<l} 2 * link_s[j] + link_s[l]``; with the sliced one a reduce-scatter up and
+an allgather down, half an allreduce each: ``sync_s(l) = sum_{j<l} link_s[j] + link_s[l]``
+(``link_s[j]`` is then the allreduce time of the slice that level's links carry). With periods
 ``(H_0, ..., H_{L-1})`` a *super-round* is ``P = H_0 * ... * H_{L-1}`` local steps that end in
 one top-level sync; a lower-level sync happens at every multiple of its own period that is
 not also a higher one.
@@ -70,11 +72,14 @@ class CostModel:
     it); ``link_s[j]`` the allreduce time of the level-``j`` link for the model's bytes.
     """
 
-    def __init__(self, compute_s: float, link_s: Sequence[float], chained: bool = False):
+    def __init__(self, compute_s: float, link_s: Sequence[float], chained: bool = False,
+                 sliced: bool = False):
         self.compute_s = float(compute_s)
         self.link_s = [float(t) for t in link_s]
         self.chained = chained
-        self.sync_s = [sum(2 * self.link_s[j] for j in range(lvl) if chained) + self.link_s[lvl]
+        self.sliced = chained and sliced
+        below = 1.0 if self.sliced else 2.0  # stages below the top: up and down
+        self.sync_s = [sum(below * self.link_s[j] for j in range(lvl) if chained) + self.link_s[lvl]
                        for lvl in range(len(self.link_s))]
         self._fractions: dict = {}  # periods -> comm fraction (the model never changes)
 

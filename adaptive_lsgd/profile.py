@@ -139,12 +139,17 @@ class Profile:
         return dataclasses.replace(self, links={**self.links, kind: (alpha, bus)})
 
     def cost_model(self, levels: Sequence[tuple], nbytes: float | None = None,
-                   compute_s: float | None = None, chained: bool = False) -> CostModel:
+                   compute_s: float | None = None, chained: bool = False,
+                   shares: Sequence[float] | None = None, sliced: bool = False) -> CostModel:
         """The core's :class:`CostModel` for ``levels`` = ``[(kind, ranks per link), ...]``
-        (finest first) and ``nbytes`` averaged per sync (default: the profiled model's)."""
+        (finest first) and ``nbytes`` averaged per sync (default: the profiled model's);
+        ``shares[l]`` is the part of it a level-``l`` link carries (sliced chained sync)."""
         nbytes = self.param_bytes if nbytes is None else nbytes
-        link_s = [self.link_time(kind, nbytes, ranks) for kind, ranks in levels]
-        return CostModel(self.compute_s if compute_s is None else compute_s, link_s, chained=chained)
+        shares = [1.0] * len(levels) if shares is None else list(shares)
+        link_s = [self.link_time(kind, nbytes * share, ranks)
+                  for (kind, ranks), share in zip(levels, shares)]
+        return CostModel(self.compute_s if compute_s is None else compute_s, link_s, chained=chained,
+                         sliced=sliced)
 
 
 def level_kinds(num_levels: int, spans_hosts: Sequence[bool] | None = None) -> list:

@@ -259,7 +259,9 @@ class Scheduler:
         reduced = np.asarray(reduced, dtype=np.float32)
         for stage, seconds in zip(plan.stages, stage_times):
             self.time_comm += seconds
-            if stage.kind != "broadcast":  # a broadcast also waits for the levels above
+            if stage.kind == "reducescatter":  # half of an allreduce's traffic (ring algorithms)
+                self._links[stage.link_level].add(2.0 * float(seconds))
+            elif stage.kind not in ("broadcast", "allgather"):  # those wait for the levels above
                 self._links[stage.link_level].add(float(seconds))
         total_weight, healthy = float(reduced[-2]), int(round(float(reduced[-1])))
         if total_weight <= 0:
@@ -453,7 +455,9 @@ class Scheduler:
         topo = self.topology
         kinds = level_kinds(self.num_levels, topo.spans_hosts())
         levels = [(kind, topo.link_ranks(lvl)) for lvl, kind in enumerate(kinds)]
-        return prof.cost_model(levels, nbytes=self.param_bytes or None, chained=topo.chained)
+        return prof.cost_model(levels, nbytes=self.param_bytes or None, chained=topo.chained,
+                               shares=[topo.model_share(lvl) for lvl in range(self.num_levels)],
+                               sliced=topo.sliced)
 
     def _build_model(self) -> CostModel | None:
         """The shared cost model, once compute and the top link were measured. A lower level
@@ -464,7 +468,7 @@ class Scheduler:
         if seed is not None:
             compute = statistics.median(self._hist_compute) if self._hist_compute else seed.compute_s
             links = [statistics.median(h) if h else s for h, s in zip(self._hist_links, seed.link_s)]
-            return CostModel(compute, links, chained=self.topology.chained)
+            return CostModel(compute, links, chained=self.topology.chained, sliced=self.topology.sliced)
         if not self._hist_compute or not self._hist_links[-1]:
             return None
         links = [statistics.median(h) if h else None for h in self._hist_links]
@@ -472,7 +476,7 @@ class Scheduler:
             if links[lvl] is None:
                 links[lvl] = links[lvl + 1]
         return CostModel(statistics.median(self._hist_compute), links,
-                         chained=self.topology.chained)
+                         chained=self.topology.chained, sliced=self.topology.sliced)
 
 
 __all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",

@@ -163,7 +163,7 @@ class ClusterSim:
             secs = []
             for lk in links:
                 intra = lk[0] // workers_per_host == lk[-1] // workers_per_host
-                secs.append(ring_allreduce_s(len(lk), self.nbytes,
+                secs.append(ring_allreduce_s(len(lk), self.nbytes * self.topology.model_share(lvl),
                                              intra_gbps if intra else inter_gbps,
                                              (intra_latency_us if intra else latency_us) * 1e-6))
             level = _Level(links, secs)
@@ -208,14 +208,16 @@ class ClusterSim:
             self._noise = np.concatenate([self._noise, rows])
         return self._noise
 
-    def _stage(self, clocks: np.ndarray, free: np.ndarray, level: int, out: dict, key: tuple) -> None:
-        """Run the level's links as one stage on both clock vectors (``free`` has no cost)."""
+    def _stage(self, clocks: np.ndarray, free: np.ndarray, level: int, out: dict, key: tuple,
+               share: float = 1.0) -> None:
+        """Run the level's links as one stage on both clock vectors (``free`` has no cost);
+        the stage takes ``share`` of the link's allreduce time."""
         lv = self.levels[level]
         if not len(lv.members):
             return
         m = lv.members
         arrive = clocks[m]
-        end = np.repeat(np.maximum.reduceat(arrive, lv.starts) + lv.seconds, lv.sizes)
+        end = np.repeat(np.maximum.reduceat(arrive, lv.starts) + share * lv.seconds, lv.sizes)
         clocks[m] = end
         free[m] = np.repeat(np.maximum.reduceat(free[m], lv.starts), lv.sizes)
         times = np.full(self.world, np.nan)
@@ -224,14 +226,18 @@ class ClusterSim:
 
     def _collective(self, clocks, free, level: int) -> dict:
         """A sync at ``level``: one allreduce over the level's blocks, or (chained) reduce
-        stages up, the leaders' allreduce, broadcast stages down."""
+        stages up, the top links' allreduce, broadcast stages down (sliced: reduce-scatters up
+        and allgathers down, half an allreduce each)."""
         out: dict = {}
-        below = range(level) if self.topology.chained else ()
+        topo = self.topology
+        below = range(level) if topo.chained else ()
+        up, down, share = (("reducescatter", "allgather", 0.5) if topo.sliced
+                           else ("reduce", "broadcast", 1.0))
         for j in below:
-            self._stage(clocks, free, j, out, ("reduce", j))
+            self._stage(clocks, free, j, out, (up, j), share)
         self._stage(clocks, free, level, out, ("allreduce", level))
         for j in reversed(below):
-            self._stage(clocks, free, j, out, ("broadcast", j))
+            self._stage(clocks, free, j, out, (down, j), share)
         return out
 
     # -- the run ------------------------------------------------------------------------------
@@ -389,6 +395,8 @@ class ClusterSim:
                     continue
                 if st.kind == "broadcast":
                     total = bufs[st.root].copy()
+                elif st.kind == "allgather":  # a reduce-scatter here kept whole sums: equal already
+                    total = bufs[st.root].copy()
                 else:
                     total = np.sum([bufs[m] for m in members], axis=0)
                 for m in members:
@@ -459,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", action="store_true", default=None,
                    help="mixed-speed mode: faster ranks take more steps per round")
     s.add_argument("--chained-allreduce", action="store_true", default=None,
-                   help="leader (chained) hierarchical allreduce: reduce up, leaders' allreduce, "
-                        "broadcast down (default: one allreduce over each level's block)")
+                   help="chained (hierarchical) allreduce, sliced: reduce-scatter up, an allreduce "
+                        "of the slices across, allgather down (default: one allreduce over each "
+                        "level's block)")
     s.add_argument("--log", metavar="FILE", help="write rank 0's decision log (JSON lines)")
     o = p.add_argument_group("output and checks")
     o.add_argument("--json", action="store_true", help="print one JSON object")

@@ -7,11 +7,23 @@ is a single level.
 
 By default a sync at level ``l`` is one allreduce over the level-``l`` block, so each rank
 belongs to one process set per level. With ``chained=True`` (config
-``chained_allreduce: true``) it is a hierarchical allreduce: a sum inside each level-0 block, then among
-the block leaders inside each level-1 block, ... up to level ``l``, then the result travels back
-down (a sum where only the leader contributes). The *link* of level ``j`` is the set of ranks
-that take part in the level-``j`` stage: the block itself at level 0, the leaders (lowest rank)
-of its sub-blocks above.
+``chained_allreduce: true``) it is a hierarchical allreduce, in one of two forms:
+
+- *sliced* (when every link of a level has the same number of ranks, e.g. every host runs
+  the same number of workers): a reduce-scatter inside each level-0 block leaves each rank
+  the block's sum of one slice of the model; the ranks holding the same slice (one per
+  block: the level-1 link) reduce-scatter again, ... up to level ``l``, where the slices are
+  allreduced; allgathers carry the result back down. Every rank takes part in every stage,
+  so all ranks issue the same number of collectives, and every rank's link carries a share
+  of the slow traffic (the bandwidth-optimal hierarchical allreduce).
+- *leaders* (blocks of different sizes): a sum inside each level-0 block, then among the
+  block leaders (lowest rank) inside each level-1 block, ... up to level ``l``, then the
+  result travels back down (a sum where only the leader contributes). Leaders issue more
+  collectives than the other ranks.
+
+The *link* of level ``j`` is the set of ranks that take part in the level-``j`` stage: the
+block itself at level 0; above it the ranks holding the same slice (sliced) or the leaders of
+the sub-blocks (leaders).
 
 Example::
 
@@ -22,10 +34,15 @@ Example::
     >>> [(s.ranks, s.kind) for s in topo.stages(level=1, rank=2)]
     [((0, 1, 2, 3), 'allreduce')]
     >>> chained = Topology.from_config("2x2", ["h"] * 4, chained=True)
-    >>> chained.links(1)
-    [(0, 2)]
-    >>> [(s.ranks, s.kind) for s in chained.stages(level=1, rank=2)]
-    [((2, 3), 'reduce'), ((0, 2), 'allreduce'), ((2, 3), 'broadcast')]
+    >>> chained.sliced, chained.links(1)
+    (True, [(0, 2), (1, 3)])
+    >>> [(s.ranks, s.kind) for s in chained.stages(level=1, rank=3)]
+    [((2, 3), 'reducescatter'), ((1, 3), 'allreduce'), ((2, 3), 'allgather')]
+    >>> leaders = Topology.from_config("hosts", ["a", "a", "b"], chained=True)
+    >>> leaders.sliced, leaders.links(1)
+    (False, [(0, 2)])
+    >>> [(s.ranks, s.kind) for s in leaders.stages(level=1, rank=1)]
+    [((0, 1), 'reduce'), ((0, 1), 'broadcast')]
     >>> Topology.from_hosts(["a", "a", "a"]).num_levels
     1
 """
@@ -46,8 +63,10 @@ class TopologyError(ValueError):
 class Stage:
     """One collective of a sync, from one rank's point of view.
 
-    ``kind`` is ``reduce`` (sum going up), ``allreduce`` (the top stage of the sync) or
-    ``broadcast`` (a sum in which only ``root`` contributes, carrying the result down).
+    ``kind`` is ``allreduce`` (the top stage of the sync); with the leaders' chained sync
+    ``reduce`` (a sum going up) or ``broadcast`` (a sum in which only ``root`` contributes,
+    carrying the result down); with the sliced one ``reducescatter`` (a sum going up, each
+    rank keeping its slice, in link order) or ``allgather`` (the slices going back down).
     """
 
     link_level: int
@@ -60,7 +79,7 @@ class Topology:
     """Partitions of ``range(size)``, finest first, the last one being all ranks."""
 
     def __init__(self, partitions: Sequence[Sequence[Sequence[int]]], size: int,
-                 chained: bool = False):
+                 chained: bool = False, sliced: bool | None = None):
         self.size = size
         self.chained = chained
         parts = [_normalise(p, size) for p in partitions]
@@ -81,7 +100,13 @@ class Topology:
                 continue
             collapsed.append(p)
         self._partitions = collapsed
-        self._links = [self._make_links(lvl) for lvl in range(len(collapsed))]
+        # chained: sliced where the slices line up (sliced=None), or as asked (True/False)
+        sliced_links = self._sliced_links() if chained and sliced is not False else None
+        if sliced and sliced_links is None:
+            raise TopologyError("the sliced chained allreduce needs every link of a level to have "
+                                f"the same number of ranks; the blocks are {self.blocks_all()}")
+        self.sliced = sliced_links is not None
+        self._links = sliced_links or [self._make_links(lvl) for lvl in range(len(collapsed))]
         # rank -> its block / link per level: O(1) lookups on every sync, even at 10^4 ranks.
         self._block_index = [{r: b for b in p for r in b} for p in collapsed]
         self._link_index = [{r: link for link in links for r in link} for links in self._links]
@@ -136,9 +161,11 @@ class Topology:
 
     @classmethod
     def from_config(cls, spec, hosts: Sequence[str], chained: bool = False,
-                    elastic: bool = False) -> Topology:
+                    elastic: bool = False, sliced: bool | None = None) -> Topology:
         """What integrations call: ``spec`` is the ``topology`` config key, ``hosts`` every
-        rank's host name (allgathered at start). ``"hosts"`` makes one block per host;
+        rank's host name (allgathered at start), ``chained`` the ``chained_allreduce`` key
+        (``True``: sliced where the links allow, else leaders; or ``"sliced"``/``"leaders"``).
+        ``"hosts"`` makes one block per host;
         ``"auto"`` does too, except in an elastic job (``elastic``), where it is flat: with
         Horovod 0.28.1 and Gloo a worker failure aborts elastic jobs that use process sets
         (horovod#4021), and fault tolerance is why a job is elastic.
@@ -148,12 +175,14 @@ class Topology:
         >>> Topology.from_config("auto", ["a", "a", "b", "b"], elastic=True).num_levels
         1
         """
+        if chained in ("sliced", "leaders"):
+            chained, sliced = True, chained == "sliced"
         if spec == "hosts" or (spec == "auto" and not elastic):
             topo = cls.from_hosts(hosts)
         else:
             topo = cls.from_spec(spec, len(hosts))
         if chained:
-            topo = cls(topo.blocks_all(), topo.size, chained=True)
+            topo = cls(topo.blocks_all(), topo.size, chained=True, sliced=sliced)
         topo.hosts = list(hosts)
         return topo
 
@@ -213,14 +242,15 @@ class Topology:
             block = self.block_of(level, rank)
             self._stage_cache[key] = [Stage(level, block, "allreduce", min(block))] if len(block) > 1 else []
         if key not in self._stage_cache:
+            up_kind, down_kind = ("reducescatter", "allgather") if self.sliced else ("reduce", "broadcast")
             up, top = [], []
             for j in range(level + 1):
                 link = self.link_of(j, rank)
                 if link is None or len(link) == 1:
                     continue
-                stage = Stage(j, link, "allreduce" if j == level else "reduce", min(link))
+                stage = Stage(j, link, "allreduce" if j == level else up_kind, min(link))
                 (top if j == level else up).append(stage)
-            down = [Stage(s.link_level, s.ranks, "broadcast", s.root) for s in reversed(up)]
+            down = [Stage(s.link_level, s.ranks, down_kind, s.root) for s in reversed(up)]
             self._stage_cache[key] = up + top + down
         return self._stage_cache[key]
 
@@ -232,6 +262,13 @@ class Topology:
         return [any(len({self.hosts[r] for r in link}) > 1 for link in self._links[lvl])
                 for lvl in range(self.num_levels)]
 
+    def model_share(self, level: int) -> float:
+        """The share of the model one link of ``level`` carries in a chained sync: a slice
+        with the sliced form (1 / the ranks of the links below), else all of it."""
+        if not self.sliced:
+            return 1.0
+        return 1.0 / float(np.prod([self.link_ranks(j) for j in range(level)]))
+
     def link_ranks(self, level: int) -> int:
         """Ranks in the largest link of ``level`` (what one allreduce of that level spans)."""
         return max(len(link) for link in self._links[level])
@@ -241,6 +278,28 @@ class Topology:
 
     def __repr__(self) -> str:
         return f"Topology({self.describe()['levels']})"
+
+    def _sliced_links(self) -> list | None:
+        """The links of the sliced chained sync, or None when some level's links differ in
+        size (then the slices would not line up: the leaders' form is used).
+
+        Level 0's links are its blocks; a rank's *slice key* is its position in each link
+        below; the level-``j`` link joins the ranks of one level-``j`` block with the same key."""
+        parts = self._partitions
+        links = [list(parts[0])]
+        key = {r: () for r in range(self.size)}
+        for lvl in range(1, len(parts)):
+            if len({len(link) for link in links[-1]}) != 1:
+                return None
+            for link in links[-1]:
+                for pos, r in enumerate(link):
+                    key[r] += (pos,)
+            groups: dict = {}
+            for b, block in enumerate(parts[lvl]):
+                for r in block:
+                    groups.setdefault((b, key[r]), []).append(r)
+            links.append(sorted(tuple(sorted(g)) for g in groups.values()))
+        return links
 
     def _make_links(self, level: int) -> list:
         if level == 0 or not self.chained:

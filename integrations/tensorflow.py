@@ -56,6 +56,7 @@ _HVD_INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -348,27 +349,30 @@ class LocalSGD:
         groups: dict = {"float32": []}
         for i, t in enumerate(values):
             groups.setdefault(t.dtype.name, []).append(i)
-        times = []
-        for stage in plan.stages:
-            if stage.kind == "broadcast" and self.rank != stage.root:
-                values = [tf.zeros_like(t) for t in values]
-                payload = np.zeros_like(payload)
-            process_set = self.process_sets.get(stage.ranks, hvd.global_process_set)
-            start = time.perf_counter()
-            for dtype in sorted(groups):
-                idx = groups[dtype]
-                tensors = [values[i] for i in idx]
-                if dtype == "float32":
-                    tensors.append(tf.constant(payload))
-                out = hvd.grouped_allreduce(tensors, op=hvd.Sum, process_set=process_set,
-                                            name=f"alsgd.{stage.kind}.{stage.link_level}.{dtype}")
-                if dtype == "float32":
-                    payload = out[-1].numpy()
-                for i, t in zip(idx, out):
-                    values[i] = t
-            if self._gpu:
-                tf.test.experimental.sync_devices()
-            times.append(time.perf_counter() - start)
+        if any(stage.kind == "reducescatter" for stage in plan.stages):
+            values, payload, times = self._sliced_sum(values, payload, plan.stages, groups)
+        else:
+            times = []
+            for stage in plan.stages:
+                if stage.kind == "broadcast" and self.rank != stage.root:
+                    values = [tf.zeros_like(t) for t in values]
+                    payload = np.zeros_like(payload)
+                process_set = self.process_sets.get(stage.ranks, hvd.global_process_set)
+                start = time.perf_counter()
+                for dtype in sorted(groups):
+                    idx = groups[dtype]
+                    tensors = [values[i] for i in idx]
+                    if dtype == "float32":
+                        tensors.append(tf.constant(payload))
+                    out = hvd.grouped_allreduce(tensors, op=hvd.Sum, process_set=process_set,
+                                                name=f"alsgd.{stage.kind}.{stage.link_level}.{dtype}")
+                    if dtype == "float32":
+                        payload = out[-1].numpy()
+                    for i, t in zip(idx, out):
+                        values[i] = t
+                if self._gpu:
+                    tf.test.experimental.sync_devices()
+                times.append(time.perf_counter() - start)
         result = sched.complete_sync(plan, payload, times)
         total = result.total_weight
         for var, t in zip(variables, values):
@@ -377,6 +381,48 @@ class LocalSGD:
             for var in self.slot_variables():
                 var.assign(tf.zeros_like(var))
         return result
+
+    def _sliced_sum(self, values: list, payload: np.ndarray, stages: list, groups: dict) -> tuple:
+        """Sum ``values`` and ``payload`` over a sliced chained sync's stages (reduce-scatters
+        up, an allreduce of the slices, allgathers down): one flat buffer per dtype, the payload
+        in the float32 one, padded so that no rank's slice is empty. Returns the summed values,
+        payload and each stage's wall time."""
+        dtypes = sorted(groups)
+        pieces = math.prod(len(st.ranks) for st in stages if st.kind == "reducescatter")
+        flats = []
+        for dtype in dtypes:
+            parts = [tf.reshape(values[i], [-1]) for i in groups[dtype]]
+            if dtype == "float32":
+                parts.append(tf.constant(payload))
+            flat = tf.concat(parts, axis=0)
+            if int(flat.shape[0]) < pieces:
+                flat = tf.concat([flat, tf.zeros([pieces - int(flat.shape[0])], flat.dtype)], axis=0)
+            flats.append(flat)
+        times = []
+        for stage in stages:
+            process_set = self.process_sets.get(stage.ranks, hvd.global_process_set)
+            start = time.perf_counter()
+            for k, (dtype, flat) in enumerate(zip(dtypes, flats)):  # one collective per dtype
+                name = f"alsgd.{stage.kind}.{stage.link_level}.{dtype}"
+                if stage.kind == "reducescatter":
+                    flats[k] = hvd.reducescatter(flat, op=hvd.Sum, name=name, process_set=process_set)
+                elif stage.kind == "allgather":
+                    flats[k] = hvd.allgather(flat, name=name, process_set=process_set)
+                else:
+                    flats[k] = hvd.allreduce(flat, op=hvd.Sum, name=name, process_set=process_set)
+            if self._gpu:
+                tf.test.experimental.sync_devices()
+            times.append(time.perf_counter() - start)
+        values = list(values)
+        for dtype, flat in zip(dtypes, flats):
+            offset = 0
+            for i in groups[dtype]:
+                n = values[i].shape.num_elements()
+                values[i] = tf.reshape(flat[offset:offset + n], values[i].shape)
+                offset += n
+            if dtype == "float32":
+                payload = flat[offset:offset + payload.size].numpy()
+        return values, payload, times
 
     # -- state and figures ----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -40,6 +40,7 @@ _INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
 import copy  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -121,13 +122,15 @@ class _Runtime:
                           "(horovod issue #4021). Graceful host changes work; 'topology: auto' (the "
                           "default) is flat in elastic jobs for that reason (see docs/elastic.md)",
                           stacklevel=2)
-        if self.topology.chained and self.topology.num_levels > 1 and not _WARNED_CHAINED:
+        topo = self.topology
+        if topo.chained and not topo.sliced and topo.num_levels > 1 and not _WARNED_CHAINED:
             _WARNED_CHAINED.append(True)
-            warnings.warn("adaptive-lsgd: chained_allreduce is on: pass name= to your own Horovod "
-                          "collectives. Horovod's automatic names count the operations each process "
-                          "enqueued, the block leaders enqueue more than the other ranks, and an "
-                          "unnamed collective would wait forever (README, 'Known limits')",
-                          stacklevel=2)
+            warnings.warn("adaptive-lsgd: the chained sync runs in the leaders' form (blocks of "
+                          "different sizes, or chained_allreduce: leaders): pass name= to your own "
+                          "Horovod collectives. Horovod's "
+                          "automatic names count the operations each process enqueued, the block "
+                          "leaders enqueue more than the other ranks, and an unnamed collective "
+                          "would wait forever (README, 'Known limits')", stacklevel=2)
         self.rank = hvd.rank()
         self.scheduler = Scheduler(config, self.topology, self.rank, param_bytes)
         if carry is not None:
@@ -153,6 +156,61 @@ class _Runtime:
             self.scheduler.log.resume()  # append to the log of this run, do not truncate it
         else:
             self.scheduler.load_state_dict(state, strict=False)
+
+
+WAIT_MAX_SLEEP_S = 1e-3
+
+
+def _wait(handle):
+    """``hvd.synchronize(handle)`` without its busy wait: Horovod's PyTorch ``synchronize``
+    spins on ``sched_yield`` until the collective completes, a core per waiting rank. Averages
+    across slow links wait long, and on hosts where ranks share cores the spinning starves the
+    background threads and the network stack that do the transfer (on the emulated 2 x 2
+    cluster it turned single averages seconds slower). Poll instead, sleeping a twentieth of
+    the time waited so far (at least 10 µs, at most ``WAIT_MAX_SLEEP_S``): the latency added
+    to a collective stays near 5% of its time, and a short one is polled almost as often as
+    the spin would."""
+    start = time.perf_counter()
+    while not hvd.poll(handle):
+        time.sleep(min(WAIT_MAX_SLEEP_S, max(1e-5, 0.05 * (time.perf_counter() - start))))
+    return hvd.synchronize(handle)
+
+
+def _sliced_sum(tensors: list, payload: torch.Tensor, stages: list, process_sets: dict) -> list:
+    """Sum ``tensors`` and ``payload`` in place over a sliced chained sync's stages
+    (reduce-scatters up, an allreduce of the slices, allgathers down); returns each stage's
+    wall time. One flat buffer per dtype (the payload rides in the float32 one), padded so
+    that no rank's slice is empty."""
+    groups: dict = {torch.float32: []}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    dtypes = sorted(groups, key=str)
+    pieces = math.prod(len(st.ranks) for st in stages if st.kind == "reducescatter")
+    flats = []
+    for dtype in dtypes:
+        parts = [t.reshape(-1) for t in groups[dtype]] + ([payload] if dtype == torch.float32 else [])
+        flat = torch.cat(parts)
+        if flat.numel() < pieces:
+            flat = torch.cat([flat, flat.new_zeros(pieces - flat.numel())])
+        flats.append(flat)
+    times = []
+    for stage in stages:
+        ps = process_sets.get(stage.ranks, hvd.global_process_set)
+        name = f"alsgd.{stage.kind}.{stage.link_level}"
+        start = time.perf_counter()
+        if stage.kind == "reducescatter":
+            flats = _wait(hvd.grouped_reducescatter_async(flats, op=hvd.Sum, name=name, process_set=ps))
+        elif stage.kind == "allgather":
+            flats = _wait(hvd.grouped_allgather_async(flats, name=name, process_set=ps))
+        else:
+            _wait(hvd.grouped_allreduce_async_(flats, op=hvd.Sum, name=name, process_set=ps))
+        times.append(time.perf_counter() - start)
+    for dtype, flat in zip(dtypes, flats):
+        offset = 0
+        for t in groups[dtype] + ([payload] if dtype == torch.float32 else []):
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return times
 
 
 class _LocalSGDMixin:
@@ -238,16 +296,19 @@ class _LocalSGDMixin:
             torch._foreach_zero_(tensors)
         elif plan.weight != 1.0:
             torch._foreach_mul_(tensors, plan.weight)
-        times = []
-        for stage in plan.stages:
-            if stage.kind == "broadcast" and rt.rank != stage.root:
-                torch._foreach_zero_(tensors)
-                payload.zero_()
-            start = time.perf_counter()
-            hvd.grouped_allreduce_(tensors + [payload], op=hvd.Sum,
-                                   name=f"alsgd.{stage.kind}.{stage.link_level}",
-                                   process_set=rt.process_sets.get(stage.ranks, hvd.global_process_set))
-            times.append(time.perf_counter() - start)
+        if any(stage.kind == "reducescatter" for stage in plan.stages):
+            times = _sliced_sum(tensors, payload, plan.stages, rt.process_sets)
+        else:
+            times = []
+            for stage in plan.stages:
+                if stage.kind == "broadcast" and rt.rank != stage.root:
+                    torch._foreach_zero_(tensors)
+                    payload.zero_()
+                start = time.perf_counter()
+                _wait(hvd.grouped_allreduce_async_(
+                    tensors + [payload], op=hvd.Sum, name=f"alsgd.{stage.kind}.{stage.link_level}",
+                    process_set=rt.process_sets.get(stage.ranks, hvd.global_process_set)))
+                times.append(time.perf_counter() - start)
         result = rt.scheduler.complete_sync(plan, payload.numpy(), times)
         if result.total_weight != 1.0:
             torch._foreach_div_(tensors, result.total_weight)

@@ -3,8 +3,12 @@
 Each rank holds a buffer ``[weight * model, payload]``; every stage of a sync is a Sum over
 the stage's link members, exactly as ``hvd.grouped_allreduce_(..., op=hvd.Sum,
 process_set=...)`` does it, and on a ``broadcast`` stage every member but the root zeroes its
-buffer first. Stages are matched the way a real collective matches them: a link's stage runs
-once every member has it next, so a schedule that would deadlock raises instead of hanging.
+buffer first. The sliced chained sync's stages move slices like Horovod's collectives: a
+``reducescatter`` leaves the member at link position ``i`` the ``i``-th of the sum's
+``np.array_split`` pieces (Horovod gives the first ``n % k`` members one element more, as
+``array_split`` does), an ``allgather`` concatenates the members' buffers in link order.
+Stages are matched the way a real collective matches them: a link's stage runs once every
+member has it next, so a schedule that would deadlock raises instead of hanging.
 """
 
 from __future__ import annotations
@@ -46,13 +50,22 @@ def run_stages(plans: list, buffers: list) -> list:
                         and plans[m].stages[pos[m]].kind == stage.kind for m in stage.ranks)
             if not ready:
                 continue
-            total = np.zeros_like(buffers[r])
-            for m in stage.ranks:
-                if stage.kind == "broadcast" and m != stage.root:
-                    buffers[m][:] = 0.0
-                total += buffers[m]
-            for m in stage.ranks:
-                buffers[m][:] = total
+            if stage.kind == "allgather":
+                results = [np.concatenate([buffers[m] for m in stage.ranks])] * len(stage.ranks)
+            else:
+                if stage.kind == "broadcast":
+                    for m in stage.ranks:
+                        if m != stage.root:
+                            buffers[m] = np.zeros_like(buffers[m])
+                lengths = {len(buffers[m]) for m in stage.ranks}
+                assert len(lengths) == 1, f"{stage.kind} over {stage.ranks}: lengths {lengths}"
+                total = np.sum([buffers[m] for m in stage.ranks], axis=0)
+                if stage.kind == "reducescatter":
+                    results = np.array_split(total, len(stage.ranks))
+                else:
+                    results = [total] * len(stage.ranks)
+            for m, result in zip(stage.ranks, results):
+                buffers[m] = np.array(result, dtype=np.float64)
                 pos[m] += 1
             remaining -= len(stage.ranks)
             progressed = True
@@ -65,7 +78,8 @@ class FakeCluster:
     """``size`` ranks, each with its own Scheduler, a model vector and an in-memory log.
 
     ``stage_time(rank, stage, plan)`` gives the wall time a rank measured for a stage
-    (default: ``link_s[stage.link_level]``).
+    (default: ``link_s[stage.link_level]``, half of it for the sliced sync's reduce-scatters
+    and allgathers).
     """
 
     def __init__(self, config, topology, link_s=None, stage_time=None, param_len: int = 3,
@@ -76,11 +90,16 @@ class FakeCluster:
         self.scheds = [Scheduler(config, topology, r, param_bytes=4 * param_len, log=self.logs[r])
                        for r in range(self.size)]
         self.link_s = list(link_s) if link_s is not None else [0.01] * topology.num_levels
-        self.stage_time = stage_time or (lambda rank, stage, plan: self.link_s[stage.link_level])
+        self.stage_time = stage_time or self._default_stage_time
         if models is None:
             models = [np.full(param_len, float(r)) for r in range(self.size)]
         self.models = [np.asarray(m, dtype=np.float64).copy() for m in models]
         self.syncs = []  # (step of rank 0, level, [SyncResult per rank])
+
+    def _default_stage_time(self, rank, stage, plan) -> float:
+        """The link's allreduce time; half of it for a reduce-scatter or an allgather."""
+        half = stage.kind in ("reducescatter", "allgather")
+        return self.link_s[stage.link_level] * (0.5 if half else 1.0)
 
     # -- driving ------------------------------------------------------------------------------
     def step_all(self, compute_s, lr=None, healthy=None):
@@ -122,6 +141,7 @@ class FakeCluster:
         results = []
         for r, (s, p) in enumerate(zip(self.scheds, plans)):
             assert ran[r] == len(p.stages)
+            assert len(buffers[r]) == n + p.payload_len, f"rank {r} ends with {len(buffers[r])} values"
             times = [self.stage_time(r, st, p) for st in p.stages]
             result = s.complete_sync(p, buffers[r][n:].astype(np.float32), times)
             self.models[r] = buffers[r][:n] / result.total_weight

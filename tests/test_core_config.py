@@ -25,6 +25,8 @@ def test_dict_normalises_values():
     assert isinstance(cfg.target_comm_fraction, float)
     assert load_config({"topology": [[0, 1], (2, 3)]}, env={}).topology == [[0, 1], [2, 3]]
     assert load_config({"max_period": [16]}, env={}).max_period == [16]
+    assert load_config({"chained_allreduce": "leaders"}, env={}).chained_allreduce == "leaders"
+    assert load_config(None, env={"ALSGD_CHAINED_ALLREDUCE": "sliced"}).chained_allreduce == "sliced"
 
 
 def test_config_object_passes_through():
@@ -92,6 +94,7 @@ def test_precedence(tmp_path):
     ("topology", "2by2", "'2x2'"),
     ("topology", [[0, 1], []], "'2x2'"),
     ("time_budget", "yes", "true or false"),
+    ("chained_allreduce", "ring", "true, false or one of the forms sliced, leaders"),
     ("hysteresis", 1.0, "[0, 1)"),
     ("qsr_alpha", 0, "positive number or null"),
     ("window", 0, "positive integer"),

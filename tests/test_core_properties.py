@@ -23,10 +23,15 @@ SPECS = {
 TOPOLOGIES = sorted(SPECS)
 
 
+# The chained (hierarchical) allreduce: off, the leaders' form, or sliced where the links allow
+CHAINED = st.sampled_from([False, "leaders", "auto"])
+
+
 def make_topology(name, chained=False):
-    """The named topology; ``chained`` picks the leader (hierarchical) allreduce."""
+    """The named topology; ``chained`` is one of :data:`CHAINED`."""
     spec, size = SPECS[name]
-    return Topology.from_config(spec, ["h"] * size, chained=chained)
+    return Topology.from_config(spec, ["h"] * size, chained=bool(chained),
+                                sliced=False if chained == "leaders" else None)
 
 
 def cfg(**kw):
@@ -39,7 +44,7 @@ def link_times(num_levels, data):
 
 # -- invariant 1: identical decisions whatever each rank measured ---------------------------------
 @SETTINGS
-@given(data=st.data(), topo_name=st.sampled_from(TOPOLOGIES), chained=st.booleans(),
+@given(data=st.data(), topo_name=st.sampled_from(TOPOLOGIES), chained=CHAINED,
        seed=st.integers(0, 2**16),
        jitter=st.floats(0.0, 0.8), time_budget=st.booleans(), warmup=st.integers(0, 4),
        target=st.floats(0.02, 0.5), hysteresis=st.sampled_from([0.0, 0.1, 0.25]),
@@ -88,7 +93,7 @@ def _policy(num_levels, target, hysteresis, max_period):
 @given(data=st.data(), levels=st.integers(1, 2), compute=st.floats(1e-3, 1.0),
        target=st.floats(0.01, 0.5), hysteresis=st.sampled_from([0.0, 0.1, 0.25]),
        max_period=st.sampled_from([8, 32, 64, 200]), slow=st.floats(1.0, 50.0),
-       cap=st.one_of(st.none(), st.integers(1, 500)), chained=st.booleans())
+       cap=st.one_of(st.none(), st.integers(1, 500)), chained=CHAINED)
 def test_slower_link_never_gives_a_smaller_period(data, levels, compute, target, hysteresis,
                                                   max_period, slow, cap, chained):
     policy = _policy(levels, target, hysteresis, max_period)
@@ -103,8 +108,8 @@ def test_slower_link_never_gives_a_smaller_period(data, levels, compute, target,
     if not chained:
         assume(all(a <= b for a, b in zip(slower, slower[1:])))
     current = tuple(data.draw(st.integers(1, max_period), label="current") for _ in range(levels))
-    fast_m = CostModel(compute, links, chained=chained)
-    slow_m = CostModel(compute, slower, chained=chained)
+    fast_m = CostModel(compute, links, chained=bool(chained), sliced=chained == "auto")
+    slow_m = CostModel(compute, slower, chained=bool(chained), sliced=chained == "auto")
 
     fast_best, slow_best = policy.best(fast_m, target, cap), policy.best(slow_m, target, cap)
     assert math.prod(slow_best) >= math.prod(fast_best)
@@ -118,7 +123,7 @@ def test_slower_link_never_gives_a_smaller_period(data, levels, compute, target,
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(topo_name=st.sampled_from(["flat3", "2x2"]), compute=st.floats(0.005, 0.5),
        link0=st.floats(1e-4, 1.0), link1=st.floats(1e-4, 1.0), slow=st.floats(1.0, 20.0),
-       chained=st.booleans())
+       chained=CHAINED)
 def test_slower_link_end_to_end(topo_name, compute, link0, link1, slow, chained):
     topo = make_topology(topo_name, chained)
     base = [link0, link1][:topo.num_levels]
@@ -138,7 +143,7 @@ def test_slower_link_end_to_end(topo_name, compute, link0, link1, slow, chained)
 @SETTINGS
 @given(topo_name=st.sampled_from(["flat3", "2x2", "3x2"]), compute=st.floats(0.001, 1.0),
        share=st.floats(0.0, 0.95), split=st.floats(0.0, 1.0), target=st.floats(0.02, 0.5),
-       jitter=st.floats(0.0, 0.5), seed=st.integers(0, 1000), chained=st.booleans())
+       jitter=st.floats(0.0, 0.5), seed=st.integers(0, 1000), chained=CHAINED)
 def test_compute_bound_cluster_gets_period_one(topo_name, compute, share, split, target, jitter, seed,
                                                chained):
     topo = make_topology(topo_name, chained)
@@ -158,12 +163,12 @@ def test_compute_bound_cluster_gets_period_one(topo_name, compute, share, split,
 @given(topo_name=st.sampled_from(["flat3", "2x2"]), compute=st.floats(0.001, 1.0),
        ratio0=st.floats(0.05, 20.0), ratio1=st.floats(0.05, 20.0), target=st.floats(0.02, 0.5),
        hysteresis=st.sampled_from([0.0, 0.25]), max_period=st.sampled_from([16, 64]),
-       chained=st.booleans())
+       chained=CHAINED)
 def test_comm_bound_cluster_meets_the_target(topo_name, compute, ratio0, ratio1, target, hysteresis,
                                              max_period, chained):
     topo = make_topology(topo_name, chained)
     links = [compute * ratio0, compute * ratio1][:topo.num_levels]
-    model = CostModel(compute, links, chained=chained)
+    model = CostModel(compute, links, chained=bool(chained), sliced=topo.sliced)
     largest = [max_period] * topo.num_levels
     ones = [1] * topo.num_levels
     assume(model.comm_fraction(largest) <= target * 0.999)         # the caps allow it

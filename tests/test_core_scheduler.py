@@ -82,6 +82,25 @@ def test_hierarchical_sum_semantics_broadcast_zeroes_non_roots():
     assert [float(b[0]) for b in bufs] == [10.0] * 4
 
 
+@pytest.mark.parametrize("spec,size", [("2x2", 4), ("3x2", 6), ("2x3", 6), ("2x2x2", 8)])
+def test_sliced_chained_sync_gives_the_weighted_average(spec, size):
+    """Reduce-scatters, the allreduce of the slices and the allgathers (uneven slices: 7
+    values) restore every rank's whole model: the global average, every statistic of the
+    payload, a non-finite rank left out and reset."""
+    topo = Topology.from_config(spec, ["h"] * size, chained=True)
+    assert topo.sliced
+    rng = np.random.default_rng(size)
+    models = [rng.standard_normal(7) for _ in range(size)]
+    c = FakeCluster(cfg(policy="fixed", periods=[1] * topo.num_levels), topo, param_len=7,
+                    models=models)
+    results = c.step_all(0.01, healthy=[r != 1 for r in range(size)])
+    expected = np.mean([m for r, m in enumerate(models) if r != 1], axis=0)
+    assert all(np.allclose(m, expected) for m in c.models)
+    assert all(r.total_weight == size - 1 and r.excluded_ranks == [1] for r in results)
+    stages = c.scheds[0].step_done(0.01).stages
+    assert [st.kind for st in stages][0] == "reducescatter" and stages[-1].kind == "allgather"
+
+
 def test_payload_row_is_the_rank_slot_of_the_payload():
     topo = Topology.flat(3)
     s = Scheduler(cfg(policy="fixed", periods=[1]), topo, 1)
@@ -333,6 +352,9 @@ def test_round_times_and_comm_fraction():
     assert CostModel(0.05, [0.01, 0.2]).sync_s == [0.01, 0.2]  # one allreduce per sync
     m = CostModel(0.05, [0.01, 0.2], chained=True)
     assert m.sync_s == [0.01, 0.22]  # a chained global sync reduces and broadcasts through level 0
+    # sliced: a reduce-scatter and an allgather at level 0, half an allreduce each
+    assert CostModel(0.05, [0.01, 0.2], chained=True, sliced=True).sync_s == pytest.approx([0.01, 0.21])
+    assert CostModel(0.05, [0.01, 0.2], sliced=True).sync_s == [0.01, 0.2]  # not chained
     steps, compute, comm = m.round_times([2, 3])
     assert steps == 6 and math.isclose(compute, 0.3) and math.isclose(comm, 2 * 0.01 + 0.22)
     assert math.isclose(m.comm_fraction([2, 3]), 0.24 / 0.54)

@@ -7,8 +7,17 @@ from adaptive_lsgd.topology import Stage, Topology, TopologyError
 
 
 def chained(spec, size):
-    """The leader (chained) hierarchical allreduce: config ``chained_allreduce: true``."""
-    return Topology.from_config(spec, ["h"] * size, chained=True)
+    """The leaders' chained (hierarchical) allreduce: config ``chained_allreduce: true`` where
+    the blocks differ in size."""
+    return Topology.from_config(spec, ["h"] * size, chained=True, sliced=False)
+
+
+def sliced(spec, size):
+    """The sliced chained allreduce: config ``chained_allreduce: true`` where the links of
+    each level have equal sizes."""
+    topo = Topology.from_config(spec, ["h"] * size, chained=True)
+    assert topo.sliced
+    return topo
 
 
 def kinds(topo, level, rank):
@@ -35,6 +44,47 @@ def test_spec_2x2():
     assert topo.process_sets() == [(0, 1), (2, 3), (0, 2)]
     assert topo.describe() == {"size": 4, "levels": [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]}
     assert "Topology(" in repr(topo)
+
+
+def test_sliced_2x2_every_rank_takes_part_in_every_stage():
+    topo = sliced("2x2", 4)
+    assert topo.links(0) == [(0, 1), (2, 3)]
+    assert topo.links(1) == [(0, 2), (1, 3)]  # the ranks holding the same slice
+    assert kinds(topo, 0, 3) == [("allreduce", 0, (2, 3), 2)]
+    assert kinds(topo, 1, 2) == [("reducescatter", 0, (2, 3), 2), ("allreduce", 1, (0, 2), 0),
+                                 ("allgather", 0, (2, 3), 2)]
+    assert kinds(topo, 1, 3) == [("reducescatter", 0, (2, 3), 2), ("allreduce", 1, (1, 3), 1),
+                                 ("allgather", 0, (2, 3), 2)]
+    assert topo.process_sets() == [(0, 1), (2, 3), (0, 2), (1, 3)]
+    assert topo.model_share(0) == 1.0 and topo.model_share(1) == 0.5
+    assert not chained("2x2", 4).sliced and chained("2x2", 4).model_share(1) == 1.0
+
+
+def test_sliced_3_levels_key_on_the_position_in_every_link_below():
+    topo = sliced("2x2x2", 8)
+    assert topo.links(1) == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    assert topo.links(2) == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert kinds(topo, 2, 7) == [("reducescatter", 0, (6, 7), 6), ("reducescatter", 1, (5, 7), 5),
+                                 ("allreduce", 2, (3, 7), 3), ("allgather", 1, (5, 7), 5),
+                                 ("allgather", 0, (6, 7), 6)]
+    assert kinds(topo, 1, 7) == [("reducescatter", 0, (6, 7), 6), ("allreduce", 1, (5, 7), 5),
+                                 ("allgather", 0, (6, 7), 6)]
+    assert [topo.model_share(lvl) for lvl in range(3)] == [1.0, 0.5, 0.25]
+    # every rank runs as many collectives as any other, at every level
+    for level in range(3):
+        assert len({len(topo.stages(level, r)) for r in range(8)}) == 1
+
+
+def test_sliced_needs_links_of_one_size():
+    assert not Topology.from_config([[0, 1, 2], [3, 4]], ["h"] * 5, chained=True).sliced
+    hosts = ["a", "a", "b", "b", "c"]  # the third host runs one worker
+    assert not Topology.from_config("hosts", hosts, chained=True).sliced
+    with pytest.raises(TopologyError, match="same number of ranks"):
+        Topology.from_config("hosts", hosts, chained="sliced")  # the config asks for the form
+    assert not Topology.from_config("2x2", ["h"] * 4, chained="leaders").sliced
+    # non-contiguous blocks line up by position: rank 0 and 1 hold slice 0
+    topo = Topology.from_config("hosts", ["a", "b", "a", "b"], chained=True)
+    assert topo.sliced and topo.links(1) == [(0, 1), (2, 3)]
 
 
 def test_spec_2x2x2():
@@ -72,7 +122,7 @@ def test_from_hosts():
     topo = Topology.from_hosts(["a", "b", "a", "b"])
     assert topo.blocks(0) == [(0, 2), (1, 3)]
     assert topo.links(1) == [(0, 1, 2, 3)]
-    assert Topology(topo.blocks_all(), 4, chained=True).links(1) == [(0, 1)]
+    assert Topology(topo.blocks_all(), 4, chained=True, sliced=False).links(1) == [(0, 1)]
     assert Topology.from_config("auto", ["x", "x", "y", "y"]).blocks(0) == [(0, 1), (2, 3)]
     assert Topology.from_config("2x2", ["x", "x", "x", "x"]).blocks(0) == [(0, 1), (2, 3)]
     assert Topology.from_config("flat", ["x", "y"]).num_levels == 1
@@ -147,6 +197,9 @@ def test_large_topology_is_fast():
     assert topo.num_levels == 2 and len(topo.links(1)) == 1 and len(topo.links(1)[0]) == 1250
     assert topo.block_of(0, 9999) == tuple(range(9992, 10000))
     assert [s.kind for s in topo.stages(1, 9992)] == ["reduce", "allreduce", "broadcast"]
+    topo = sliced("1250x8", 10000)
+    assert len(topo.links(1)) == 8 and topo.link_of(1, 9999) == tuple(range(7, 10000, 8))
+    assert [s.kind for s in topo.stages(1, 9999)] == ["reducescatter", "allreduce", "allgather"]
 
 
 def test_link_arrays():

@@ -94,9 +94,9 @@ def test_hierarchical_wall_time_matches_the_stages(chained):
                                            "chained_allreduce": chained})
     out = sim.run(steps=4)
     t0 = ring_allreduce_s(2, 4e6, 10.0, 1e-6)
-    if chained:  # leaders (one per host) allreduce across hosts
-        t1 = ring_allreduce_s(2, 4e6, 1.0, 1e-4)
-        global_sync = 2 * t0 + t1  # reduce, allreduce, broadcast
+    if chained:  # sliced: each host's two ranks allreduce half the model across hosts
+        t1 = ring_allreduce_s(2, 2e6, 1.0, 1e-4)
+        global_sync = t0 + t1  # reduce-scatter and allgather (half an allreduce each), allreduce
     else:  # one allreduce over all four ranks across the hosts' links
         t1 = ring_allreduce_s(4, 4e6, 1.0, 1e-4)
         global_sync = t1
@@ -127,7 +127,7 @@ def test_chained_allreduce_flag():
     default, chained = sim_json(*args), sim_json(*args, "--chained-allreduce")
     t0 = ring_allreduce_s(2, 4e6, 10.0, 1e-6)
     assert default["link_s"] == pytest.approx([t0, ring_allreduce_s(4, 4e6, 1.0, 1e-4)])
-    assert chained["link_s"] == pytest.approx([t0, ring_allreduce_s(2, 4e6, 1.0, 1e-4)])
+    assert chained["link_s"] == pytest.approx([t0, ring_allreduce_s(2, 2e6, 1.0, 1e-4)])
     assert "--chained-allreduce" in sim_cli("--help").stdout
 
 

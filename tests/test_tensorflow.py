@@ -165,8 +165,10 @@ def test_hierarchical_2x2_blocks_and_global(np4, case):
     r = ranks[0]
     assert r["levels"] == [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
     assert [0, 1] in r["process_sets"] and [2, 3] in r["process_sets"]
-    if case.endswith("chained"):
-        assert [0, 2] in r["process_sets"]  # the leaders' link
+    chained = case.endswith("chained")
+    # chained (sliced): the ranks holding the same slice, one per host, are the cross link
+    assert ([0, 2] in r["process_sets"] and [1, 3] in r["process_sets"]) == chained
+    assert r["sliced"] == chained
     assert r["syncs"] == [6, 6]  # 24 steps: a block sync every 2, a global one every 4
     for row in r["rows"]:
         step = row["step"]
@@ -177,6 +179,14 @@ def test_hierarchical_2x2_blocks_and_global(np4, case):
         elif step > 1:  # step 1: BroadcastGlobalVariablesCallback made everyone equal
             assert not row["block0_same"] and not row["block1_same"], row
     assert all(other["rows"] == r["rows"] for other in ranks[1:])
+
+
+def test_chained_sync_averages_like_one_allreduce(np4):
+    """Same data and start: the sliced chained sync gives the models one allreduce per level
+    gives, up to the order of the float sums."""
+    for a, b in zip(np4["hierarchical_2x2"], np4["hierarchical_2x2_chained"]):
+        assert len(a["model"]) == len(b["model"]) > 100
+        assert max(abs(x - y) for x, y in zip(a["model"], b["model"])) <= 1e-4
 
 
 def test_hierarchy_after_late_init_says_what_to_do():

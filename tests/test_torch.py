@@ -15,7 +15,7 @@ from conftest import horovodrun, results
 pytestmark = pytest.mark.torch
 WORKER = "tests/torch_workers/cases.py"
 TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
-       "optimizer_api", "first_lr_decay", "time_budget"]
+       "optimizer_api", "first_lr_decay", "time_budget", "polite_wait"]
 FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise"]
 
 
@@ -86,20 +86,42 @@ def test_time_budget_gives_the_fast_rank_more_steps(two_ranks):
     assert fast["identical"] and slow["identical"]
 
 
+def test_waiting_in_an_average_sleeps_instead_of_spinning(two_ranks):
+    waiter, late = per_rank(two_ranks, "polite_wait", 2)
+    assert waiter["identical"] and late["identical"]
+    assert waiter["wall_s"] >= 1.4  # rank 0 waited for rank 1 ...
+    assert waiter["cpu_s"] < 0.5    # ... without burning a core (a spin costs about wall_s)
+
+
 @pytest.mark.parametrize("case", ["hierarchical_2x2", "hierarchical_2x2_chained"])
 def test_hierarchical_2x2_block_and_global_periods(four_ranks, case):
     for r in per_rank(four_ranks, case, 4):
         assert r["levels"] == [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
-        assert ([0, 2] in r["process_sets"]) == case.endswith("chained")  # the leaders' link
+        chained = case.endswith("chained")
+        # chained (sliced): the ranks holding the same slice, one per host, are the cross link
+        assert ([0, 2] in r["process_sets"] and [1, 3] in r["process_sets"]) == chained
+        assert r["sliced"] == chained
         assert r["syncs"] == [8, 4]  # 24 steps: blocks every 2 (not at 6k), all every 6
         for row in r["rows"]:
             step = row["step"]
+            assert row["unnamed_sum"] == 4.0  # an unnamed allreduce after the step matched
             if step % 6 == 0:
                 assert row["all_same"], step
             elif step % 2 == 0:
                 assert row["block0_same"] and row["block1_same"] and not row["all_same"], step
             else:
                 assert not row["block0_same"] and not row["block1_same"], step
+
+
+def test_chained_sync_averages_like_one_allreduce(four_ranks):
+    """Same seeds and data: the sliced chained sync (reduce-scatter, allreduce, allgather;
+    uneven slices of 195 parameters plus the statistics) gives the models one allreduce per
+    level gives, up to the order of the float sums."""
+    plain = per_rank(four_ranks, "hierarchical_2x2", 4)
+    chained = per_rank(four_ranks, "hierarchical_2x2_chained", 4)
+    for a, b in zip(plain, chained):
+        assert len(a["model"]) == len(b["model"]) == 195
+        assert max(abs(x - y) for x, y in zip(a["model"], b["model"])) <= 1e-5
 
 
 def test_adaptive_under_random_sleeps_agrees(four_ranks):

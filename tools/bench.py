@@ -113,6 +113,8 @@ SCENARIOS = {
         rounds=(12, 6), steps=(32, 32),
         # every variant averages all ranks every 16 steps (adaptive: at most every 16 steps)
         variants=_standard([16], 16, topology="auto", chained_allreduce=True, max_global_period=16) + [
+            _ours("adaptive-leaders", 16, policy="adaptive", topology="auto",
+                  chained_allreduce="leaders", max_global_period=16),
             _ours("hier-4x4", 16, policy="fixed", periods=[4, 4], topology="auto",
                   chained_allreduce=True),
             _ours("hier-4x4-allreduce", 16, policy="fixed", periods=[4, 4], topology="auto")]),

@@ -47,7 +47,8 @@ METHOD = """\
   `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=H)` over `torch.distributed` (Gloo),
   with DDP and `post_localSGD_hook` for its warm-up. `adaptive`: our default policy (periods
   chosen online, `target_comm_fraction` 0.1, `max_period` 64; in `hierarchical` the chained sync
-  and `max_global_period: 16`, see there). `hier-AxB`: fixed hierarchical periods.
+  and `max_global_period: 16`, see there; `adaptive-leaders` the same with the leaders' form of
+  the chained sync). `hier-AxB`: fixed hierarchical periods.
 * **Columns.** `comm_fraction`: ours from the integration's summary (collective time / (compute +
   collective time)); the others `1 - samples_per_s / compute-only samples_per_s`. `test_acc`:
   the average of the ranks' models on the MNIST-1D test set at the end. `global_syncs`: global
@@ -220,29 +221,35 @@ def _notes(name: str, doc: dict) -> list:
                    "(the average is weighted by steps), which can approach the limit.")
     if name == "hierarchical":
         pairs = [f"`{v}` {q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f})"
-                 for v in ("hier-4x4", "adaptive", "hier-4x4-allreduce")
+                 for v in ("adaptive", "adaptive-leaders", "hier-4x4", "hier-4x4-allreduce")
                  for q, _ in [_paired_quartiles(res, v, "local-h16")] if q]
         periods = res.get("adaptive", {}).get("periods")
         out.append(
             "Every variant averages all four ranks every 16 steps (`adaptive`: at most every 16, "
             "`max_global_period: 16`; it chose periods "
             f"{periods} per level). `local-h16` averages with one allreduce over all ranks: in "
-            "Gloo's ring each host's link carries 1.5x the model each way. `hier-4x4` and `adaptive` "
-            "use the chained sync (`chained_allreduce: true`): a sum inside each host (loopback), "
-            "an allreduce between the two host leaders (the model once each way), then back down "
-            "inside the host. `hier-4x4-allreduce` averages its blocks the same way but its global "
-            "sync is one allreduce over all ranks, so it only adds the intra-host averages to "
-            "`local-h16`. Per-round samples/s ratios to `local-h16` (same round): "
-            + "; ".join(pairs) + ". With 2 workers per host the chained sync can save at most a "
-            "third of the bytes on the slow link (1.5x on the transfer, less end to end, since "
-            "compute and the intra-host stages stay). Single averages sometimes take seconds "
-            "longer than usual, and only through Horovod: per-round samples/s ranged "
+            "Gloo's ring each host's link carries 1.5x the model each way. `adaptive` and "
+            "`hier-4x4` use the sliced chained sync (`chained_allreduce: true`): a reduce-scatter "
+            "inside each host (loopback) leaves each worker the host's sum of half the model, the "
+            "two workers holding the same half (one per host) allreduce it, and an allgather "
+            "inside the host puts the halves together; each host's link carries the model once "
+            "each way, split over its two workers. `adaptive-leaders` is `adaptive` with the "
+            "leaders' form (`chained_allreduce: leaders`: a sum inside each host, an allreduce "
+            "between the two host leaders, a sum back down). `hier-4x4-allreduce` averages its "
+            "blocks like `hier-4x4` but its global sync is one allreduce over all ranks, so it "
+            "only adds the intra-host averages to `local-h16`. Per-round samples/s ratios to "
+            "`local-h16` (same round): " + "; ".join(pairs) + ". With 2 workers per host a "
+            "chained sync can save at most a third of the bytes on the slow link (1.5x on the "
+            "transfer, less end to end, since compute and the intra-host stages stay). Per-round "
+            "samples/s ranged "
             + "; ".join(f"`{v}` {min(res[v]['rates']):.0f}-{max(res[v]['rates']):.0f}"
-                        for v in ("torch-peer", "local-h16", "adaptive") if v in res)
-            + " (`torch-peer` makes the same flat average as `local-h16`, calling Gloo directly; "
-            "no TCP retransmission timeouts were counted in the slow rounds). So the ratios "
-            "scatter widely, the goals use per-round pairs, and a median above 1.2 with quartiles "
-            "this wide is not a reliable gain.")
+                        for v in ("torch-peer", "local-h16", "adaptive", "horovod-accumulate")
+                        if v in res)
+            + ". Horovod's PyTorch `synchronize` busy-waits (`sched_yield`) until a collective "
+            "completes, a core per waiting rank; with 4 ranks on 2 cores that starved the "
+            "transfers and made single averages seconds slower at random. The integration waits "
+            "for its own averages by polling with short sleeps; `horovod` and "
+            "`horovod-accumulate` go through Horovod's optimizer and keep its busy wait.")
     if name == "accuracy":
         out.append("All variants see the same number of samples. `local-h8`/`local-h32` run local SGD "
                    "from step 0; `post-local-h32`, `torch-peer`, `adaptive` and `adaptive-qsr` start "
@@ -277,6 +284,26 @@ def _notes(name: str, doc: dict) -> list:
                    "update is the mean gradient of H micro-batches) and makes H times fewer "
                    "updates; its accuracy shows that cost, without LR re-tuning for the large batch.")
     return [line for text in out for line in ("", text)]
+
+
+SYNC_COMMAND = ("sudo .venv/bin/python -m adaptive_lsgd.tools.cluster --hosts 2 --workers-per-host 2 "
+                "--rate-mbit 50 -- .venv/bin/python -m adaptive_lsgd.tools.bench_sync --reps 12 "
+                "--json docs/bench/sync.json")
+
+
+def _sync_note(out_dir: str) -> list:
+    """The single-average timings of ``tools/bench_sync.py`` (``sync.json``), if present."""
+    path = os.path.join(out_dir, "sync.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        sync = json.load(fh)
+    med, ratio = sync["median_s"], sync["ratio_to_flat"]
+    parts = [f"`{v}` {med[v]:.2f} s" + (f" (flat / {v}: {ratio[v]:.2f}x)" if v in ratio else "")
+             for v in med]
+    return [f"One global average of the {sync['bytes'] / 1e6:.1f} MB model in isolation, the same "
+            f"cluster, {sync['reps']} interleaved repetitions, median of the slowest rank "
+            f"(`{SYNC_COMMAND}`): " + ", ".join(parts) + ".", ""]
 
 
 def report(out_dir: str, doc_path: str | None = None) -> str:
@@ -318,6 +345,8 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
                   f"{', slowdown ' + str(cl['slowdown']) if cl.get('slowdown') else ''}. "
                   f"compute-only: {doc['compute_only_samples_per_s']:.0f} samples/s.", ""]
         lines += _table(doc) + _goals(doc) + _notes(name, doc) + [""]
+        if name == "hierarchical":
+            lines += _sync_note(out_dir)
         if name == "accuracy":
             lines += [f"![accuracy vs samples]({rel}/accuracy.png)", ""]
         if name == "changing-network":

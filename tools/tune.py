@@ -18,8 +18,9 @@ then all workers); rank 0 writes the versioned JSON profile (:mod:`adaptive_lsgd
 for the cluster asked about: ``--hosts``/``--workers-per-host`` change its shape,
 ``--inter-gbps``/``--intra-gbps`` (and ``--*-latency-us``) its links. It prints predicted
 samples/s, communication share and speed-up over H=1 for candidate periods, and the periods
-the adaptive policy would pick for ``--target-comm-fraction``. ``--out`` writes a config that
-``ALSGD_CONFIG`` loads as it is.
+the adaptive policy would pick for ``--target-comm-fraction`` (``--max-global-period`` caps
+the steps between global averages; ``--chained-allreduce sliced|leaders`` predicts the chained
+sync across hosts). ``--out`` writes a config that ``ALSGD_CONFIG`` loads as it is.
 
 ``analyze`` reads a decision log (``log``/``ALSGD_LOG``) and recommends fixed periods for the
 next run from the times that run measured, with the evidence.
@@ -42,7 +43,7 @@ import sys
 import time
 
 from adaptive_lsgd.cli_args import number, positive_int
-from adaptive_lsgd.config import ConfigError, load_config
+from adaptive_lsgd.config import CHAINED_FORMS, ConfigError, load_config
 from adaptive_lsgd.cost_model import CostModel, LinkModel
 from adaptive_lsgd.decision_log import read_log
 from adaptive_lsgd.policies import make_policy
@@ -392,8 +393,9 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 # -- recommend ---------------------------------------------------------------------------------
-def cluster_levels(hosts: int, workers_per_host: int) -> list:
-    """``[(kind, ranks per link), ...]`` finest first, as the scheduler's topology would be."""
+def cluster_levels(hosts: int, workers_per_host: int, chained: str | None = None) -> list:
+    """``[(kind, ranks per link), ...]`` finest first, as the scheduler's topology would be
+    (``chained``: ``sliced``/``leaders``, one rank per host in a cross-host link)."""
     if hosts < 1 or workers_per_host < 1:
         raise TuneError("--hosts and --workers-per-host must be at least 1")
     if hosts * workers_per_host < 2:
@@ -402,15 +404,18 @@ def cluster_levels(hosts: int, workers_per_host: int) -> list:
     if workers_per_host > 1:
         levels.append(("intra", workers_per_host))
     if hosts > 1:
-        levels.append(("inter", hosts * workers_per_host))
+        chained_link = chained and workers_per_host > 1
+        levels.append(("inter", hosts if chained_link else hosts * workers_per_host))
     return levels
 
 
-def recommendation(model: CostModel, target: float, max_period: int) -> tuple:
-    """The periods the core's adaptive policy picks for ``model``."""
+def recommendation(model: CostModel, target: float, max_period: int,
+                   max_global_period: int | None = None) -> tuple:
+    """The periods the core's adaptive policy picks for ``model`` (the product of the periods
+    at most ``max_global_period``, as the scheduler caps it)."""
     cfg = load_config({"target_comm_fraction": target, "max_period": max_period}, env={})
     policy = make_policy(cfg, model.num_levels)
-    return policy.best(model, target, cap=None)
+    return policy.best(model, target, cap=max_global_period)
 
 
 def predict(model: CostModel, periods, workers: int, batch_size: int) -> dict:
@@ -449,9 +454,12 @@ def cmd_recommend(args) -> int:
     if (args.inter_gbps or args.inter_latency_us) and args.hosts is None and hosts == 1:
         # "What if these workers were on separate hosts joined by this link?"
         hosts, wph = hosts * wph, (args.workers_per_host or 1)
-    levels = cluster_levels(hosts, wph)
-    model = profile.cost_model(levels)
-    rec = recommendation(model, args.target_comm_fraction, args.max_period)
+    chained = args.chained_allreduce if len(cluster_levels(hosts, wph)) > 1 else None
+    levels = cluster_levels(hosts, wph, chained)
+    shares = [1.0, 1.0 / wph] if chained == "sliced" else None  # each rank's slice crosses
+    model = profile.cost_model(levels, chained=bool(chained), shares=shares,
+                               sliced=chained == "sliced")
+    rec = recommendation(model, args.target_comm_fraction, args.max_period, args.max_global_period)
     workers = hosts * wph
     result = {**predict(model, rec, workers, profile.batch_size),
               "hosts": hosts, "workers_per_host": wph,
@@ -477,18 +485,20 @@ def cmd_recommend(args) -> int:
               f"communication {result['predicted_comm_fraction'] * 100:.1f}%, "
               f"{result['speedup_vs_h1']:.2f}x over H=1")
     if args.out:
+        extra = {k: v for k, v in (("chained_allreduce", chained),
+                                   ("max_global_period", args.max_global_period)) if v}
         write_config(args.out, rec, f"alsgd-tune recommend --profile {args.profile}: predicted "
                      f"{result['predicted_samples_per_s']:.1f} samples/s, comm "
-                     f"{result['predicted_comm_fraction'] * 100:.1f}%")
+                     f"{result['predicted_comm_fraction'] * 100:.1f}%", extra)
     if args.plot:
         plot(args.plot, model, rec, args.max_period, workers, profile.batch_size, levels)
     return 0
 
 
-def write_config(path: str, periods, comment: str) -> None:
+def write_config(path: str, periods, comment: str, extra: dict | None = None) -> None:
     import yaml
 
-    cfg = {"policy": "fixed", "periods": [int(h) for h in periods]}
+    cfg = {"policy": "fixed", "periods": [int(h) for h in periods], **(extra or {})}
     load_config(cfg, env={})  # what we write must load as it is
     try:
         with open(path, "w", encoding="utf-8") as fh:
@@ -624,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"allreduce latency {where}, microseconds")
     rc.add_argument("--target-comm-fraction", type=_fraction, default=0.1)
     rc.add_argument("--max-period", type=positive_int, default=64)
+    rc.add_argument("--max-global-period", type=positive_int, default=None,
+                    help="at most this many steps between global averages (config key "
+                         "max_global_period)")
+    rc.add_argument("--chained-allreduce", choices=CHAINED_FORMS, default=None,
+                    help="predict the chained sync (config key chained_allreduce) for the "
+                         "cross-host level")
     rc.add_argument("--json", action="store_true", help="print one JSON object")
     rc.add_argument("--out", metavar="CFG.yaml", help="write the recommended config")
     rc.add_argument("--plot", metavar="OUT.png", help="plot throughput and comm share against H")

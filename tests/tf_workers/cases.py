@@ -342,8 +342,9 @@ def adaptive_noise():
 
 def hierarchical_2x2(chained: bool = False):
     """4 ranks, topology 2x2, periods [2, 2]: blocks average every 2 steps, all ranks every 4
-    (one allreduce over all ranks, or chained: block sums, leaders, back down); a global
-    allreduce after every batch interleaves with them."""
+    (one allreduce over all ranks, or chained: the sliced sync, reduce-scatter in the block,
+    allreduce across, allgather back); a global allreduce after every batch interleaves with
+    them."""
     case = "hierarchical_2x2_chained" if chained else "hierarchical_2x2"
     model = mlp(width=16)
     opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05, momentum=0.9),
@@ -361,7 +362,8 @@ def hierarchical_2x2(chained: bool = False):
              "all_same": len({r[i]["digest"] for r in every}) == 1}
             for i, row in enumerate(every[RANK])]
     report(case, rows=rows, syncs=opt.alsgd.scheduler.syncs,
-           levels=opt.alsgd.topology.describe()["levels"],
+           levels=opt.alsgd.topology.describe()["levels"], sliced=opt.alsgd.topology.sliced,
+           model=np.concatenate([v.numpy().ravel() for v in model.trainable_variables]).tolist(),
            process_sets=sorted(list(k) for k in opt.alsgd.process_sets))
 
 

@@ -53,8 +53,8 @@ _GATHERS = [0]
 
 
 def gathered(t: torch.Tensor) -> torch.Tensor:
-    """(size, n): every rank's copy. Named: Horovod's automatic names count the operations this
-    process enqueued, and with a chained sync the leaders enqueue more than the others."""
+    """(size, n): every rank's copy. Named (a user's collectives need not be: the chained cases
+    also run unnamed ones)."""
     _GATHERS[0] += 1
     return hvd.allgather(t.unsqueeze(0).clone(), name=f"test.gather.{_GATHERS[0]}")
 
@@ -139,8 +139,10 @@ def peer_periodic_model_averager():
 
 def hierarchical_2x2(chained: bool = False):
     """Topology override 2x2, periods [2, 3]: blocks average every 2 steps, all every 6 (chained:
-    block sums, the leaders, back down). A global allgather after every step interleaves with
-    the block and leader process sets."""
+    the sliced sync, reduce-scatter in the block, allreduce across, allgather back). A global
+    allgather after every step interleaves with the block and cross-host process sets; chained,
+    an *unnamed* allreduce too (Horovod names it by the count of operations this process
+    enqueued: it matches only if every rank enqueued as many)."""
     case = "hierarchical_2x2_chained" if chained else "hierarchical_2x2"
     model = make_model()
     opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
@@ -151,12 +153,13 @@ def hierarchical_2x2(chained: bool = False):
     for step, (x, y) in enumerate(batches(24, seed=4), start=1):
         train_step(model, opt, x, y)
         g = gathered(flat(model))
-        rows.append({"step": step,
+        unnamed = float(hvd.allreduce(torch.ones(1), op=hvd.Sum)) if chained else float(SIZE)
+        rows.append({"step": step, "unnamed_sum": unnamed,
                      "block0_same": bool(torch.equal(g[0], g[1])),
                      "block1_same": bool(torch.equal(g[2], g[3])),
                      "all_same": bool(all(torch.equal(g[0], g[r]) for r in range(SIZE)))})
-    report(case, rows=rows, syncs=opt.alsgd.scheduler.syncs,
-           levels=opt.alsgd.topology.describe()["levels"],
+    report(case, rows=rows, syncs=opt.alsgd.scheduler.syncs, model=flat(model).tolist(),
+           sliced=opt.alsgd.topology.sliced, levels=opt.alsgd.topology.describe()["levels"],
            process_sets=sorted(list(k) for k in opt.alsgd.process_sets))
 
 
@@ -265,6 +268,25 @@ def time_budget():
     g = gathered(flat(model))
     report("time_budget", steps=steps, rank_steps=sched.rank_steps,
            identical=bool((g - g[0]).abs().max() == 0))
+
+
+def polite_wait():
+    """Rank 1 reaches the average 1.5 s late: rank 0 waits in it. Horovod's own synchronize
+    spins (sched_yield) for all that time; the integration's wait sleeps. Each rank's CPU time
+    (all its threads) over the average says which."""
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
+                                     named_parameters=model.named_parameters(),
+                                     config={"policy": "fixed", "periods": [1000]})
+    train_step(model, opt, *next(batches(1, seed=9)))
+    hvd.allreduce(torch.zeros(1), name="test.polite.barrier")
+    cpu, wall = time.process_time(), time.perf_counter()
+    if RANK == 1:
+        time.sleep(1.5)
+    opt.average_now()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    g = gathered(flat(model))
+    report("polite_wait", cpu_s=cpu, wall_s=wall, identical=bool((g - g[0]).abs().max() == 0))
 
 
 def _free_port() -> int:
