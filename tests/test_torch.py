@@ -90,7 +90,7 @@ def test_waiting_in_an_average_sleeps_instead_of_spinning(two_ranks):
     waiter, late = per_rank(two_ranks, "polite_wait", 2)
     assert waiter["identical"] and late["identical"]
     assert waiter["wall_s"] >= 1.4  # rank 0 waited for rank 1 ...
-    assert waiter["cpu_s"] < 0.5    # ... without burning a core (a spin costs about wall_s)
+    assert waiter["cpu_s"] < 0.3    # ... without burning a core (a spin costs about wall_s)
 
 
 @pytest.mark.parametrize("case", ["hierarchical_2x2", "hierarchical_2x2_chained"])
