@@ -58,6 +58,7 @@ class Config:
     history: int = 5
     nonfinite_guard: bool = True
     chained_allreduce: bool | str = False
+    overlap: bool = False
     profile: str | None = None
 
     def to_dict(self) -> dict:
@@ -125,7 +126,7 @@ def _check(key: str, v: Any) -> Any:
         if isinstance(v, bool) or v in CHAINED_FORMS:
             return v
         raise ValueError(f"expected true, false or one of the forms {', '.join(CHAINED_FORMS)}")
-    if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard"):
+    if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard", "overlap"):
         if isinstance(v, bool):
             return v
         raise ValueError("expected true or false")
@@ -263,4 +264,13 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
     if cfg.policy == "fixed" and cfg.periods is None:
         raise ConfigError("config key 'periods' is required with policy 'fixed' "
                           "(e.g. periods: [4], or [2, 8] for two levels)")
+    if cfg.overlap:
+        # An overlapped average is one asynchronous allreduce in flight while the next round
+        # runs: a multi-stage (chained) sync or per-rank round lengths do not fit that.
+        for key, bad in (("chained_allreduce", cfg.chained_allreduce is not False),
+                         ("time_budget", cfg.time_budget)):
+            if bad:
+                raise ConfigError(f"config key 'overlap' (from {sources['overlap']}) cannot be "
+                                  f"combined with {key}: {getattr(cfg, key)!r} (from "
+                                  f"{sources[key]}); set {key}: false or overlap: false")
     return cfg

@@ -9,6 +9,10 @@ an allgather down, half an allreduce each: ``sync_s(l) = sum_{j<l} link_s[j] + l
 one top-level sync; a lower-level sync happens at every multiple of its own period that is
 not also a higher one.
 
+With ``overlap`` (the average runs in the background during the next level-0 round of ``H_0``
+steps, see the ``overlap`` config key) a sync costs only what the round does not hide:
+``max(0, sync_s(l) - H_0 * compute_s)``.
+
 Example::
 
     >>> from adaptive_lsgd.cost_model import CostModel, LinkModel
@@ -17,6 +21,9 @@ Example::
     (0.889, 0.5)
     >>> round(LinkModel.fit([(1e6, 0.011), (4e6, 0.041)]).predict(2e6), 4)
     0.021
+    >>> m = CostModel(compute_s=0.05, link_s=[0.4], overlap=True)   # 8 steps hide the 0.4 s
+    >>> round(m.comm_fraction([4]), 3), m.comm_fraction([8])
+    (0.5, 0.0)
 """
 
 from __future__ import annotations
@@ -73,11 +80,12 @@ class CostModel:
     """
 
     def __init__(self, compute_s: float, link_s: Sequence[float], chained: bool = False,
-                 sliced: bool = False):
+                 sliced: bool = False, overlap: bool = False):
         self.compute_s = float(compute_s)
         self.link_s = [float(t) for t in link_s]
         self.chained = chained
         self.sliced = chained and sliced
+        self.overlap = overlap
         below = 1.0 if self.sliced else 2.0  # stages below the top: up and down
         self.sync_s = [sum(below * self.link_s[j] for j in range(lvl) if chained) + self.link_s[lvl]
                        for lvl in range(len(self.link_s))]
@@ -100,7 +108,9 @@ class CostModel:
         if len(periods) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} periods, got {list(periods)}")
         steps = math.prod(int(h) for h in periods)
-        comm = sum(n * t for n, t in zip(self.syncs_per_super_round(periods), self.sync_s))
+        hidden = int(periods[0]) * self.compute_s if self.overlap else 0.0
+        comm = sum(n * max(0.0, t - hidden)
+                   for n, t in zip(self.syncs_per_super_round(periods), self.sync_s))
         return steps, steps * self.compute_s, comm
 
     def comm_fraction(self, periods: Sequence[int]) -> float:
@@ -123,18 +133,27 @@ class CostModel:
         two are cached and read-only.
         """
         mesh, total, counts = grid_mesh(candidates)
-        return mesh, total, self.grid_fraction(total, counts)
+        return mesh, total, self.grid_fraction(total, counts, mesh[:, 0])
 
-    def grid_fraction(self, total: np.ndarray, counts: Sequence[np.ndarray]) -> np.ndarray:
-        """The communication share of every grid point of :func:`grid_mesh`."""
+    def grid_fraction(self, total: np.ndarray, counts: Sequence[np.ndarray],
+                      h0: np.ndarray | None = None) -> np.ndarray:
+        """The communication share of every grid point of :func:`grid_mesh` (``h0``: the
+        points' level-0 periods, needed with ``overlap``)."""
+        if self.overlap:
+            if h0 is None:
+                raise ValueError("grid_fraction of an overlap model needs the level-0 periods h0")
+            hidden = h0 * self.compute_s
+            sync = [np.maximum(0.0, t - hidden) for t in self.sync_s]
+        else:
+            sync = self.sync_s
         if self.num_levels == 1:
-            comm = np.full(len(total), self.sync_s[-1])
+            comm = np.broadcast_to(sync[-1], total.shape).astype(np.float64)
         else:  # (s_top + n_0 s_0) + n_1 s_1 ...: the order the grid always summed in
-            comm = counts[0] * self.sync_s[0] + self.sync_s[-1]
+            comm = counts[0] * sync[0] + sync[-1]
             for lvl in range(1, self.num_levels - 1):
-                comm += counts[lvl] * self.sync_s[lvl]
+                comm += counts[lvl] * sync[lvl]
         denom = total * self.compute_s + comm
-        if self.compute_s > 0 or self.sync_s[-1] > 0:  # every global period is >= 1
+        if self.compute_s > 0 or (not self.overlap and self.sync_s[-1] > 0):  # periods are >= 1
             return comm / denom
         return np.divide(comm, denom, out=np.zeros_like(comm), where=denom > 0)
 

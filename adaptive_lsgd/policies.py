@@ -99,7 +99,7 @@ class AdaptivePolicy(Policy):
 
     def _fractions(self, model: CostModel) -> tuple:
         if self._last[0] is not model:  # choose() asks thrice about one model
-            frac = model.grid_fraction(self._total, self._counts)
+            frac = model.grid_fraction(self._total, self._counts, self._mesh[:, 0])
             self._last = (model, frac, frac[self._order_feasible])
         return self._last[1], self._last[2]
 

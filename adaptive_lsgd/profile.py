@@ -140,7 +140,8 @@ class Profile:
 
     def cost_model(self, levels: Sequence[tuple], nbytes: float | None = None,
                    compute_s: float | None = None, chained: bool = False,
-                   shares: Sequence[float] | None = None, sliced: bool = False) -> CostModel:
+                   shares: Sequence[float] | None = None, sliced: bool = False,
+                   overlap: bool = False) -> CostModel:
         """The core's :class:`CostModel` for ``levels`` = ``[(kind, ranks per link), ...]``
         (finest first) and ``nbytes`` averaged per sync (default: the profiled model's);
         ``shares[l]`` is the part of it a level-``l`` link carries (sliced chained sync)."""
@@ -149,7 +150,7 @@ class Profile:
         link_s = [self.link_time(kind, nbytes * share, ranks)
                   for (kind, ranks), share in zip(levels, shares)]
         return CostModel(self.compute_s if compute_s is None else compute_s, link_s, chained=chained,
-                         sliced=sliced)
+                         sliced=sliced, overlap=overlap)
 
 
 def level_kinds(num_levels: int, spans_hosts: Sequence[bool] | None = None) -> list:

@@ -254,11 +254,22 @@ class Scheduler:
             row[BASE_COLS + lvl] = stat.median()
         return row
 
-    def complete_sync(self, plan: SyncPlan, reduced: np.ndarray, stage_times) -> SyncResult:
-        """Take the reduced payload and this rank's stage wall times (one per stage it ran)."""
+    def complete_sync(self, plan: SyncPlan, reduced: np.ndarray, stage_times,
+                      waited_s: float | None = None) -> SyncResult:
+        """Take the reduced payload and this rank's stage wall times (one per stage it ran).
+
+        ``waited_s``: with ``overlap`` the stage time is the transfer (from the start of the
+        asynchronous allreduce to its completion, which the next round hid in part) and
+        ``waited_s`` the time this rank was blocked on it, which the summary counts as
+        communication. With ``overlap`` the integration calls this one round late, after the
+        next round's :meth:`step_done` and before its :meth:`payload`: every rank does the
+        same, so decisions stay shared (they take effect one round later)."""
         reduced = np.asarray(reduced, dtype=np.float32)
+        if waited_s is not None:
+            self.time_comm += float(waited_s)
         for stage, seconds in zip(plan.stages, stage_times):
-            self.time_comm += seconds
+            if waited_s is None:
+                self.time_comm += seconds
             if stage.kind == "reducescatter":  # half of an allreduce's traffic (ring algorithms)
                 self._links[stage.link_level].add(2.0 * float(seconds))
             elif stage.kind not in ("broadcast", "allgather"):  # those wait for the levels above
@@ -457,7 +468,7 @@ class Scheduler:
         levels = [(kind, topo.link_ranks(lvl)) for lvl, kind in enumerate(kinds)]
         return prof.cost_model(levels, nbytes=self.param_bytes or None, chained=topo.chained,
                                shares=[topo.model_share(lvl) for lvl in range(self.num_levels)],
-                               sliced=topo.sliced)
+                               sliced=topo.sliced, overlap=self.config.overlap)
 
     def _build_model(self) -> CostModel | None:
         """The shared cost model, once compute and the top link were measured. A lower level
@@ -468,7 +479,8 @@ class Scheduler:
         if seed is not None:
             compute = statistics.median(self._hist_compute) if self._hist_compute else seed.compute_s
             links = [statistics.median(h) if h else s for h, s in zip(self._hist_links, seed.link_s)]
-            return CostModel(compute, links, chained=self.topology.chained, sliced=self.topology.sliced)
+            return CostModel(compute, links, chained=self.topology.chained, sliced=self.topology.sliced,
+                             overlap=self.config.overlap)
         if not self._hist_compute or not self._hist_links[-1]:
             return None
         links = [statistics.median(h) if h else None for h in self._hist_links]
@@ -476,7 +488,8 @@ class Scheduler:
             if links[lvl] is None:
                 links[lvl] = links[lvl + 1]
         return CostModel(statistics.median(self._hist_compute), links,
-                         chained=self.topology.chained, sliced=self.topology.sliced)
+                         chained=self.topology.chained, sliced=self.topology.sliced,
+                         overlap=self.config.overlap)
 
 
 __all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",

@@ -141,6 +141,10 @@ class ClusterSim:
                  check_agreement: bool = False):
         self.config = config = (config if isinstance(config, Config)
                                 else load_config(config, env={}))
+        if config.overlap:
+            raise ConfigError("config key 'overlap': the simulator models averages that block "
+                              "the ranks; overlapped averaging is not simulated (set overlap: "
+                              "false, or ask alsgd-tune recommend --overlap)")
         self.hosts, self.wph = hosts, workers_per_host
         self.world = world = hosts * workers_per_host
         self.topology = Topology.from_config(f"{hosts}x{workers_per_host}", ["h"] * world,

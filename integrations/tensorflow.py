@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
-from adaptive_lsgd.config import Config, load_config  # noqa: E402
+from adaptive_lsgd.config import Config, ConfigError, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
     elastic_job,
@@ -179,6 +179,10 @@ class LocalSGD:
         with tf.init_scope():
             infos = hvd.allgather_object(agreement.rank_info(self.config, host_name()))
         agreement.check_agreement(infos)
+        if self.config.overlap:
+            raise ConfigError("config key 'overlap' is supported by the PyTorch integration only "
+                              "(Horovod's TensorFlow API has no asynchronous collective to run in "
+                              "the background of eager steps); set overlap: false")
         self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
                                              chained=self.config.chained_allreduce,
                                              elastic=elastic_job())

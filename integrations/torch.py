@@ -24,6 +24,9 @@ phase the gradient hooks stand aside; after the local update the core scheduler 
 average the parameters (and BatchNorm buffers) over which process set. Every decision comes
 from the core (``adaptive_lsgd.Scheduler``); this file only moves tensors and times them.
 
+With ``overlap: true`` an average runs in the background during the next round and is applied
+at that round's end (``optimizer.wait_for_average()`` applies it earlier, e.g. before saving).
+
 This module sets ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` when imported (unless set), so import it
 before ``hvd.init()``; hierarchical topologies need it.
 
@@ -49,7 +52,7 @@ import torch  # noqa: E402
 from horovod.torch.optimizer import _DistributedOptimizer  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
-from adaptive_lsgd.config import Config, load_config  # noqa: E402
+from adaptive_lsgd.config import Config, ConfigError, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
     elastic_job,
@@ -86,6 +89,18 @@ def _exit_barrier() -> None:
 _SETS_TOKEN = [None]  # the init the cached process sets belong to
 _WARNED: list = []
 _WARNED_CHAINED: list = []
+_WARNED_INFLIGHT: list = []
+
+
+class _InFlight:
+    """An overlapped average: its plan, Horovod handle, this rank's tensors at the round's end
+    (``snapshot``), the buffers being summed (``send``, then the sum) and the payload."""
+
+    __slots__ = ("plan", "handle", "snapshot", "send", "payload", "healthy", "start", "done_t")
+
+    def __init__(self, plan, handle, snapshot, send, payload, healthy, start):
+        self.plan, self.handle, self.snapshot, self.send = plan, handle, snapshot, send
+        self.payload, self.healthy, self.start, self.done_t = payload, healthy, start, None
 
 
 class _Runtime:
@@ -258,8 +273,14 @@ class _LocalSGDMixin:
         loss = super(self.__class__, self).step(closure)
         now = self._alsgd_now()
         plan = sched.step_done(now - self._alsgd_t, lr=self._alsgd_lr())
+        inflight = self._alsgd_inflight
+        if inflight is not None and inflight.done_t is None and hvd.poll(inflight.handle):
+            inflight.done_t = now  # the transfer ended during this step (one step's resolution)
         if plan is not None:
-            self._alsgd_sync(plan)
+            if rt.config.overlap:
+                self._alsgd_overlapped_sync(plan)
+            else:
+                self._alsgd_sync(plan)
             now = self._alsgd_now()
         self._alsgd_t = now
         return loss
@@ -284,14 +305,19 @@ class _LocalSGDMixin:
                         out.append(value)
         return out
 
-    @torch.no_grad()
-    def _alsgd_sync(self, plan: SyncPlan) -> None:
+    def _alsgd_contribution(self, plan: SyncPlan) -> tuple:
+        """The tensors to average, whether they are all finite (the guard), and the payload."""
         rt = self._alsgd
         tensors = self._alsgd_tensors()
         healthy = True
         if rt.config.nonfinite_guard:
             healthy = all(bool(torch.isfinite(t).all()) for t in tensors)
-        payload = torch.from_numpy(rt.scheduler.payload(plan, healthy))
+        return tensors, healthy, torch.from_numpy(rt.scheduler.payload(plan, healthy))
+
+    @torch.no_grad()
+    def _alsgd_sync(self, plan: SyncPlan) -> None:
+        rt = self._alsgd
+        tensors, healthy, payload = self._alsgd_contribution(plan)
         if not healthy:
             torch._foreach_zero_(tensors)
         elif plan.weight != 1.0:
@@ -325,9 +351,71 @@ class _LocalSGDMixin:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    # -- overlapped averaging (config key 'overlap') ---------------------------------------
+    @torch.no_grad()
+    def _alsgd_overlapped_sync(self, plan: SyncPlan) -> None:
+        """Finish the average started at the previous round's end, then start this round's in
+        the background: every rank issues the same collectives in the same order, one
+        grouped allreduce per round, as without overlap."""
+        self.wait_for_average()
+        if len(plan.stages) != 1:  # a rank alone in its block (or a job of one): nothing to send
+            self._alsgd_sync(plan)
+            return
+        rt = self._alsgd
+        tensors, healthy, payload = self._alsgd_contribution(plan)
+        snapshot = [t.detach().clone() for t in tensors]
+        if not healthy:
+            send = [torch.zeros_like(t) for t in tensors]
+        else:
+            send = [t.clone() for t in snapshot]
+            if plan.weight != 1.0:
+                torch._foreach_mul_(send, plan.weight)
+        stage = plan.stages[0]
+        start = time.perf_counter()
+        handle = hvd.grouped_allreduce_async_(
+            send + [payload], op=hvd.Sum, name=f"alsgd.overlap.{stage.link_level}",
+            process_set=rt.process_sets.get(stage.ranks, hvd.global_process_set))
+        self._alsgd_inflight = _InFlight(plan, handle, snapshot, send, payload, healthy, start)
+
+    @torch.no_grad()
+    def wait_for_average(self) -> float:
+        """With ``overlap``: wait for the average in flight (started at the end of the last
+        round) and apply it: ``x <- average + (x - x at the round's end)``, so each rank keeps
+        the local steps it took meanwhile. No new collective (every rank started this one);
+        nothing to do without overlap or when no average is in flight. Returns the seconds
+        it waited. Call it before saving a checkpoint, or use :meth:`average_now`, which calls
+        it first."""
+        inflight, self._alsgd_inflight = self._alsgd_inflight, None
+        if inflight is None:
+            return 0.0
+        rt = self._alsgd
+        start = time.perf_counter()
+        _wait(inflight.handle)
+        end = time.perf_counter()
+        transfer = (inflight.done_t or end) - inflight.start
+        result = rt.scheduler.complete_sync(inflight.plan, inflight.payload.numpy(), [transfer],
+                                            waited_s=end - start)
+        average = inflight.send
+        if result.total_weight != 1.0:
+            torch._foreach_div_(average, result.total_weight)
+        tensors = self._alsgd_tensors()
+        if inflight.healthy:
+            torch._foreach_sub_(tensors, inflight.snapshot)
+            torch._foreach_add_(tensors, average)
+        else:  # this rank was left out: reset to the healthy ranks' average
+            for t, a in zip(tensors, average):
+                t.copy_(a)
+        state = self._alsgd_state_tensors() if rt.config.momentum == "reset" or not inflight.healthy else []
+        if state:
+            torch._foreach_zero_(state)
+        self._alsgd_t = self._alsgd_now()
+        return end - start
+
     def average_now(self) -> None:
         """Average the model over all ranks now (collective: call on every rank at the same
-        point, e.g. before evaluating or saving at the end of training)."""
+        point, e.g. before evaluating or saving at the end of training). With ``overlap`` it
+        first applies the average in flight."""
+        self.wait_for_average()
         plan = self._alsgd_runtime().scheduler.sync_now()
         if plan is not None:
             self._alsgd_sync(plan)
@@ -337,6 +425,12 @@ class _LocalSGDMixin:
         """The wrapped optimizer's state plus the scheduler's under ``"alsgd"`` (None before
         the first step of an elastic job: a fresh scheduler). Never a collective."""
         state = super(self.__class__, self).state_dict()
+        if self._alsgd_inflight is not None and not _WARNED_INFLIGHT:
+            _WARNED_INFLIGHT.append(True)
+            warnings.warn("adaptive-lsgd: state_dict() while an overlapped average is in flight: "
+                          "the checkpoint misses it, and a resume will not repeat this run exactly. "
+                          "Call optimizer.wait_for_average() (or average_now()) on every rank "
+                          "before saving", stacklevel=2)
         if self._alsgd_pending is not _NOTHING:
             state["alsgd"] = copy.deepcopy(self._alsgd_pending)
         else:
@@ -405,6 +499,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     are averaged with the parameters unless ``average_buffers: false``).
     """
     cfg = load_config(config)
+    if cfg.overlap and elastic_job():
+        raise ConfigError("config key 'overlap' is not supported in elastic Horovod jobs (an "
+                          "average in flight cannot survive a reset); set overlap: false")
     if op == hvd.Adasum:
         raise ValueError("op=hvd.Adasum is not supported by adaptive-lsgd's DistributedOptimizer; "
                          "use hvd.Average or hvd.Sum")
@@ -434,6 +531,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     opt._alsgd_names = dict(opt._parameter_names)  # Horovod's names for the gradient allreduces
     opt._alsgd_cuda = any(p.is_cuda for p in params)
     opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
+    opt._alsgd_inflight = None  # overlap: the average started at the end of the last round
     # Elastic jobs build on first use: a worker that joins later must not run a collective
     # here, while the others are already in TorchState.sync().
     opt._alsgd = None if elastic_job() else _Runtime(cfg, param_bytes)

@@ -149,6 +149,46 @@ class FakeCluster:
         self.syncs.append((plans[0].step, plans[0].level, results))
         return results
 
+    # -- overlap: the sync started at a round's end completes at the next round's end ---------
+    def step_all_overlapped(self, compute_s, healthy=None, waited_s=0.0):
+        """One local step on every rank with ``overlap``: at a round's end first finish the
+        sync in flight (:meth:`finish_inflight`), then start this one. The sums are taken at
+        the start (a real collective sums the buffers the ranks handed it then); each rank's
+        model keeps what it did meanwhile: ``x <- average + (x - x at the start)``. Returns the
+        finished sync's results, or None."""
+        cs = compute_s if isinstance(compute_s, (list, tuple, np.ndarray)) else [compute_s] * self.size
+        plans = [s.step_done(float(c)) for s, c in zip(self.scheds, cs)]
+        if all(p is None for p in plans):
+            return None
+        assert all(p is not None for p in plans), f"only some ranks sync: {plans}"
+        results = self.finish_inflight(waited_s)
+        healthy = [True] * self.size if healthy is None else list(healthy)
+        n = len(self.models[0])
+        buffers = []
+        for r, (s, p) in enumerate(zip(self.scheds, plans)):
+            model = self.models[r] * p.weight if healthy[r] else np.zeros(n)
+            buffers.append(np.concatenate([model, s.payload(p, healthy[r]).astype(np.float64)]))
+        run_stages(plans, buffers)
+        self.inflight = (plans, buffers, [m.copy() for m in self.models], healthy)
+        return results
+
+    def finish_inflight(self, waited_s=0.0):
+        """Complete the sync in flight (None if there is none) and apply it."""
+        if getattr(self, "inflight", None) is None:
+            return None
+        (plans, buffers, snapshots, healthy), self.inflight = self.inflight, None
+        n = len(self.models[0])
+        results = []
+        for r, (s, p) in enumerate(zip(self.scheds, plans)):
+            times = [self.stage_time(r, st, p) for st in p.stages]
+            waited = waited_s(r) if callable(waited_s) else waited_s
+            result = s.complete_sync(p, buffers[r][n:].astype(np.float32), times, waited_s=waited)
+            average = buffers[r][:n] / result.total_weight
+            self.models[r] = self.models[r] - snapshots[r] + average if healthy[r] else average
+            results.append(result)
+        self.syncs.append((plans[0].step, plans[0].level, results))
+        return results
+
     # -- views --------------------------------------------------------------------------------
     @property
     def periods(self) -> list:

@@ -69,12 +69,17 @@ def test_comm_bound_tiny_run_on_emulated_cluster(tmp_path):
     """2 emulated hosts at 100 Mbit/s, a 1M-parameter model: allreduce every step is slow."""
     out = tmp_path / "bench"
     proc = _bench("comm-bound", "--out", str(out), "--rounds", "2", "--steps", "8",
-                  "--variants", "horovod,local-h4,adaptive")
+                  "--variants", "horovod,local-h4,adaptive,adaptive-overlap")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     doc = json.loads((out / "comm-bound.json").read_text())
     jsonschema.validate(doc, bench.SCHEMA)
     res = doc["results"]
-    assert set(res) == {"compute-only", "horovod", "local-h4", "adaptive"}
+    assert set(res) == {"compute-only", "horovod", "local-h4", "adaptive", "adaptive-overlap"}
+    # overlap: starts at H=1 like adaptive; its averages complete (a segment drains the one in flight)
+    over = res["adaptive-overlap"]
+    assert over["trace"][0][2] == [1] and over["global_syncs"] >= len(over["trace"]) > 2
+    assert {g["goal"] for g in doc["goals"]} >= {"adaptive-overlap >= 0.9 of compute-only",
+                                                 "adaptive >= 0.9 of compute-only"}
     assert res["local-h4"]["global_syncs"] == 16 // 4
     # 4.2 MB over two 100 Mbit/s links takes > 0.3 s; a step computes in far less
     assert res["horovod"]["samples_per_s"] < 0.5 * doc["compute_only_samples_per_s"], res

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from adaptive_lsgd import load_config, read_log
+from adaptive_lsgd import ConfigError, load_config, read_log
 from adaptive_lsgd.sim import ClusterSim, SimulationError, main, ring_allreduce_s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +77,16 @@ def test_bad_flags_give_usage_not_traceback(args, message):
     proc = sim_cli(*args)
     assert proc.returncode == 2
     assert "usage:" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_overlap_is_refused_not_simulated_wrongly(tmp_path):
+    with pytest.raises(ConfigError, match="overlapped averaging is not simulated"):
+        make(config={"overlap": True})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("overlap: true\n")
+    proc = sim_cli("--config", str(cfg))
+    assert proc.returncode == 2 and "overlapped averaging is not simulated" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

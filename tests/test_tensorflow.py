@@ -143,6 +143,8 @@ def test_keras_api_beside_horovod_callbacks(np2):
         assert r["eager_after_sync"] == [True, True] and not any(r["eager_between"])
         assert 0 < r["warmup_lr"] <= 0.05 + 1e-6
         assert r["mismatch"] and "periods" in r["mismatch"] and "rank 1=[3]" in r["mismatch"]
+        assert r["overlap_error"] and "'overlap' is supported by the PyTorch integration only" in \
+            r["overlap_error"]
         assert r["summary"]["switch_step"] == r["switch_step"]
 
 

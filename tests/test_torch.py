@@ -15,8 +15,8 @@ from conftest import horovodrun, results
 pytestmark = pytest.mark.torch
 WORKER = "tests/torch_workers/cases.py"
 TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
-       "optimizer_api", "first_lr_decay", "time_budget", "polite_wait"]
-FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise"]
+       "optimizer_api", "first_lr_decay", "time_budget", "polite_wait", "overlap_h4_equals_reference"]
+FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise", "overlap_adaptive_noise"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,39 @@ def test_waiting_in_an_average_sleeps_instead_of_spinning(two_ranks):
     assert waiter["cpu_s"] < 0.3    # ... without burning a core (a spin costs about wall_s)
 
 
+def test_overlap_applies_each_average_a_round_late(two_ranks):
+    for r in per_rank(two_ranks, "overlap_h4_equals_reference", 2):
+        assert r["max_diff"] <= 1e-6  # the reference applies the average a round late, exactly so
+        # the average of step 4k completes at step 4(k+1): 9 of 10 done after 40 steps
+        assert r["syncs_seen"][3] == 0 and r["syncs_seen"][7] == 1 and r["syncs_seen"][-1] == 9
+        # each rank keeps its own last round on top of the average: never identical ...
+        assert not any(r["identical_between"])
+        # ... until average_now() applies the one in flight and averages once more
+        assert r["syncs_after_average"] == [11] and r["final_identical"]
+        assert r["warned"]  # state_dict() with an average in flight warns
+        assert "'overlap' is not supported in elastic Horovod jobs" in r["elastic_error"]
+
+
+def agreed_logs(rows: list, steps: int) -> list:
+    """Every rank took ``steps`` steps and ends identical; their decision logs (less the clock)
+    are equal; rank 0's."""
+    logs = []
+    for r in rows:
+        assert r["steps"] == steps and r["final_identical"]
+        with open(r["log"]) as fh:
+            logs.append([{k: v for k, v in json.loads(line).items() if k != "time"} for line in fh])
+    assert len(logs[0]) > 10
+    assert all(log == logs[0] for log in logs[1:]), "decision logs differ between ranks"
+    assert any(rec.get("decision") == "adapt" for rec in logs[0])
+    return logs[0]
+
+
+def test_overlap_adaptive_under_random_sleeps_agrees(four_ranks):
+    rows = per_rank(four_ranks, "overlap_adaptive_noise", 4)
+    agreed_logs(rows, 600)
+    assert rows[0]["summary"]["syncs_per_level"][0] >= 10
+
+
 @pytest.mark.parametrize("case", ["hierarchical_2x2", "hierarchical_2x2_chained"])
 def test_hierarchical_2x2_block_and_global_periods(four_ranks, case):
     for r in per_rank(four_ranks, case, 4):
@@ -126,14 +159,6 @@ def test_chained_sync_averages_like_one_allreduce(four_ranks):
 
 def test_adaptive_under_random_sleeps_agrees(four_ranks):
     rows = per_rank(four_ranks, "adaptive_noise", 4)
-    logs = []
-    for r in rows:
-        assert r["steps"] == 2000 and r["final_identical"]
-        with open(r["log"]) as fh:
-            logs.append([{k: v for k, v in json.loads(line).items() if k != "time"} for line in fh])
-    assert len(logs[0]) > 10
-    assert all(log == logs[0] for log in logs[1:]), "decision logs differ between ranks"
-    decisions = [rec for rec in logs[0] if "decision" in rec]
-    assert any(rec["decision"] == "adapt" for rec in decisions)
+    decisions = [rec for rec in agreed_logs(rows, 2000) if "decision" in rec]
     assert all(isinstance(rec["step"], int) and isinstance(rec["periods"], list) for rec in decisions)
     assert os.path.basename(rows[0]["log"]) == "noise.0.jsonl"

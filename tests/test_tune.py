@@ -100,6 +100,25 @@ def test_recommend_caps_the_global_period_and_predicts_the_chained_sync(torch_pr
     assert written["chained_allreduce"] == "sliced" and written["periods"] == sliced["periods"]
 
 
+def test_recommend_with_overlap_hides_the_allreduce_behind_the_next_round(torch_profile, tmp_path):
+    path, _ = torch_profile
+    ask = ("recommend", "--profile", path, "--inter-gbps", 0.05, "--max-period", 512, "--json")
+    plain = json.loads(run_tune(*ask).stdout)
+    over = json.loads(run_tune(*ask, "--overlap", "--out", tmp_path / "o.yaml").stdout.splitlines()[0])
+    # overlapped, only what the next round does not cover counts: a smaller H meets the target
+    assert over["periods"][0] < plain["periods"][0]
+    assert over["predicted_comm_fraction"] <= 0.1 + 1e-9
+    allreduce, compute = over["levels"][0]["allreduce_s"], over["compute_s"]
+    need = 0.9 * allreduce / compute  # (1 - target) x allreduce / step: the smallest H allowed
+    h = over["periods"][0]
+    assert h >= need - 1e-9 and (h - 1 < need or h > 64)  # every H up to 64 is a candidate
+    written = yaml.safe_load((tmp_path / "o.yaml").read_text())
+    assert written["overlap"] is True and written["periods"] == over["periods"]
+    rc, _, err = tune_main("recommend", "--profile", path, "--hosts", 2, "--workers-per-host", 2,
+                           "--overlap", "--chained-allreduce", "sliced")
+    assert_clean_error(rc, err, "--overlap cannot be combined with --chained-allreduce")
+
+
 def test_recommend_slow_network_gives_h_above_1_and_fast_gives_1(torch_profile):
     path, _ = torch_profile
     slow = json.loads(run_tune("recommend", "--profile", path, "--inter-gbps", 0.1, "--json").stdout)

@@ -12,7 +12,10 @@ order that rotates from round to round; samples/s is the median over rounds. Var
 * ``local-hH``: our fixed-period local SGD (``hier-AxB``: fixed hierarchical periods);
 * ``torch-peer``: PyTorch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager`` over
   ``torch.distributed`` (Gloo);
-* ``adaptive``: our adaptive policy (periods chosen online); ``*-time-budget``: time-budget rounds.
+* ``adaptive``: our adaptive policy (periods chosen online); ``*-time-budget``: time-budget rounds;
+  ``adaptive-overlap``: the same with ``overlap: true`` (each average runs in the background
+  during the next round; a segment waits for the one in flight before it ends and is charged
+  only the part of that wait the rest of the round would not have hidden).
 
 Examples (as root)::
 
@@ -21,8 +24,8 @@ Examples (as root)::
     alsgd-bench report --out docs/bench --doc docs/benchmarks.md        # re-plot from the JSON
 
 ``comm_fraction``: ours from the integration's summary (time in collectives / time; a run that
-never left the mini-batch phase like the others); the others ``1 - compute-only step time / step
-time``. ``global_syncs``: global synchronisations per rank
+never left the mini-batch phase, and the ``overlap`` variants, like the others); the others
+``1 - compute-only step time / step time``. ``global_syncs``: global synchronisations per rank
 (a mini-batch step counts as one).
 """
 
@@ -100,7 +103,12 @@ SCENARIOS = {
     "comm-bound": dict(
         about="2 hosts x 1 worker, 100 Mbit/s links, 1.05M-parameter MLP (4.2 MB)",
         hosts=2, workers=1, rate=100, model="mlp", width=1000, batch=64, lr=0.05,
-        rounds=(6, 3), steps=(128, 64), variants=_standard([4, 16, 64], 16)),
+        rounds=(6, 3), steps=(128, 64),
+        variants=_standard([4, 16, 64], 16) + [
+            _ours("adaptive-overlap", 16, policy="adaptive", overlap=True),
+            # the same asking for at most 5% of the time in (exposed) communication
+            _ours("adaptive-overlap-t05", 16, policy="adaptive", overlap=True,
+                  target_comm_fraction=0.05)]),
     "changing-network": dict(
         about="2 hosts x 1 worker, 100 Mbit/s dropping to 10 Mbit/s half-way, 105k-parameter MLP, "
               "80 ms emulated device step",
@@ -261,9 +269,12 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
             v["samples_per_s"] = (v["samples"] / sum(v["walls"]) if v["kind"] != "compute" else
                                   len(v["rates"]) / sum(1 / r for r in v["rates"]))
     limit = vs.get("compute-only", {}).get("samples_per_s")
+    # overlap: the summary counts each segment's final wait in full, though the segment is
+    # charged only what the rest of its round would not have hidden: use the throughput instead
+    overlapped = {spec["name"] for spec in s["variants"] if spec.get("config", {}).get("overlap")}
     results = {}
     for vname, v in vs.items():
-        if v["kind"] == "alsgd" and v.get("switch_step") is not None:
+        if v["kind"] == "alsgd" and v.get("switch_step") is not None and vname not in overlapped:
             comm = v["comm_fraction_summary"]  # the integration's own figure (local phase)
         elif v["kind"] == "compute" or not limit:
             comm = 0.0
@@ -332,13 +343,14 @@ def goals(name: str, doc: dict) -> list:
     def add(goal, value, met):
         out.append({"goal": goal, "value": value, "met": bool(met) if value is not None else None})
 
-    if name == "comm-bound" and "adaptive" in r and "horovod" in r:
-        x = _ratio(sps["adaptive"], sps["horovod"])
-        add("adaptive >= 4x horovod samples/s", x, x and x >= 4)
-        x = _ratio(sps["adaptive"], doc["compute_only_samples_per_s"])
-        add("adaptive >= 0.9 of compute-only", x, x and x >= 0.9)
-        x = (r["adaptive"]["test_acc"] - r["horovod"]["test_acc"]) * 100
-        add("adaptive test accuracy within 1 point of horovod (points)", x, abs(x) <= 1)
+    for v in ("adaptive", "adaptive-overlap", "adaptive-overlap-t05"):
+        if name == "comm-bound" and v in r and "horovod" in r:
+            x = _ratio(sps[v], sps["horovod"])
+            add(f"{v} >= 4x horovod samples/s", x, x and x >= 4)
+            x = _ratio(sps[v], doc["compute_only_samples_per_s"])
+            add(f"{v} >= 0.9 of compute-only", x, x and x >= 0.9)
+            x = (r[v]["test_acc"] - r["horovod"]["test_acc"]) * 100
+            add(f"{v} test accuracy within 1 point of horovod (points)", x, abs(x) <= 1)
     if name == "changing-network" and "adaptive" in r and any(k.startswith("local-h") for k in r):
         ref = reference_h(doc)
         if ref:

@@ -20,7 +20,8 @@ for the cluster asked about: ``--hosts``/``--workers-per-host`` change its shape
 samples/s, communication share and speed-up over H=1 for candidate periods, and the periods
 the adaptive policy would pick for ``--target-comm-fraction`` (``--max-global-period`` caps
 the steps between global averages; ``--chained-allreduce sliced|leaders`` predicts the chained
-sync across hosts). ``--out`` writes a config that ``ALSGD_CONFIG`` loads as it is.
+sync across hosts, ``--overlap`` averages that run during the next round). ``--out`` writes
+a config that ``ALSGD_CONFIG`` loads as it is.
 
 ``analyze`` reads a decision log (``log``/``ALSGD_LOG``) and recommends fixed periods for the
 next run from the times that run measured, with the evidence.
@@ -457,8 +458,11 @@ def cmd_recommend(args) -> int:
     chained = args.chained_allreduce if len(cluster_levels(hosts, wph)) > 1 else None
     levels = cluster_levels(hosts, wph, chained)
     shares = [1.0, 1.0 / wph] if chained == "sliced" else None  # each rank's slice crosses
+    if args.overlap and chained:
+        raise TuneError("--overlap cannot be combined with --chained-allreduce (an overlapped "
+                        "average is one allreduce; config key overlap)")
     model = profile.cost_model(levels, chained=bool(chained), shares=shares,
-                               sliced=chained == "sliced")
+                               sliced=chained == "sliced", overlap=args.overlap)
     rec = recommendation(model, args.target_comm_fraction, args.max_period, args.max_global_period)
     workers = hosts * wph
     result = {**predict(model, rec, workers, profile.batch_size),
@@ -486,7 +490,8 @@ def cmd_recommend(args) -> int:
               f"{result['speedup_vs_h1']:.2f}x over H=1")
     if args.out:
         extra = {k: v for k, v in (("chained_allreduce", chained),
-                                   ("max_global_period", args.max_global_period)) if v}
+                                   ("max_global_period", args.max_global_period),
+                                   ("overlap", args.overlap)) if v}
         write_config(args.out, rec, f"alsgd-tune recommend --profile {args.profile}: predicted "
                      f"{result['predicted_samples_per_s']:.1f} samples/s, comm "
                      f"{result['predicted_comm_fraction'] * 100:.1f}%", extra)
@@ -640,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--chained-allreduce", choices=CHAINED_FORMS, default=None,
                     help="predict the chained sync (config key chained_allreduce) for the "
                          "cross-host level")
+    rc.add_argument("--overlap", action="store_true",
+                    help="predict overlapped averaging (config key overlap: each average runs "
+                         "during the next round)")
     rc.add_argument("--json", action="store_true", help="print one JSON object")
     rc.add_argument("--out", metavar="CFG.yaml", help="write the recommended config")
     rc.add_argument("--plot", metavar="OUT.png", help="plot throughput and comm share against H")

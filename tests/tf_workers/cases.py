@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 import adaptive_lsgd.integrations.tensorflow as alsgd  # before hvd.init(): dynamic process sets
-from adaptive_lsgd import ConfigMismatchError
+from adaptive_lsgd import ConfigError, ConfigMismatchError
 
 hvd.init()
 tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -298,7 +298,13 @@ def keras_api():
         mismatch = None
     except ConfigMismatchError as exc:
         mismatch = str(exc)
-    report("keras_api", switch_step=switch_step, phase=sched.phase, syncs=syncs_after_fit,
+    try:
+        alsgd.LocalSGD(mlp(), config={"overlap": True})
+        overlap_error = None
+    except ConfigError as exc:
+        overlap_error = str(exc)
+    report("keras_api", overlap_error=overlap_error, switch_step=switch_step, phase=sched.phase,
+           syncs=syncs_after_fit,
            steps_per_epoch=spe, lr_history=[float(v) for v in hist.history["lr"]],
            mini_batch_identical=mini_batch_identical,
            n_buffers=len(model.non_trainable_variables), n_slots=len(lsgd.slot_variables()),

@@ -11,12 +11,14 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 
 import horovod.torch as hvd
 import torch
 import torch.nn as nn
 
 import adaptive_lsgd.integrations.torch as alsgd  # before hvd.init(): dynamic process sets
+from adaptive_lsgd import ConfigError
 
 hvd.init()
 torch.set_num_threads(1)
@@ -85,15 +87,21 @@ def minibatch_equals_horovod():
            phase=our_opt.alsgd.scheduler.phase, steps=our_opt.alsgd.scheduler.step)
 
 
-def fixed_h4_equals_reference():
-    """Fixed H=4 from step 0 equals plain local SGD + exact model average (written here)."""
-    H, steps = 4, 40
-    ref = make_model(bn=True)
-    ours = make_model(bn=True)
+def reference_pair(config: dict) -> tuple:
+    """Two equal BatchNorm models: one with plain SGD (momentum) for a reference written in the
+    case, one with our optimizer and ``config``: ``(ref, ref_opt, ours, our_opt)``."""
+    ref, ours = make_model(bn=True), make_model(bn=True)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     our_opt = alsgd.DistributedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9),
                                          named_parameters=ours.named_parameters(), model=ours,
-                                         config={"policy": "fixed", "periods": [H], "warmup": 0})
+                                         config=config)
+    return ref, ref_opt, ours, our_opt
+
+
+def fixed_h4_equals_reference():
+    """Fixed H=4 from step 0 equals plain local SGD + exact model average (written here)."""
+    H, steps = 4, 40
+    ref, ref_opt, ours, our_opt = reference_pair({"policy": "fixed", "periods": [H], "warmup": 0})
     identical_after_sync, differ_between = [], []
     for step, (x, y) in enumerate(batches(steps, seed=2), start=1):
         train_step(ref, ref_opt, x, y)
@@ -167,24 +175,33 @@ def hierarchical_2x2_chained():
     hierarchical_2x2(chained=True)
 
 
-def adaptive_noise():
-    """Adaptive policy, 2,000 steps, one rank sleeping randomly: no hang, identical logs."""
-    path = os.path.join(os.environ["CASE_DIR"], "noise.{rank}.jsonl")
+def adaptive_noise(overlap: bool = False):
+    """Adaptive policy, 2,000 steps (overlap: 600), one rank sleeping randomly: no hang,
+    identical logs."""
+    case, steps = ("overlap_adaptive_noise", 600) if overlap else ("adaptive_noise", 2000)
+    path = os.path.join(os.environ["CASE_DIR"], ("overlap" if overlap else "noise") + ".{rank}.jsonl")
     model = make_model()
+    config = {"log": path, "warmup": 20 if overlap else 50, "max_period": 16,
+              "target_comm_fraction": 0.05}
+    if overlap:
+        config.update(overlap=True, topology="flat")
     opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
-                                     named_parameters=model.named_parameters(),
-                                     config={"log": path, "warmup": 50, "max_period": 16,
-                                             "target_comm_fraction": 0.05})
+                                     named_parameters=model.named_parameters(), config=config)
     rng = random.Random(RANK)
-    for x, y in batches(2000, seed=5):
+    for x, y in batches(steps, seed=10 if overlap else 5):
         if RANK == 1:
             time.sleep(rng.choice([0, 0, 0, 0.001, 0.004]))
         train_step(model, opt, x, y)
     opt.average_now()
     g = gathered(flat(model))
-    report("adaptive_noise", steps=opt.alsgd.scheduler.step, periods=list(opt.alsgd.scheduler.periods),
+    report(case, steps=opt.alsgd.scheduler.step, periods=list(opt.alsgd.scheduler.periods),
            syncs=opt.alsgd.scheduler.syncs, log=path.replace("{rank}", str(RANK)),
-           final_identical=bool((g - g[0]).abs().max() == 0))
+           final_identical=bool((g - g[0]).abs().max() == 0), summary=alsgd.summary(opt))
+
+
+def overlap_adaptive_noise():
+    """``overlap: true``: the same with 600 steps, each average applied a round late."""
+    adaptive_noise(overlap=True)
 
 
 def optimizer_api():
@@ -287,6 +304,53 @@ def polite_wait():
     cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     g = gathered(flat(model))
     report("polite_wait", cpu_s=cpu, wall_s=wall, identical=bool((g - g[0]).abs().max() == 0))
+
+
+def overlap_h4_equals_reference():
+    """``overlap: true``, fixed H=4, momentum, BatchNorm: equals local SGD written here, where
+    the average of the models at a round's end is applied at the next round's end as
+    ``x <- average + (x - x at the round's end)``."""
+    H, steps = 4, 40
+    ref, ref_opt, ours, our_opt = reference_pair({"policy": "fixed", "periods": [H], "overlap": True})
+
+    def state(model):
+        return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+
+    pending = None  # (snapshot, average) of the reference
+    identical, syncs_seen = [], []
+    for step, (x, y) in enumerate(batches(steps, seed=9), start=1):
+        train_step(ref, ref_opt, x, y)
+        if step % H == 0:
+            with torch.no_grad():
+                if pending is not None:
+                    for t, snap, avg in zip(state(ref), *pending):
+                        t.add_(avg - snap)
+                snap = [t.detach().clone() for t in state(ref)]
+                pending = (snap, [hvd.allreduce(t, op=hvd.Average) for t in snap])
+        train_step(ours, our_opt, x, y)
+        g = gathered(flat(state(ours)))
+        identical.append(bool((g - g[0]).abs().max() == 0))
+        syncs_seen.append(our_opt.alsgd.scheduler.syncs[0])
+    diff = float((flat(state(ref)) - flat(state(ours))).abs().max())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        our_opt.state_dict()  # an average is in flight: the checkpoint would miss it
+    warned = any("in flight" in str(w.message) for w in caught)
+    our_opt.average_now()
+    g = gathered(flat(state(ours)))
+    os.environ["HOROVOD_ELASTIC"] = "1"  # refused before any collective: an elastic job
+    try:
+        alsgd.DistributedOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1),
+                                   config={"overlap": True})
+        elastic_error = None
+    except ConfigError as exc:
+        elastic_error = str(exc)
+    finally:
+        del os.environ["HOROVOD_ELASTIC"]
+    report("overlap_h4_equals_reference", max_diff=diff, identical_between=identical,
+           syncs_seen=syncs_seen, syncs_after_average=our_opt.alsgd.scheduler.syncs,
+           final_identical=bool((g - g[0]).abs().max() == 0), warned=warned,
+           elastic_error=elastic_error)
 
 
 def _free_port() -> int:
