@@ -265,11 +265,8 @@ class Scheduler:
         next round's :meth:`step_done` and before its :meth:`payload`: every rank does the
         same, so decisions stay shared (they take effect one round later)."""
         reduced = np.asarray(reduced, dtype=np.float32)
-        if waited_s is not None:
-            self.time_comm += float(waited_s)
+        self.time_comm += float(sum(stage_times) if waited_s is None else waited_s)
         for stage, seconds in zip(plan.stages, stage_times):
-            if waited_s is None:
-                self.time_comm += seconds
             if stage.kind == "reducescatter":  # half of an allreduce's traffic (ring algorithms)
                 self._links[stage.link_level].add(2.0 * float(seconds))
             elif stage.kind not in ("broadcast", "allgather"):  # those wait for the levels above

@@ -95,6 +95,7 @@ class FakeCluster:
             models = [np.full(param_len, float(r)) for r in range(self.size)]
         self.models = [np.asarray(m, dtype=np.float64).copy() for m in models]
         self.syncs = []  # (step of rank 0, level, [SyncResult per rank])
+        self.inflight = None  # overlap: (plans, summed buffers, models at the start, health)
 
     def _default_stage_time(self, rank, stage, plan) -> float:
         """The link's allreduce time; half of it for a reduce-scatter or an allgather."""
@@ -128,15 +129,21 @@ class FakeCluster:
             plans.append(plan)
         return self.sync(plans, healthy)
 
-    def sync(self, plans, healthy=None):
-        healthy = [True] * self.size if healthy is None else list(healthy)
-        levels = {p.level for p in plans}
-        assert len(levels) == 1, f"ranks sync at different levels {levels}"
+    def _buffers(self, plans, healthy) -> list:
+        """Each rank's ``[weight * model (zeros if unhealthy), payload]``."""
         n = len(self.models[0])
         buffers = []
         for r, (s, p) in enumerate(zip(self.scheds, plans)):
             model = self.models[r] * p.weight if healthy[r] else np.zeros(n)
             buffers.append(np.concatenate([model, s.payload(p, healthy[r]).astype(np.float64)]))
+        return buffers
+
+    def sync(self, plans, healthy=None):
+        healthy = [True] * self.size if healthy is None else list(healthy)
+        levels = {p.level for p in plans}
+        assert len(levels) == 1, f"ranks sync at different levels {levels}"
+        n = len(self.models[0])
+        buffers = self._buffers(plans, healthy)
         ran = run_stages(plans, buffers)
         results = []
         for r, (s, p) in enumerate(zip(self.scheds, plans)):
@@ -163,18 +170,14 @@ class FakeCluster:
         assert all(p is not None for p in plans), f"only some ranks sync: {plans}"
         results = self.finish_inflight(waited_s)
         healthy = [True] * self.size if healthy is None else list(healthy)
-        n = len(self.models[0])
-        buffers = []
-        for r, (s, p) in enumerate(zip(self.scheds, plans)):
-            model = self.models[r] * p.weight if healthy[r] else np.zeros(n)
-            buffers.append(np.concatenate([model, s.payload(p, healthy[r]).astype(np.float64)]))
+        buffers = self._buffers(plans, healthy)
         run_stages(plans, buffers)
         self.inflight = (plans, buffers, [m.copy() for m in self.models], healthy)
         return results
 
     def finish_inflight(self, waited_s=0.0):
         """Complete the sync in flight (None if there is none) and apply it."""
-        if getattr(self, "inflight", None) is None:
+        if self.inflight is None:
             return None
         (plans, buffers, snapshots, healthy), self.inflight = self.inflight, None
         n = len(self.models[0])
