@@ -29,6 +29,7 @@ if not PLAIN:  # before hvd.init(): dynamic process sets
 import horovod.torch as hvd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from horovod.common.exceptions import HorovodInternalError  # noqa: E402
 
 hvd.init()
 torch.set_num_threads(1)
@@ -103,6 +104,26 @@ def sets_registered(rt) -> bool:
     return all(table.get(ps.process_set_id) == list(ps.ranks) for ps in rt.process_sets.values())
 
 
+ROWS_TIMEOUT_S = 30.0
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's parameters, gathered after each step. Named: ranks outside a level-0
+    process set issue fewer collectives, so Horovod's automatic names would differ. With a
+    deadline: in Horovod 0.28.1 a collective enqueued just as the background thread shuts
+    down after a peer's failure never completes (the thread is gone, the handle is never
+    marked done, ``synchronize`` spins forever; seen here in about 1 of 12 worker-kill runs).
+    A survivor stuck so raises HorovodInternalError, which the elastic wrapper answers with
+    the reset the other survivors already made."""
+    handle = hvd.allgather_async(t, name="el.rows")
+    deadline = time.monotonic() + ROWS_TIMEOUT_S
+    while not hvd.poll(handle):
+        if time.monotonic() > deadline:
+            raise HorovodInternalError(f"el.rows: no answer within {ROWS_TIMEOUT_S:.0f} s")
+        time.sleep(0.001)
+    return hvd.synchronize(handle)
+
+
 @hvd.elastic.run
 def train(state):
     # After a reset, or on a worker that joined a running job (its state came from rank 0).
@@ -141,8 +162,7 @@ def train(state):
         state.batch += 1
         changed = [lvl for lvl, (a, b) in enumerate(zip(syncs, sched.syncs)) if b != a]
         level = max(changed) if changed else None
-        rows = hvd.allgather(params().unsqueeze(0), name="el.rows")  # named: ranks outside a
-        # level-0 process set issue fewer collectives, so Horovod's automatic names would differ
+        rows = gather_rows(params().unsqueeze(0))
         block = sched.topology.block_of(level, hvd.rank()) if level is not None else ()
         record["rows"].append({"batch": state.batch, "step": sched.step, "size": hvd.size(),
                                "level": level, "phase": sched.phase,
