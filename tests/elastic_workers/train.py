@@ -114,8 +114,10 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     down after a peer's failure never completes (the thread is gone, the handle is never
     marked done, ``synchronize`` spins forever; seen here in about 1 of 12 worker-kill runs).
     A survivor stuck so raises HorovodInternalError, which the elastic wrapper answers with
-    the reset the other survivors already made."""
-    handle = hvd.allgather_async(t, name="el.rows")
+    the reset the other survivors already made. The lost collective's name stays in Horovod's
+    tensor table after the reset, so the name carries the Horovod world (rank 0's count, which
+    a joining worker gets too), as the integration's gradient names do."""
+    handle = hvd.allgather_async(t, name=f"el.rows.w{optimizer.alsgd.world}")
     deadline = time.monotonic() + ROWS_TIMEOUT_S
     while not hvd.poll(handle):
         if time.monotonic() > deadline:
