@@ -274,3 +274,24 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
                                   f"combined with {key}: {getattr(cfg, key)!r} (from "
                                   f"{sources[key]}); set {key}: false or overlap: false")
     return cfg
+
+
+# What each place that runs syncs cannot do, and why (``check_supported``).
+_NO_OVERLAP = {
+    "tensorflow": "config key 'overlap' is supported by the PyTorch integration only (Horovod's "
+                  "TensorFlow API has no asynchronous collective to run in the background of "
+                  "eager steps); set overlap: false",
+    "sim": "config key 'overlap': the simulator models averages that block the ranks; "
+           "overlapped averaging is not simulated (set overlap: false, or ask alsgd-tune "
+           "recommend --overlap)",
+}
+
+
+def check_supported(cfg: Config, runner: str, elastic: bool = False) -> None:
+    """Refuse, with a :class:`ConfigError` naming the key, what ``runner`` (``torch``,
+    ``tensorflow`` or ``sim``) cannot honour for ``cfg``; ``elastic``: an elastic Horovod job."""
+    if cfg.overlap and runner in _NO_OVERLAP:
+        raise ConfigError(_NO_OVERLAP[runner])
+    if cfg.overlap and elastic:
+        raise ConfigError("config key 'overlap' is not supported in elastic Horovod jobs (an "
+                          "average in flight cannot survive a reset); set overlap: false")

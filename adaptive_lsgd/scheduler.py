@@ -82,6 +82,7 @@ class SyncPlan:
     is_global: bool
     step: int
     payload_len: int
+    overlap: bool = False  # run in the background during the next round (adaptive_lsgd.sync)
 
 
 @dataclass
@@ -165,19 +166,23 @@ class Scheduler:
         return max(1, self.level_steps() - self._steps_in_round)
 
     # -- the step -----------------------------------------------------------------------------
-    def step_done(self, compute_s: float, lr: float | None = None) -> SyncPlan | None:
+    def step_done(self, compute_s: float | None, lr: float | None = None) -> SyncPlan | None:
         """Report a finished local step (``compute_s``: from its start to the end of the local
-        optimizer update). Returns the sync to run now, or None."""
+        optimizer update; None when it is not known yet, e.g. a GPU step whose end event has
+        not been read: then :meth:`record_compute` gives it later, before the next sync's
+        :meth:`payload`). Returns the sync to run now, or None."""
         self.step += 1
         if lr is not None:
             self._lr = float(lr)
         if self.phase == MINI_BATCH:
-            self.time_mini_batch += compute_s
             self.steps_mini_batch += 1
+            if compute_s is not None:
+                self.time_mini_batch += compute_s
             self._maybe_switch(lr)
             return None
-        self.time_compute += compute_s
-        self._compute.add(compute_s)
+        if compute_s is not None:
+            self.time_compute += compute_s
+            self._compute.add(compute_s)
         self._steps_since_global += 1
         self._steps_in_round += 1
         if self._steps_in_round < self.level_steps():
@@ -192,8 +197,19 @@ class Scheduler:
         weight = float(self._steps_in_round) if self.config.time_budget else 1.0
         self._steps_in_round = 0
         is_global = level == self.num_levels - 1
-        return SyncPlan(level, self.topology.stages(level, self.rank), weight, is_global,
-                        self.step, (self.size * self.cols if is_global else 0) + 2)
+        stages = self.topology.stages(level, self.rank)
+        return SyncPlan(level, stages, weight, is_global, self.step,
+                        (self.size * self.cols if is_global else 0) + 2,
+                        overlap=self.config.overlap and len(stages) == 1)
+
+    def record_compute(self, times) -> None:
+        """The compute times of steps reported with ``compute_s=None``, in step order."""
+        for t in times:
+            if self.phase == MINI_BATCH:
+                self.time_mini_batch += float(t)
+            else:
+                self.time_compute += float(t)
+                self._compute.add(float(t))
 
     def sync_now(self) -> SyncPlan | None:
         """A top-level sync outside the schedule (e.g. to average the model before evaluation
@@ -254,8 +270,25 @@ class Scheduler:
             row[BASE_COLS + lvl] = stat.median()
         return row
 
+    def total_weight(self, plan: SyncPlan, reduced: np.ndarray) -> float:
+        """The sum of the weights in a reduced payload (what the average divides by); raises
+        :class:`NonFiniteModelError` when no taking part rank was healthy."""
+        total = float(reduced[plan.payload_len - 2])
+        if total <= 0:
+            raise NonFiniteModelError(
+                f"sync at level {plan.level} (step {plan.step}): every taking part rank had "
+                f"non-finite parameters, there is no healthy model to restore. Lower the "
+                f"learning rate or find the source of the NaN/Inf (with nonfinite_guard: false "
+                f"the NaN/Inf is averaged into every rank's model instead)")
+        return total
+
+    def resets_state(self, healthy: bool) -> bool:
+        """The state rule: zero the optimizer state after this sync (``momentum: reset``, or
+        this rank was unhealthy and has just been reset to the average)."""
+        return self.config.momentum == "reset" or not healthy
+
     def complete_sync(self, plan: SyncPlan, reduced: np.ndarray, stage_times,
-                      waited_s: float | None = None) -> SyncResult:
+                      waited_s: float | None = None, sync_s: float | None = None) -> SyncResult:
         """Take the reduced payload and this rank's stage wall times (one per stage it ran).
 
         ``waited_s``: with ``overlap`` the stage time is the transfer (from the start of the
@@ -263,19 +296,30 @@ class Scheduler:
         ``waited_s`` the time this rank was blocked on it, which the summary counts as
         communication. With ``overlap`` the integration calls this one round late, after the
         next round's :meth:`step_done` and before its :meth:`payload`: every rank does the
-        same, so decisions stay shared (they take effect one round later)."""
+        same, so decisions stay shared (they take effect one round later).
+
+        ``sync_s``: the wall time of the whole sync (packing, the health check and unpacking
+        included, see :mod:`adaptive_lsgd.sync`): the summary counts it as communication, and
+        what it spent outside the collectives is added to the level's own stage time, so the
+        cost model prices the whole sync."""
         reduced = np.asarray(reduced, dtype=np.float32)
-        self.time_comm += float(sum(stage_times) if waited_s is None else waited_s)
-        for stage, seconds in zip(plan.stages, stage_times):
+        times = [float(t) for t in stage_times]
+        if waited_s is not None:
+            comm = float(waited_s)
+        else:
+            comm = max(float(sync_s or 0.0), sum(times))
+            extra = comm - sum(times)
+            for i, stage in enumerate(plan.stages):
+                if extra > 0 and stage.kind == "allreduce":
+                    times[i] += extra
+        self.time_comm += comm
+        for stage, seconds in zip(plan.stages, times):
             if stage.kind == "reducescatter":  # half of an allreduce's traffic (ring algorithms)
-                self._links[stage.link_level].add(2.0 * float(seconds))
+                self._links[stage.link_level].add(2.0 * seconds)
             elif stage.kind not in ("broadcast", "allgather"):  # those wait for the levels above
-                self._links[stage.link_level].add(float(seconds))
-        total_weight, healthy = float(reduced[-2]), int(round(float(reduced[-1])))
-        if total_weight <= 0:
-            raise NonFiniteModelError(
-                f"sync at level {plan.level} (step {plan.step}): every taking part rank had "
-                f"non-finite parameters, there is no healthy model to restore")
+                self._links[stage.link_level].add(seconds)
+        total_weight = self.total_weight(plan, reduced)
+        healthy = int(round(float(reduced[-1])))
         self.syncs[plan.level] += 1
         result = SyncResult(total_weight, healthy, periods=self.periods)
         record = {"step": plan.step, "sync": self.global_syncs, "level": plan.level}

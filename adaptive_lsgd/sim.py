@@ -57,10 +57,12 @@ import time
 import numpy as np
 
 from .cli_args import number, positive_int
-from .config import Config, ConfigError, load_config, read_config_file
+from .config import Config, ConfigError, check_supported, load_config, read_config_file
 from .scheduler import MINI_BATCH, Scheduler
+from .sync import NumpyBackend, SyncTarget, run_in_process, sync_protocol
 from .topology import Topology, TopologyError
 
+_NO_TENSORS = SyncTarget(list)  # the simulator averages no model, only the payload
 SHARE_ABOVE = 256          # --decisions auto: share the decision above this many ranks
 CHECK_MAX_RANKS = 4096     # --check-agreement sums full O(world) vectors per rank
 # The scheduler state one top-level decision writes (see Scheduler._decide).
@@ -141,10 +143,7 @@ class ClusterSim:
                  check_agreement: bool = False):
         self.config = config = (config if isinstance(config, Config)
                                 else load_config(config, env={}))
-        if config.overlap:
-            raise ConfigError("config key 'overlap': the simulator models averages that block "
-                              "the ranks; overlapped averaging is not simulated (set overlap: "
-                              "false, or ask alsgd-tune recommend --overlap)")
+        check_supported(config, "sim")
         self.hosts, self.wph = hosts, workers_per_host
         self.world = world = hosts * workers_per_host
         self.topology = Topology.from_config(f"{hosts}x{workers_per_host}", ["h"] * world,
@@ -359,58 +358,30 @@ class ClusterSim:
         for t in times.values():
             comm += np.nan_to_num(t)
         tlists = {key: t.tolist() for key, t in times.items()}
-        if self.check:
-            reduced_per_rank = self._staged_sum(plans)
+        if self.check:  # every rank runs the integrations' sync protocol on its payload
+            gens = [sync_protocol(p, s, NumpyBackend(), _NO_TENSORS) for s, p in zip(scheds, plans)]
+            run_in_process(gens, lambda r, col: tlists[(col.stage.kind, col.stage.link_level)][r])
+            return
+        # The sums a Sum-allreduce gives, built directly (O(world), not O(world^2)).
+        weights = np.array([p.weight for p in plans])
+        if plans[0].is_global:
+            table = np.stack([s.payload_row(p, True) for s, p in zip(scheds, plans)])
+            full = np.empty(table.size + 2, dtype=np.float32)
+            full[:-2] = table.ravel()
+            full[-2] = np.float32(weights.sum())
+            full[-1] = np.float32(world)
+            reduced_per_rank = [full] * world
         else:
-            weights = np.array([p.weight for p in plans])
-            if plans[0].is_global:
-                table = np.stack([s.payload_row(p, True) for s, p in zip(scheds, plans)])
-                full = np.empty(table.size + 2, dtype=np.float32)
-                full[:-2] = table.ravel()
-                full[-2] = np.float32(weights.sum())
-                full[-1] = np.float32(world)
-                reduced_per_rank = [full] * world
-            else:
-                ids = self.block_ids[level]
-                red = np.empty((world, 2), dtype=np.float32)
-                red[:, 0] = np.bincount(ids, weights)[ids]
-                red[:, 1] = np.bincount(ids)[ids]
-                reduced_per_rank = red
+            ids = self.block_ids[level]
+            red = np.empty((world, 2), dtype=np.float32)
+            red[:, 0] = np.bincount(ids, weights)[ids]
+            red[:, 1] = np.bincount(ids)[ids]
+            reduced_per_rank = red
         if self.share is not None:
             self.share.leader = None
         for r, (s, p) in enumerate(zip(scheds, plans)):
             s.complete_sync(p, reduced_per_rank[r],
                             [tlists[(st.kind, st.link_level)][r] for st in p.stages])
-
-    def _staged_sum(self, plans: list) -> list:
-        """Full payload vectors summed stage by stage, as the integrations do."""
-        bufs = [s.payload(p, True).astype(np.float64) for s, p in zip(self.scheds, plans)]
-        pos = [0] * self.world
-        pending = sum(len(p.stages) for p in plans)
-        while pending:
-            progressed = False
-            for r, p in enumerate(plans):
-                if pos[r] >= len(p.stages):
-                    continue
-                st = p.stages[pos[r]]
-                members = st.ranks
-                if not all(pos[m] < len(plans[m].stages) and plans[m].stages[pos[m]].ranks == members
-                           and plans[m].stages[pos[m]].kind == st.kind for m in members):
-                    continue
-                if st.kind == "broadcast":
-                    total = bufs[st.root].copy()
-                elif st.kind == "allgather":  # a reduce-scatter here kept whole sums: equal already
-                    total = bufs[st.root].copy()
-                else:
-                    total = np.sum([bufs[m] for m in members], axis=0)
-                for m in members:
-                    bufs[m] = total.copy()
-                    pos[m] += 1
-                pending -= len(members)
-                progressed = True
-            if not progressed:
-                raise SimulationError("the stages of a sync deadlock: ranks wait on different links")
-        return [b.astype(np.float32) for b in bufs]
 
     def _check_same(self, key, what: str) -> None:
         first = key(self.scheds[0])

@@ -1,22 +1,32 @@
-"""What both integrations need from Horovod itself: the host name and one process set per
-rank tuple. It takes the framework's ``hvd`` module as an argument and imports no framework.
+"""What both integrations need from Horovod itself: the host name, one process set per rank
+tuple, the exit barrier, and the :class:`Runtime` an optimizer builds over one Horovod
+initialisation (config agreement, topology, process sets, scheduler). It takes the framework's
+``hvd`` module as an argument and imports no framework.
 
 Example (in an integration, after ``hvd.init()``)::
 
     sets = ProcessSets(hvd, module="adaptive_lsgd.integrations.torch")
-    ps = sets.get((0, 1))        # the same call, in the same order, on every rank
-    install_exit_barrier(lambda: hvd.allreduce(torch.zeros(1), name="alsgd.exit"))
+    runtime = Runtime(hvd, sets, load_config(None), param_bytes=4 * n_params,
+                      exit_barrier=lambda: hvd.allreduce(torch.zeros(1), name="alsgd.exit"))
+    runtime.scheduler, runtime.topology, runtime.process_sets[(0, 1)]
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import socket
 import sys
 import threading
+import warnings
 from collections.abc import Callable
+
+from adaptive_lsgd import agreement
+from adaptive_lsgd.config import Config
+from adaptive_lsgd.scheduler import Scheduler
+from adaptive_lsgd.topology import Topology
 
 _LOG = logging.getLogger("adaptive_lsgd")
 EXIT_BARRIER_TIMEOUT_S = 120.0
@@ -66,6 +76,96 @@ class ProcessSets:
     def clear(self) -> None:
         """Forget the sets (after an elastic reset Horovod has dropped them)."""
         self._sets.clear()
+
+    def renew(self, token) -> None:
+        """Forget the sets when ``token`` (an object that changes whenever Horovod is
+        re-initialised) differs from the last one seen."""
+        if token is not getattr(self, "_token", None):
+            self._sets.clear()
+            self._token = token
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+class Runtime:
+    """What one optimizer needs from one Horovod initialisation: the config (checked to be
+    the same on every rank), the topology, one process set per block and the scheduler.
+
+    Building it is a collective: an allgather of each rank's config digest and host, and with
+    ``share`` a broadcast of rank 0's scheduler state ``carry`` and count of Horovod worlds
+    ``world`` (an elastic job's new workers lack both). ``token`` changes whenever Horovod is
+    re-initialised (:attr:`current` compares it); ``exit_barrier`` is the tiny global
+    collective run at exit when the topology uses process sets (:func:`install_exit_barrier`);
+    ``scope`` wraps the object collectives (TensorFlow: ``tf.init_scope``).
+    """
+
+    def __init__(self, hvd, sets: ProcessSets, config: Config, param_bytes: int, *,
+                 exit_barrier: Callable[[], object], token: Callable[[], object] = lambda: None,
+                 carry: dict | None = None, share: bool = False, world: int = 0,
+                 scope: Callable = contextlib.nullcontext):
+        self.config, self.param_bytes, self.world = config, param_bytes, world
+        self._token_of = token
+        self.token = token()
+        sets.renew(self.token)
+        with scope():
+            infos = hvd.allgather_object(agreement.rank_info(config, host_name()),
+                                         name="alsgd.rank_info")
+        agreement.check_agreement(infos)
+        if share:
+            with scope():
+                carry, self.world = hvd.broadcast_object((carry, world), root_rank=0,
+                                                         name="alsgd.scheduler_state")
+        self.topology = topo = Topology.from_config(config.topology, [i["host"] for i in infos],
+                                                    chained=config.chained_allreduce,
+                                                    elastic=elastic_job())
+        self.process_sets = {ranks: sets.get(ranks) for ranks in topo.process_sets()}
+        own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
+        if own_sets:  # block-local last syncs: no rank may shut Horovod down before the others
+            install_exit_barrier(exit_barrier)
+        if own_sets and elastic_job():
+            _warn_once("elastic", "adaptive-lsgd: this hierarchical topology uses Horovod process "
+                       "sets; with Horovod 0.28.1 and Gloo a worker *failure* then aborts every "
+                       "worker (horovod issue #4021). Graceful host changes work; 'topology: auto' "
+                       "(the default) is flat in elastic jobs for that reason (see docs/elastic.md)")
+        if topo.chained and not topo.sliced and topo.num_levels > 1:
+            _warn_once("leaders", "adaptive-lsgd: the chained sync runs in the leaders' form "
+                       "(blocks of different sizes, or chained_allreduce: leaders): pass name= to "
+                       "your own Horovod collectives. Horovod's automatic names count the "
+                       "operations each process enqueued, the block leaders enqueue more than "
+                       "the other ranks, and an unnamed collective would wait forever (README, "
+                       "'Known limits')")
+        self.rank = hvd.rank()
+        self.scheduler = Scheduler(config, topo, self.rank, param_bytes)
+        if carry is not None:
+            self.scheduler.load_state_dict(carry, strict=False)
+            if share:
+                self.scheduler.log.write({"step": self.scheduler.step, "event": "elastic_reset",
+                                          "size": topo.size, "previous_size": carry["size"],
+                                          "periods": list(self.scheduler.periods),
+                                          "phase": self.scheduler.phase})
+
+    @property
+    def current(self) -> bool:
+        """False once Horovod was re-initialised (an elastic reset) since this was built."""
+        return self.token is self._token_of()
+
+    def load(self, state: dict | None) -> None:
+        """Load a scheduler state (None: start the scheduler afresh); not a collective. A state
+        saved under another world size (an elastic commit from before a reset) carries the
+        phase, step count and periods; statistics start afresh."""
+        if state is None:
+            self.scheduler.log.close()
+            self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes)
+            self.scheduler.log.resume()  # append to the log of this run, do not truncate it
+        else:
+            self.scheduler.load_state_dict(state, strict=False)
 
 
 _EXIT: dict = {"barrier": None, "crashed": False, "hooked": False}

@@ -56,7 +56,6 @@ _HVD_INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
 import contextlib  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -66,16 +65,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
-from adaptive_lsgd.config import Config, ConfigError, load_config  # noqa: E402
+from adaptive_lsgd.config import Config, check_supported, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
-    elastic_job,
+    Runtime,
     host_name,
-    install_exit_barrier,
 )
-from adaptive_lsgd.scheduler import Scheduler, SyncPlan, SyncResult  # noqa: E402
+from adaptive_lsgd.scheduler import SyncPlan, SyncResult  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
-from adaptive_lsgd.topology import Topology  # noqa: E402
+from adaptive_lsgd.sync import Backend, SyncTarget, run_sync  # noqa: E402
 
 # Horovod was initialised before this module could ask for dynamic process sets.
 _HVD_INIT_BEFORE_IMPORT = _HVD_INIT_BEFORE_IMPORT and hvd.is_initialized()
@@ -120,6 +118,134 @@ def _unique(variables) -> list:
 @tf.function(reduce_retracing=True)
 def _all_finite(tensors):
     return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
+
+
+def _dtype_groups(items, dtype_of) -> list:
+    """Indices of ``items`` per dtype, in a rank-agreed order (by dtype name)."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(dtype_of(item).name, []).append(i)
+    return [groups[d] for d in sorted(groups)]
+
+
+class _Packer:
+    """Compiled moves between a fixed list of variables and one flat buffer per dtype: one
+    ``tf.function`` each for packing, unpacking (one traced ``assign`` per variable, not one
+    eager op each) and zeroing, so a sync of a model of hundreds of variables costs a few
+    function calls outside the collectives."""
+
+    def __init__(self, variables: list):
+        self.variables = variables
+        self.groups = _dtype_groups(variables, lambda v: v.dtype)
+        self.sizes = [[int(variables[i].shape.num_elements()) for i in idx] for idx in self.groups]
+        self._pack = {}
+
+    def pack(self, pad_to: int) -> list:
+        if pad_to not in self._pack:
+            self._pack[pad_to] = tf.function(lambda: self._packed(pad_to))
+        return list(self._pack[pad_to]())
+
+    def _packed(self, pad_to: int) -> list:
+        out = []
+        for idx, sizes in zip(self.groups, self.sizes):
+            flat = tf.concat([tf.reshape(self.variables[i], [-1]) for i in idx], axis=0)
+            if sum(sizes) < pad_to:
+                flat = tf.concat([flat, tf.zeros([pad_to - sum(sizes)], flat.dtype)], axis=0)
+            out.append(flat)
+        return out
+
+    @tf.function
+    def unpack(self, buffers, divide_by):
+        self._assign(buffers, divide_by, None)
+
+    @tf.function
+    def unpack_since(self, buffers, divide_by, since):
+        self._assign(buffers, divide_by, since)
+
+    def _assign(self, buffers, divide_by, since) -> None:
+        for k, (idx, sizes) in enumerate(zip(self.groups, self.sizes)):
+            flat = buffers[k][:sum(sizes)] / tf.cast(divide_by, buffers[k].dtype)
+            if since is not None:
+                flat = flat - since[k][:sum(sizes)]
+            for i, part in zip(idx, tf.split(flat, sizes)):
+                var = self.variables[i]
+                part = tf.reshape(part, var.shape)
+                if since is not None:
+                    var.assign_add(part)
+                else:
+                    var.assign(part)
+
+    @tf.function
+    def zero(self):
+        for var in self.variables:
+            var.assign(tf.zeros_like(var))
+
+
+class TFBackend(Backend):
+    """The core's sync protocol (:mod:`adaptive_lsgd.sync`) over Horovod's TensorFlow
+    collectives: compiled packing (:class:`_Packer`), one grouped allreduce per dtype over the
+    process set of the stage's ranks. Buffers are immutable tensors, so the in-place ops
+    replace the items of the list they are given."""
+
+    def __init__(self, process_sets: dict, gpu: bool = False):
+        self.process_sets, self.gpu = process_sets, gpu
+        self._packers: dict = {}
+
+    def _packer(self, variables: list) -> _Packer:
+        key = tuple(v.ref() for v in variables)
+        if key not in self._packers:
+            self._packers[key] = _Packer(list(variables))
+        return self._packers[key]
+
+    def pack(self, tensors, pad_to):
+        return self._packer(tensors).pack(pad_to) if tensors else []
+
+    def unpack(self, buffers, tensors, divide_by, since=None):
+        if not tensors:
+            return
+        packer = self._packer(tensors)
+        divide = tf.constant(divide_by, tf.float64)
+        if since is None:
+            packer.unpack(list(buffers), divide)
+        else:
+            packer.unpack_since(list(buffers), divide, list(since))
+
+    def all_finite(self, buffers):
+        return bool(_all_finite(buffers)) if buffers else True
+
+    def scale(self, buffers, factor):
+        for i, b in enumerate(buffers):
+            buffers[i] = tf.zeros_like(b) if factor == 0 else b * tf.cast(factor, b.dtype)
+
+    def copy(self, buffers):
+        return list(buffers)
+
+    def zero_tensors(self, tensors):
+        self._packer(tensors).zero()
+
+    def from_numpy(self, values):
+        return tf.constant(np.asarray(values, dtype=np.float32))
+
+    def to_numpy(self, buffer):
+        return buffer.numpy()
+
+    def run(self, c):
+        ps = self.process_sets.get(c.ranks, hvd.global_process_set)
+        out = list(c.buffers)
+        if c.op == "allreduce":  # Horovod's TF grouped allreduce takes one dtype per call
+            for idx in _dtype_groups(out, lambda b: b.dtype):
+                summed = hvd.grouped_allreduce([out[i] for i in idx], op=hvd.Sum, process_set=ps,
+                                               name=f"{c.name}.{out[idx[0]].dtype.name}")
+                for i, t in zip(idx, summed):
+                    out[i] = t
+        else:
+            for k, b in enumerate(out):
+                name = f"{c.name}.{k}"
+                out[k] = (hvd.reducescatter(b, op=hvd.Sum, name=name, process_set=ps)
+                          if c.op == "reducescatter" else hvd.allgather(b, name=name, process_set=ps))
+        if self.gpu:
+            tf.test.experimental.sync_devices()
+        return out
 
 
 def _current_lr(optimizer) -> float | None:
@@ -176,24 +302,27 @@ class LocalSGD:
     # -- set-up ---------------------------------------------------------------------------------
     def build(self, carry: dict | None = None) -> None:
         """Agree on the config, build topology, process sets and scheduler (collective)."""
-        with tf.init_scope():
-            infos = hvd.allgather_object(agreement.rank_info(self.config, host_name()))
-        agreement.check_agreement(infos)
-        if self.config.overlap:
-            raise ConfigError("config key 'overlap' is supported by the PyTorch integration only "
-                              "(Horovod's TensorFlow API has no asynchronous collective to run in "
-                              "the background of eager steps); set overlap: false")
-        self.topology = Topology.from_config(self.config.topology, [i["host"] for i in infos],
-                                             chained=self.config.chained_allreduce,
-                                             elastic=elastic_job())
-        self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
-        if any(ps is not hvd.global_process_set for ps in self.process_sets.values()):
-            install_exit_barrier(_exit_barrier)  # block-local last syncs: see install_exit_barrier
-        self.rank = hvd.rank()
-        self.scheduler = Scheduler(self.config, self.topology, self.rank, self._param_bytes or 0)
-        if carry is not None:
-            self.scheduler.load_state_dict(carry, strict=False)
+        check_supported(self.config, "tensorflow")
+        self.runtime = Runtime(hvd, _PROCESS_SETS, self.config, self._param_bytes or 0,
+                               exit_barrier=_exit_barrier, carry=carry, scope=tf.init_scope)
+        self._backend = TFBackend(self.runtime.process_sets, self._gpu)
         self._update_flag()
+
+    @property
+    def scheduler(self):
+        return self.runtime.scheduler
+
+    @property
+    def topology(self):
+        return self.runtime.topology
+
+    @property
+    def process_sets(self) -> dict:
+        return self.runtime.process_sets
+
+    @property
+    def rank(self) -> int:
+        return self.runtime.rank
 
     def attach(self, model=None, optimizer=None) -> LocalSGD:
         """Name the model (whose variables are averaged) and the optimizer (learning rate,
@@ -298,18 +427,24 @@ class LocalSGD:
         return time.perf_counter()
 
     # -- averaging ------------------------------------------------------------------------------
-    def model_variables(self) -> list:
-        """Trainable variables, then (``average_buffers``) the floating non-trainable ones."""
+    def _the_model(self):
         m = self._model
         if m is None:
             raise RuntimeError("adaptive-lsgd has no model to average: pass it to LocalSGD(model, "
                                "...), attach(model) or alsgd.step(model, ...)")
-        if isinstance(m, (list, tuple)):
-            return _floating(_unique(m))
-        out = list(m.trainable_variables)
-        if self.config.average_buffers:
-            out += list(m.non_trainable_variables)
-        return _floating(_unique(out))
+        return m
+
+    def _parameters(self) -> list:
+        m = self._the_model()
+        return _floating(_unique(m if isinstance(m, (list, tuple)) else m.trainable_variables))
+
+    def _buffers(self) -> list:
+        m = self._the_model()
+        return [] if isinstance(m, (list, tuple)) else _floating(_unique(m.non_trainable_variables))
+
+    def model_variables(self) -> list:
+        """Trainable variables, then (``average_buffers``) the floating non-trainable ones."""
+        return _unique(SyncTarget(self._parameters, self._buffers).averaged(self.config))
 
     def slot_variables(self) -> list:
         """The optimizer's per-variable state (momentum, Adam moments), in a rank-agreed order."""
@@ -319,7 +454,7 @@ class LocalSGD:
         opt = getattr(opt, "inner_optimizer", opt)
         if hasattr(opt, "get_slot_names"):  # legacy (OptimizerV2) optimizers
             out = []
-            for var in self.model_variables():
+            for var in self._parameters() + self._buffers():
                 for name in opt.get_slot_names():
                     try:
                         out.append(opt.get_slot(var, name))
@@ -329,104 +464,13 @@ class LocalSGD:
         skip = {opt.iterations.ref()}
         return [v for v in _floating(_variables_of(opt)) if v.ref() not in skip]
 
-    def sync_variables(self) -> list:
-        out = self.model_variables()
-        if self.config.momentum == "average":
-            out += self.slot_variables()
-        return _unique(out)
-
     def _sync(self, plan: SyncPlan) -> SyncResult:
-        cfg, sched = self.config, self.scheduler
-        variables = self.sync_variables()
+        target = SyncTarget(self._parameters, self._buffers, self.slot_variables)
         if self._param_bytes is None:
-            self._param_bytes = int(sum(v.shape.num_elements() * v.dtype.size for v in variables))
-            sched.param_bytes = self._param_bytes
-        values = [tf.convert_to_tensor(v) for v in variables]
-        healthy = bool(_all_finite(values)) if cfg.nonfinite_guard and values else True
-        payload = sched.payload(plan, healthy)
-        if not healthy:
-            values = [tf.zeros_like(t) for t in values]
-        elif plan.weight != 1.0:
-            values = [t * tf.cast(plan.weight, t.dtype) for t in values]
-        # One grouped Sum-allreduce per dtype (the payload rides with float32), same order
-        # on every rank.
-        groups: dict = {"float32": []}
-        for i, t in enumerate(values):
-            groups.setdefault(t.dtype.name, []).append(i)
-        if any(stage.kind == "reducescatter" for stage in plan.stages):
-            values, payload, times = self._sliced_sum(values, payload, plan.stages, groups)
-        else:
-            times = []
-            for stage in plan.stages:
-                if stage.kind == "broadcast" and self.rank != stage.root:
-                    values = [tf.zeros_like(t) for t in values]
-                    payload = np.zeros_like(payload)
-                process_set = self.process_sets.get(stage.ranks, hvd.global_process_set)
-                start = time.perf_counter()
-                for dtype in sorted(groups):
-                    idx = groups[dtype]
-                    tensors = [values[i] for i in idx]
-                    if dtype == "float32":
-                        tensors.append(tf.constant(payload))
-                    out = hvd.grouped_allreduce(tensors, op=hvd.Sum, process_set=process_set,
-                                                name=f"alsgd.{stage.kind}.{stage.link_level}.{dtype}")
-                    if dtype == "float32":
-                        payload = out[-1].numpy()
-                    for i, t in zip(idx, out):
-                        values[i] = t
-                if self._gpu:
-                    tf.test.experimental.sync_devices()
-                times.append(time.perf_counter() - start)
-        result = sched.complete_sync(plan, payload, times)
-        total = result.total_weight
-        for var, t in zip(variables, values):
-            var.assign(t / tf.cast(total, t.dtype) if total != 1.0 else t)
-        if cfg.momentum == "reset" or not healthy:
-            for var in self.slot_variables():
-                var.assign(tf.zeros_like(var))
-        return result
-
-    def _sliced_sum(self, values: list, payload: np.ndarray, stages: list, groups: dict) -> tuple:
-        """Sum ``values`` and ``payload`` over a sliced chained sync's stages (reduce-scatters
-        up, an allreduce of the slices, allgathers down): one flat buffer per dtype, the payload
-        in the float32 one, padded so that no rank's slice is empty. Returns the summed values,
-        payload and each stage's wall time."""
-        dtypes = sorted(groups)
-        pieces = math.prod(len(st.ranks) for st in stages if st.kind == "reducescatter")
-        flats = []
-        for dtype in dtypes:
-            parts = [tf.reshape(values[i], [-1]) for i in groups[dtype]]
-            if dtype == "float32":
-                parts.append(tf.constant(payload))
-            flat = tf.concat(parts, axis=0)
-            if int(flat.shape[0]) < pieces:
-                flat = tf.concat([flat, tf.zeros([pieces - int(flat.shape[0])], flat.dtype)], axis=0)
-            flats.append(flat)
-        times = []
-        for stage in stages:
-            process_set = self.process_sets.get(stage.ranks, hvd.global_process_set)
-            start = time.perf_counter()
-            for k, (dtype, flat) in enumerate(zip(dtypes, flats)):  # one collective per dtype
-                name = f"alsgd.{stage.kind}.{stage.link_level}.{dtype}"
-                if stage.kind == "reducescatter":
-                    flats[k] = hvd.reducescatter(flat, op=hvd.Sum, name=name, process_set=process_set)
-                elif stage.kind == "allgather":
-                    flats[k] = hvd.allgather(flat, name=name, process_set=process_set)
-                else:
-                    flats[k] = hvd.allreduce(flat, op=hvd.Sum, name=name, process_set=process_set)
-            if self._gpu:
-                tf.test.experimental.sync_devices()
-            times.append(time.perf_counter() - start)
-        values = list(values)
-        for dtype, flat in zip(dtypes, flats):
-            offset = 0
-            for i in groups[dtype]:
-                n = values[i].shape.num_elements()
-                values[i] = tf.reshape(flat[offset:offset + n], values[i].shape)
-                offset += n
-            if dtype == "float32":
-                payload = flat[offset:offset + payload.size].numpy()
-        return values, payload, times
+            self._param_bytes = int(sum(v.shape.num_elements() * v.dtype.size
+                                        for v in target.averaged(self.config)))
+            self.scheduler.param_bytes = self._param_bytes
+        return run_sync(plan, self.scheduler, self._backend, target)
 
     # -- state and figures ----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -43,25 +43,23 @@ _INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
 import copy  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import horovod.torch as hvd  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from horovod.torch.optimizer import _DistributedOptimizer  # noqa: E402
 
-from adaptive_lsgd import agreement  # noqa: E402
-from adaptive_lsgd.config import Config, ConfigError, load_config  # noqa: E402
+from adaptive_lsgd.config import check_supported, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
+    Runtime,
     elastic_job,
     host_name,
-    install_exit_barrier,
 )
-from adaptive_lsgd.scheduler import Scheduler, SyncPlan  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
-from adaptive_lsgd.topology import Topology  # noqa: E402
+from adaptive_lsgd.sync import Backend, SyncTarget, finish_overlapped, run_sync, sync_round  # noqa: E402
 
 __all__ = ["DistributedOptimizer", "summary", "host_name", "process_set_for"]
 
@@ -86,93 +84,12 @@ def _exit_barrier() -> None:
     hvd.allreduce(torch.zeros(1), op=hvd.Sum, name="alsgd.exit")
 
 
-_SETS_TOKEN = [None]  # the init the cached process sets belong to
-_WARNED: list = []
-_WARNED_CHAINED: list = []
+def _runtime(config, param_bytes: int, **kw) -> Runtime:
+    return Runtime(hvd, _PROCESS_SETS, config, param_bytes, exit_barrier=_exit_barrier,
+                   token=_init_token, **kw)
+
+
 _WARNED_INFLIGHT: list = []
-
-
-class _InFlight:
-    """An overlapped average: its plan, Horovod handle, this rank's tensors at the round's end
-    (``snapshot``), the buffers being summed (``send``, then the sum) and the payload."""
-
-    __slots__ = ("plan", "handle", "snapshot", "send", "payload", "healthy", "start", "done_t")
-
-    def __init__(self, plan, handle, snapshot, send, payload, healthy, start):
-        self.plan, self.handle, self.snapshot, self.send = plan, handle, snapshot, send
-        self.payload, self.healthy, self.start, self.done_t = payload, healthy, start, None
-
-
-class _Runtime:
-    """What one optimizer needs from one Horovod initialisation: config, topology, process
-    sets, scheduler. Building it is a collective (an allgather, and with ``share`` a broadcast
-    of rank 0's scheduler state ``carry``, which an elastic job's new workers lack, and of
-    rank 0's count of Horovod worlds ``world``)."""
-
-    def __init__(self, config: Config, param_bytes: int, carry: dict | None = None,
-                 share: bool = False, world: int = 0):
-        self.config = config
-        self.world = world
-        self.param_bytes = param_bytes
-        self.token = _init_token()
-        if _SETS_TOKEN[0] is not self.token:  # Horovod re-initialised: its process sets are gone
-            _PROCESS_SETS.clear()
-            _SETS_TOKEN[0] = self.token
-        infos = hvd.allgather_object(agreement.rank_info(config, host_name()), name="alsgd.rank_info")
-        agreement.check_agreement(infos)
-        if share:
-            carry, self.world = hvd.broadcast_object((carry, world), root_rank=0,
-                                                     name="alsgd.scheduler_state")
-        self.topology = Topology.from_config(config.topology, [i["host"] for i in infos],
-                                             chained=config.chained_allreduce,
-                                             elastic=elastic_job())
-        self.process_sets = {ranks: process_set_for(ranks) for ranks in self.topology.process_sets()}
-        own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
-        if own_sets:  # block-local last syncs: no rank may shut Horovod down before the others
-            install_exit_barrier(_exit_barrier)
-        if own_sets and elastic_job() and not _WARNED:
-            _WARNED.append(True)
-            warnings.warn("adaptive-lsgd: this hierarchical topology uses Horovod process sets; with "
-                          "Horovod 0.28.1 and Gloo a worker *failure* then aborts every worker "
-                          "(horovod issue #4021). Graceful host changes work; 'topology: auto' (the "
-                          "default) is flat in elastic jobs for that reason (see docs/elastic.md)",
-                          stacklevel=2)
-        topo = self.topology
-        if topo.chained and not topo.sliced and topo.num_levels > 1 and not _WARNED_CHAINED:
-            _WARNED_CHAINED.append(True)
-            warnings.warn("adaptive-lsgd: the chained sync runs in the leaders' form (blocks of "
-                          "different sizes, or chained_allreduce: leaders): pass name= to your own "
-                          "Horovod collectives. Horovod's "
-                          "automatic names count the operations each process enqueued, the block "
-                          "leaders enqueue more than the other ranks, and an unnamed collective "
-                          "would wait forever (README, 'Known limits')", stacklevel=2)
-        self.rank = hvd.rank()
-        self.scheduler = Scheduler(config, self.topology, self.rank, param_bytes)
-        if carry is not None:
-            self.scheduler.load_state_dict(carry, strict=False)
-            if share:
-                self.scheduler.log.write({"step": self.scheduler.step, "event": "elastic_reset",
-                                          "size": self.topology.size, "previous_size": carry["size"],
-                                          "periods": list(self.scheduler.periods),
-                                          "phase": self.scheduler.phase})
-
-    @property
-    def current(self) -> bool:
-        """False once Horovod was re-initialised (an elastic reset) since this was built."""
-        return self.token is _init_token()
-
-    def load(self, state: dict | None) -> None:
-        """Load a scheduler state (None: start the scheduler afresh); not a collective. A state
-        saved under another world size (an elastic commit from before a reset) carries the
-        phase, step count and periods; statistics start afresh."""
-        if state is None:
-            self.scheduler.log.close()
-            self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes)
-            self.scheduler.log.resume()  # append to the log of this run, do not truncate it
-        else:
-            self.scheduler.load_state_dict(state, strict=False)
-
-
 WAIT_MAX_SLEEP_S = 1e-3
 
 
@@ -191,41 +108,146 @@ def _wait(handle):
     return hvd.synchronize(handle)
 
 
-def _sliced_sum(tensors: list, payload: torch.Tensor, stages: list, process_sets: dict) -> list:
-    """Sum ``tensors`` and ``payload`` in place over a sliced chained sync's stages
-    (reduce-scatters up, an allreduce of the slices, allgathers down); returns each stage's
-    wall time. One flat buffer per dtype (the payload rides in the float32 one), padded so
-    that no rank's slice is empty."""
-    groups: dict = {torch.float32: []}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    dtypes = sorted(groups, key=str)
-    pieces = math.prod(len(st.ranks) for st in stages if st.kind == "reducescatter")
-    flats = []
-    for dtype in dtypes:
-        parts = [t.reshape(-1) for t in groups[dtype]] + ([payload] if dtype == torch.float32 else [])
-        flat = torch.cat(parts)
-        if flat.numel() < pieces:
-            flat = torch.cat([flat, flat.new_zeros(pieces - flat.numel())])
-        flats.append(flat)
-    times = []
-    for stage in stages:
-        ps = process_sets.get(stage.ranks, hvd.global_process_set)
-        name = f"alsgd.{stage.kind}.{stage.link_level}"
-        start = time.perf_counter()
-        if stage.kind == "reducescatter":
-            flats = _wait(hvd.grouped_reducescatter_async(flats, op=hvd.Sum, name=name, process_set=ps))
-        elif stage.kind == "allgather":
-            flats = _wait(hvd.grouped_allgather_async(flats, name=name, process_set=ps))
+def _dtype_groups(tensors: list) -> list:
+    """Indices of ``tensors`` per dtype, in a rank-agreed order (by dtype name)."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return [groups[d] for d in sorted(groups, key=str)]
+
+
+class TorchBackend(Backend):
+    """The core's sync protocol (:mod:`adaptive_lsgd.sync`) over Horovod's PyTorch
+    collectives: one flat buffer per dtype, grouped collectives over the process set of the
+    stage's ranks, polite waits (:func:`_wait`)."""
+
+    def __init__(self, process_sets: dict, device=None):
+        self.process_sets = process_sets
+        self.device = device
+
+    def _ps(self, ranks):
+        return self.process_sets.get(ranks, hvd.global_process_set)
+
+    def pack(self, tensors, pad_to):
+        out = []
+        for idx in _dtype_groups(tensors):
+            flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+            if flat.numel() < pad_to:
+                flat = torch.cat([flat, flat.new_zeros(pad_to - flat.numel())])
+            out.append(flat)
+        return out
+
+    @torch.no_grad()
+    def unpack(self, buffers, tensors, divide_by, since=None):
+        for k, idx in enumerate(_dtype_groups(tensors)):
+            sizes = [tensors[i].numel() for i in idx]
+            n = sum(sizes)
+            flat = buffers[k][:n]
+            if divide_by != 1.0:
+                flat = flat / divide_by
+            if since is not None:  # x <- average + (x - x at the round's end)
+                flat = flat - since[k][:n]
+            views = torch.split(flat, sizes)
+            dst = [tensors[i] for i in idx]
+            if since is not None:
+                torch._foreach_add_(dst, [v.view_as(t) for v, t in zip(views, dst)])
+            else:
+                for t, v in zip(dst, views):
+                    t.copy_(v.view_as(t))
+
+    def all_finite(self, buffers):
+        return all(bool(torch.isfinite(b).all()) for b in buffers)
+
+    def scale(self, buffers, factor):
+        if not buffers:
+            return
+        if factor == 0:
+            for b in buffers:
+                b.zero_()
         else:
-            _wait(hvd.grouped_allreduce_async_(flats, op=hvd.Sum, name=name, process_set=ps))
-        times.append(time.perf_counter() - start)
-    for dtype, flat in zip(dtypes, flats):
-        offset = 0
-        for t in groups[dtype] + ([payload] if dtype == torch.float32 else []):
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-    return times
+            torch._foreach_mul_(buffers, factor)
+
+    def copy(self, buffers):
+        return [b.clone() for b in buffers]
+
+    def zero_tensors(self, tensors):
+        torch._foreach_zero_(tensors)
+
+    def from_numpy(self, values):
+        out = torch.from_numpy(np.asarray(values, dtype=np.float32))
+        return out.to(self.device) if self.device is not None else out
+
+    def to_numpy(self, buffer):
+        return buffer.detach().cpu().numpy()
+
+    def run(self, c):
+        ps = self._ps(c.ranks)
+        if c.op == "reducescatter":
+            return list(_wait(hvd.grouped_reducescatter_async(c.buffers, op=hvd.Sum, name=c.name,
+                                                              process_set=ps)))
+        if c.op == "allgather":
+            return list(_wait(hvd.grouped_allgather_async(c.buffers, name=c.name, process_set=ps)))
+        _wait(hvd.grouped_allreduce_async_(c.buffers, op=hvd.Sum, name=c.name, process_set=ps))
+        return c.buffers
+
+    def start(self, c):
+        return hvd.grouped_allreduce_async_(c.buffers, op=hvd.Sum, name=c.name,
+                                            process_set=self._ps(c.ranks)), c.buffers
+
+    def poll(self, handle):
+        return hvd.poll(handle[0])
+
+    def wait(self, handle):
+        _wait(handle[0])
+        return handle[1]
+
+
+class StepClock:
+    """Per-step compute time without a device synchronize.
+
+    On the CPU each :meth:`lap` returns the wall time since the last one. On CUDA it records
+    an event on the current stream and returns None: the step times are the times between
+    consecutive events, read by :meth:`drain` when the scheduler needs them (at a sync, where
+    the queue is drained anyway), so a GPU job's steps never stall the CPU's kernel queue."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self._t = time.perf_counter()
+        self._events: list = []
+        if cuda:
+            self.restart()
+
+    def restart(self) -> None:
+        """A new starting point (after a sync, whose time is not compute)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events = [event]
+        self._t = time.perf_counter()
+
+    def lap(self) -> float | None:
+        if not self.cuda:
+            now = time.perf_counter()
+            out, self._t = now - self._t, now
+            return out
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._events.append(event)
+        return None
+
+    @property
+    def due(self) -> bool:
+        """Many unread steps (a long mini-batch phase): time to :meth:`drain` them."""
+        return len(self._events) > 256
+
+    def drain(self) -> list:
+        """The step times not read yet, in order (waits for the last recorded step only)."""
+        if not self.cuda or len(self._events) < 2:
+            return []
+        self._events[-1].synchronize()
+        times = [a.elapsed_time(b) / 1000.0 for a, b in zip(self._events, self._events[1:])]
+        self._events = self._events[-1:]
+        return times
 
 
 class _LocalSGDMixin:
@@ -256,7 +278,7 @@ class _LocalSGDMixin:
 
     def step(self, closure=None):
         rt = self._alsgd_runtime()
-        sched = rt.scheduler
+        sched, clock = rt.scheduler, self._alsgd_clock
         if not sched.is_local:
             lr = self._alsgd_lr()
             handle = None
@@ -266,37 +288,31 @@ class _LocalSGDMixin:
             loss = _DistributedOptimizer.step(self, closure)
             if handle is not None:
                 lr = float(hvd.synchronize(handle)[0])
-            now = self._alsgd_now()
-            sched.step_done(now - self._alsgd_t, lr=lr)
-            self._alsgd_t = now
+            sched.step_done(clock.lap(), lr=lr)
+            if clock.due:
+                sched.record_compute(clock.drain())
             return loss
         loss = super(self.__class__, self).step(closure)
-        now = self._alsgd_now()
-        plan = sched.step_done(now - self._alsgd_t, lr=self._alsgd_lr())
-        inflight = self._alsgd_inflight
-        if inflight is not None and inflight.done_t is None and hvd.poll(inflight.handle):
-            inflight.done_t = now  # the transfer ended during this step (one step's resolution)
+        plan = sched.step_done(clock.lap(), lr=self._alsgd_lr())
+        if self._alsgd_inflight is not None:
+            self._alsgd_inflight.note(self._alsgd_backend, time.perf_counter())
         if plan is not None:
-            if rt.config.overlap:
-                self._alsgd_overlapped_sync(plan)
-            else:
-                self._alsgd_sync(plan)
-            now = self._alsgd_now()
-        self._alsgd_t = now
+            sched.record_compute(clock.drain())
+            _, self._alsgd_inflight = sync_round(plan, sched, self._alsgd_backend,
+                                                 self._alsgd_target, self._alsgd_inflight)
+            clock.restart()
         return loss
 
-    # -- averaging ----------------------------------------------------------------------------
-    def _alsgd_tensors(self) -> list:
-        """Parameters, then floating buffers, then (momentum 'average') optimizer state."""
-        cfg = self._alsgd.config
-        tensors = [p for group in self.param_groups for p in group["params"]]
-        if cfg.average_buffers and self._alsgd_model is not None:
-            tensors += [b for b in self._alsgd_model.buffers() if b.is_floating_point()]
-        if cfg.momentum == "average":
-            tensors += self._alsgd_state_tensors()
-        return [t for t in tensors if t.is_floating_point()]
+    # -- what is averaged ---------------------------------------------------------------------
+    def _alsgd_parameters(self) -> list:
+        return [p for group in self.param_groups for p in group["params"] if p.is_floating_point()]
+
+    def _alsgd_buffers(self) -> list:
+        model = self._alsgd_model
+        return [] if model is None else [b for b in model.buffers() if b.is_floating_point()]
 
     def _alsgd_state_tensors(self) -> list:
+        """Per-parameter optimizer state of the parameter's shape (momentum, Adam moments)."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -305,78 +321,14 @@ class _LocalSGDMixin:
                         out.append(value)
         return out
 
-    def _alsgd_contribution(self, plan: SyncPlan) -> tuple:
-        """The tensors to average, whether they are all finite (the guard), and the payload."""
-        rt = self._alsgd
-        tensors = self._alsgd_tensors()
-        healthy = True
-        if rt.config.nonfinite_guard:
-            healthy = all(bool(torch.isfinite(t).all()) for t in tensors)
-        return tensors, healthy, torch.from_numpy(rt.scheduler.payload(plan, healthy))
-
-    @torch.no_grad()
-    def _alsgd_sync(self, plan: SyncPlan) -> None:
-        rt = self._alsgd
-        tensors, healthy, payload = self._alsgd_contribution(plan)
-        if not healthy:
-            torch._foreach_zero_(tensors)
-        elif plan.weight != 1.0:
-            torch._foreach_mul_(tensors, plan.weight)
-        if any(stage.kind == "reducescatter" for stage in plan.stages):
-            times = _sliced_sum(tensors, payload, plan.stages, rt.process_sets)
-        else:
-            times = []
-            for stage in plan.stages:
-                if stage.kind == "broadcast" and rt.rank != stage.root:
-                    torch._foreach_zero_(tensors)
-                    payload.zero_()
-                start = time.perf_counter()
-                _wait(hvd.grouped_allreduce_async_(
-                    tensors + [payload], op=hvd.Sum, name=f"alsgd.{stage.kind}.{stage.link_level}",
-                    process_set=rt.process_sets.get(stage.ranks, hvd.global_process_set)))
-                times.append(time.perf_counter() - start)
-        result = rt.scheduler.complete_sync(plan, payload.numpy(), times)
-        if result.total_weight != 1.0:
-            torch._foreach_div_(tensors, result.total_weight)
-        state = self._alsgd_state_tensors() if rt.config.momentum == "reset" or not healthy else []
-        if state:  # plain SGD (or no step yet) has no state, and _foreach_zero_ refuses []
-            torch._foreach_zero_(state)
-
-    # -- helpers ------------------------------------------------------------------------------
     def _alsgd_lr(self) -> float:
         return float(self.param_groups[0]["lr"])
 
-    def _alsgd_now(self) -> float:
-        if self._alsgd_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    @property
+    def _alsgd_backend(self) -> TorchBackend:
+        return TorchBackend(self._alsgd_runtime().process_sets, self._alsgd_device)
 
-    # -- overlapped averaging (config key 'overlap') ---------------------------------------
-    @torch.no_grad()
-    def _alsgd_overlapped_sync(self, plan: SyncPlan) -> None:
-        """Finish the average started at the previous round's end, then start this round's in
-        the background: every rank issues the same collectives in the same order, one
-        grouped allreduce per round, as without overlap."""
-        self.wait_for_average()
-        if len(plan.stages) != 1:  # a rank alone in its block (or a job of one): nothing to send
-            self._alsgd_sync(plan)
-            return
-        rt = self._alsgd
-        tensors, healthy, payload = self._alsgd_contribution(plan)
-        snapshot = [t.detach().clone() for t in tensors]
-        if not healthy:
-            send = [torch.zeros_like(t) for t in tensors]
-        else:
-            send = [t.clone() for t in snapshot]
-            if plan.weight != 1.0:
-                torch._foreach_mul_(send, plan.weight)
-        stage = plan.stages[0]
-        start = time.perf_counter()
-        handle = hvd.grouped_allreduce_async_(
-            send + [payload], op=hvd.Sum, name=f"alsgd.overlap.{stage.link_level}",
-            process_set=rt.process_sets.get(stage.ranks, hvd.global_process_set))
-        self._alsgd_inflight = _InFlight(plan, handle, snapshot, send, payload, healthy, start)
-
+    # -- averaging ----------------------------------------------------------------------------
     @torch.no_grad()
     def wait_for_average(self) -> float:
         """With ``overlap``: wait for the average in flight (started at the end of the last
@@ -388,38 +340,23 @@ class _LocalSGDMixin:
         inflight, self._alsgd_inflight = self._alsgd_inflight, None
         if inflight is None:
             return 0.0
-        rt = self._alsgd
         start = time.perf_counter()
-        _wait(inflight.handle)
-        end = time.perf_counter()
-        transfer = (inflight.done_t or end) - inflight.start
-        result = rt.scheduler.complete_sync(inflight.plan, inflight.payload.numpy(), [transfer],
-                                            waited_s=end - start)
-        average = inflight.send
-        if result.total_weight != 1.0:
-            torch._foreach_div_(average, result.total_weight)
-        tensors = self._alsgd_tensors()
-        if inflight.healthy:
-            torch._foreach_sub_(tensors, inflight.snapshot)
-            torch._foreach_add_(tensors, average)
-        else:  # this rank was left out: reset to the healthy ranks' average
-            for t, a in zip(tensors, average):
-                t.copy_(a)
-        state = self._alsgd_state_tensors() if rt.config.momentum == "reset" or not inflight.healthy else []
-        if state:
-            torch._foreach_zero_(state)
-        self._alsgd_t = self._alsgd_now()
-        return end - start
+        finish_overlapped(inflight, self._alsgd.scheduler, self._alsgd_backend, self._alsgd_target)
+        self._alsgd_clock.restart()
+        return time.perf_counter() - start
 
+    @torch.no_grad()
     def average_now(self) -> None:
         """Average the model over all ranks now (collective: call on every rank at the same
         point, e.g. before evaluating or saving at the end of training). With ``overlap`` it
         first applies the average in flight."""
         self.wait_for_average()
-        plan = self._alsgd_runtime().scheduler.sync_now()
+        sched = self._alsgd_runtime().scheduler
+        plan = sched.sync_now()
         if plan is not None:
-            self._alsgd_sync(plan)
-        self._alsgd_t = self._alsgd_now()
+            sched.record_compute(self._alsgd_clock.drain())
+            run_sync(plan, sched, self._alsgd_backend, self._alsgd_target)
+        self._alsgd_clock.restart()
 
     def state_dict(self):
         """The wrapped optimizer's state plus the scheduler's under ``"alsgd"`` (None before
@@ -451,7 +388,7 @@ class _LocalSGDMixin:
         else:
             self._alsgd_pending = copy.deepcopy(alsgd_state)
 
-    def _alsgd_runtime(self) -> _Runtime:
+    def _alsgd_runtime(self) -> Runtime:
         """The runtime of the current Horovod initialisation, rebuilt (a collective, the same
         point on every rank: the first hook, step or ``alsgd`` access) when there is none yet
         in an elastic job or Horovod was re-initialised. The scheduler continues from rank 0's
@@ -466,7 +403,7 @@ class _LocalSGDMixin:
         if rt is not None:
             rt.scheduler.log.close()
         world = 1 if rt is None else rt.world + 1
-        self._alsgd = _Runtime(self._alsgd_config, self._alsgd_param_bytes, carry, share=True,
+        self._alsgd = _runtime(self._alsgd_config, self._alsgd_param_bytes, carry=carry, share=True,
                                world=world)
         if rt is not None:
             self._alsgd.scheduler.log.resume()
@@ -477,13 +414,13 @@ class _LocalSGDMixin:
         self._parameter_names = {p: f"{name}.w{self._alsgd.world}"
                                  for p, name in self._alsgd_names.items()}
         self._alsgd_pending = _NOTHING
-        self._alsgd_t = self._alsgd_now()
+        self._alsgd_clock.restart()
         return self._alsgd
 
     @property
-    def alsgd(self) -> _Runtime:
-        """The runtime: ``.config``, ``.topology``, ``.scheduler`` (a collective when it must
-        be rebuilt, see :meth:`_alsgd_runtime`)."""
+    def alsgd(self) -> Runtime:
+        """The runtime: ``.config``, ``.topology``, ``.process_sets``, ``.scheduler`` (a
+        collective when it must be rebuilt, see :meth:`_alsgd_runtime`)."""
         return self._alsgd_runtime()
 
 
@@ -499,9 +436,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     are averaged with the parameters unless ``average_buffers: false``).
     """
     cfg = load_config(config)
-    if cfg.overlap and elastic_job():
-        raise ConfigError("config key 'overlap' is not supported in elastic Horovod jobs (an "
-                          "average in flight cannot survive a reset); set overlap: false")
+    check_supported(cfg, "torch", elastic=elastic_job())
     if op == hvd.Adasum:
         raise ValueError("op=hvd.Adasum is not supported by adaptive-lsgd's DistributedOptimizer; "
                          "use hvd.Average or hvd.Sum")
@@ -529,13 +464,14 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     opt._alsgd_model = model
     opt._alsgd_names = dict(opt._parameter_names)  # Horovod's names for the gradient allreduces
-    opt._alsgd_cuda = any(p.is_cuda for p in params)
+    opt._alsgd_device = params[0].device if params else None
+    opt._alsgd_clock = StepClock(cuda=any(p.is_cuda for p in params))
+    opt._alsgd_target = SyncTarget(opt._alsgd_parameters, opt._alsgd_buffers, opt._alsgd_state_tensors)
     opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
     opt._alsgd_inflight = None  # overlap: the average started at the end of the last round
     # Elastic jobs build on first use: a worker that joins later must not run a collective
     # here, while the others are already in TorchState.sync().
-    opt._alsgd = None if elastic_job() else _Runtime(cfg, param_bytes)
-    opt._alsgd_t = time.perf_counter()
+    opt._alsgd = None if elastic_job() else _runtime(cfg, param_bytes)
     return opt
 
 

@@ -1,14 +1,13 @@
 """An in-process fake of the collectives the integrations run, driving N Scheduler replicas.
 
-Each rank holds a buffer ``[weight * model, payload]``; every stage of a sync is a Sum over
-the stage's link members, exactly as ``hvd.grouped_allreduce_(..., op=hvd.Sum,
-process_set=...)`` does it, and on a ``broadcast`` stage every member but the root zeroes its
-buffer first. The sliced chained sync's stages move slices like Horovod's collectives: a
-``reducescatter`` leaves the member at link position ``i`` the ``i``-th of the sum's
-``np.array_split`` pieces (Horovod gives the first ``n % k`` members one element more, as
-``array_split`` does), an ``allgather`` concatenates the members' buffers in link order.
-Stages are matched the way a real collective matches them: a link's stage runs once every
-member has it next, so a schedule that would deadlock raises instead of hanging.
+Each rank's model is a numpy vector; every sync runs the core's own protocol
+(:func:`adaptive_lsgd.sync.sync_protocol`, the code the integrations run) over
+:class:`~adaptive_lsgd.sync.NumpyBackend`, and :func:`~adaptive_lsgd.sync.run_in_process`
+matches the ranks' collectives as a real transport does: a Sum over the stage's members
+(``hvd.grouped_allreduce_(..., op=hvd.Sum, process_set=...)``), a reduce-scatter leaving the
+member at link position ``i`` the ``i``-th ``np.array_split`` piece (Horovod gives the first
+``n % k`` members one element more), an allgather concatenating in link order. A schedule
+that would deadlock raises instead of hanging.
 """
 
 from __future__ import annotations
@@ -16,6 +15,18 @@ from __future__ import annotations
 import numpy as np
 
 from adaptive_lsgd import DecisionLog, Scheduler
+from adaptive_lsgd.sync import (
+    Deadlock,
+    NumpyBackend,
+    SyncTarget,
+    finish_overlapped,
+    run_in_process,
+    stage_collectives,
+    start_overlapped,
+    sync_protocol,
+)
+
+__all__ = ["MemoryLog", "Deadlock", "run_stages", "FakeCluster"]
 
 
 class MemoryLog(DecisionLog):
@@ -29,49 +40,45 @@ class MemoryLog(DecisionLog):
         self.records.append(dict(record))
 
 
-class Deadlock(AssertionError):
-    pass
-
-
 def run_stages(plans: list, buffers: list) -> list:
-    """Sum the buffers stage by stage; returns the number of stages each rank ran."""
-    pos = [0] * len(plans)
-    remaining = sum(len(p.stages) for p in plans if p is not None)
-    while remaining:
-        progressed = False
-        for r, plan in enumerate(plans):
-            if plan is None or pos[r] >= len(plan.stages):
-                continue
-            stage = plan.stages[pos[r]]
-            if r != min(stage.ranks):  # the link's lowest rank drives it (any member would do)
-                continue
-            ready = all(plans[m] is not None and pos[m] < len(plans[m].stages)
-                        and plans[m].stages[pos[m]].ranks == stage.ranks
-                        and plans[m].stages[pos[m]].kind == stage.kind for m in stage.ranks)
-            if not ready:
-                continue
-            if stage.kind == "allgather":
-                results = [np.concatenate([buffers[m] for m in stage.ranks])] * len(stage.ranks)
-            else:
-                if stage.kind == "broadcast":
-                    for m in stage.ranks:
-                        if m != stage.root:
-                            buffers[m] = np.zeros_like(buffers[m])
-                lengths = {len(buffers[m]) for m in stage.ranks}
-                assert len(lengths) == 1, f"{stage.kind} over {stage.ranks}: lengths {lengths}"
-                total = np.sum([buffers[m] for m in stage.ranks], axis=0)
-                if stage.kind == "reducescatter":
-                    results = np.array_split(total, len(stage.ranks))
-                else:
-                    results = [total] * len(stage.ranks)
-            for m, result in zip(stage.ranks, results):
-                buffers[m] = np.array(result, dtype=np.float64)
-                pos[m] += 1
-            remaining -= len(stage.ranks)
-            progressed = True
-        if not progressed:
-            raise Deadlock(f"stages cannot proceed: positions {pos}")
-    return pos
+    """Sum one buffer per rank over the plans' stages (in place); returns the stages each
+    rank ran."""
+    backend = NumpyBackend()
+
+    def one(r, plan):
+        out, times = yield from stage_collectives(plan, r, backend, [buffers[r]])
+        buffers[r] = out[0]
+        return len(times)
+
+    return run_in_process([None if p is None else one(r, p) for r, p in enumerate(plans)],
+                          lambda rank, collective: 0.0)
+
+
+class _FakeAsync(NumpyBackend):
+    """A rank's backend with the overlapped allreduce: the sum is taken over the buffers the
+    members handed in at ``start`` (as a real collective sums what it was given) and is
+    complete once every member has started it. ``waited`` is the time ``wait`` reports."""
+
+    def __init__(self, rank: int, pending: dict):
+        super().__init__()
+        self.rank, self.pending, self.now, self.waited = rank, pending, 0.0, 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def start(self, collective):
+        self.pending.setdefault(collective.ranks, {})[self.rank] = [b.copy() for b in collective.buffers]
+        return collective.ranks
+
+    def poll(self, handle) -> bool:
+        return len(self.pending.get(handle, {})) == len(handle)
+
+    def wait(self, handle) -> list:
+        assert self.poll(handle), f"rank {self.rank} waits on {handle}, which not all members started"
+        members = self.pending[handle]
+        sums = [np.sum([members[m][i] for m in handle], axis=0) for i in range(len(members[self.rank]))]
+        self.now += self.waited
+        return sums
 
 
 class FakeCluster:
@@ -94,8 +101,9 @@ class FakeCluster:
         if models is None:
             models = [np.full(param_len, float(r)) for r in range(self.size)]
         self.models = [np.asarray(m, dtype=np.float64).copy() for m in models]
+        self.targets = [SyncTarget(lambda r=r: [self.models[r]]) for r in range(self.size)]
         self.syncs = []  # (step of rank 0, level, [SyncResult per rank])
-        self.inflight = None  # overlap: (plans, summed buffers, models at the start, health)
+        self.inflight = None  # overlap: (the ranks' InFlight, their backends)
 
     def _default_stage_time(self, rank, stage, plan) -> float:
         """The link's allreduce time; half of it for a reduce-scatter or an allgather."""
@@ -129,40 +137,25 @@ class FakeCluster:
             plans.append(plan)
         return self.sync(plans, healthy)
 
-    def _buffers(self, plans, healthy) -> list:
-        """Each rank's ``[weight * model (zeros if unhealthy), payload]``."""
-        n = len(self.models[0])
-        buffers = []
-        for r, (s, p) in enumerate(zip(self.scheds, plans)):
-            model = self.models[r] * p.weight if healthy[r] else np.zeros(n)
-            buffers.append(np.concatenate([model, s.payload(p, healthy[r]).astype(np.float64)]))
-        return buffers
-
     def sync(self, plans, healthy=None):
+        """Run the core's sync protocol on every rank; ``healthy[r] = False`` makes rank r's
+        finiteness check fail."""
         healthy = [True] * self.size if healthy is None else list(healthy)
         levels = {p.level for p in plans}
         assert len(levels) == 1, f"ranks sync at different levels {levels}"
-        n = len(self.models[0])
-        buffers = self._buffers(plans, healthy)
-        ran = run_stages(plans, buffers)
-        results = []
-        for r, (s, p) in enumerate(zip(self.scheds, plans)):
-            assert ran[r] == len(p.stages)
-            assert len(buffers[r]) == n + p.payload_len, f"rank {r} ends with {len(buffers[r])} values"
-            times = [self.stage_time(r, st, p) for st in p.stages]
-            result = s.complete_sync(p, buffers[r][n:].astype(np.float32), times)
-            self.models[r] = buffers[r][:n] / result.total_weight
-            results.append(result)
+        plan_of = dict(enumerate(plans))
+        gens = [sync_protocol(p, s, NumpyBackend(healthy=h), t)
+                for p, s, h, t in zip(plans, self.scheds, healthy, self.targets)]
+        results = run_in_process(gens, lambda r, col: self.stage_time(r, col.stage, plan_of[r]))
         self.syncs.append((plans[0].step, plans[0].level, results))
         return results
 
     # -- overlap: the sync started at a round's end completes at the next round's end ---------
     def step_all_overlapped(self, compute_s, healthy=None, waited_s=0.0):
         """One local step on every rank with ``overlap``: at a round's end first finish the
-        sync in flight (:meth:`finish_inflight`), then start this one. The sums are taken at
-        the start (a real collective sums the buffers the ranks handed it then); each rank's
-        model keeps what it did meanwhile: ``x <- average + (x - x at the start)``. Returns the
-        finished sync's results, or None."""
+        sync in flight (:meth:`finish_inflight`), then start this one
+        (:func:`~adaptive_lsgd.sync.start_overlapped`). Returns the finished sync's results,
+        or None."""
         cs = compute_s if isinstance(compute_s, (list, tuple, np.ndarray)) else [compute_s] * self.size
         plans = [s.step_done(float(c)) for s, c in zip(self.scheds, cs)]
         if all(p is None for p in plans):
@@ -170,26 +163,26 @@ class FakeCluster:
         assert all(p is not None for p in plans), f"only some ranks sync: {plans}"
         results = self.finish_inflight(waited_s)
         healthy = [True] * self.size if healthy is None else list(healthy)
-        buffers = self._buffers(plans, healthy)
-        run_stages(plans, buffers)
-        self.inflight = (plans, buffers, [m.copy() for m in self.models], healthy)
+        pending: dict = {}
+        backends = [_FakeAsync(r, pending) for r in range(self.size)]
+        for b, h in zip(backends, healthy):
+            b.healthy = h
+        self.inflight = ([start_overlapped(p, s, b, t) for p, s, b, t
+                          in zip(plans, self.scheds, backends, self.targets)], backends)
         return results
 
     def finish_inflight(self, waited_s=0.0):
-        """Complete the sync in flight (None if there is none) and apply it."""
+        """Complete the sync in flight (None if there is none) and apply it: the transfer is
+        seen complete after the stage time, the wait lasts ``waited_s`` (or ``waited_s(r)``)."""
         if self.inflight is None:
             return None
-        (plans, buffers, snapshots, healthy), self.inflight = self.inflight, None
-        n = len(self.models[0])
+        (flights, backends), self.inflight = self.inflight, None
         results = []
-        for r, (s, p) in enumerate(zip(self.scheds, plans)):
-            times = [self.stage_time(r, st, p) for st in p.stages]
-            waited = waited_s(r) if callable(waited_s) else waited_s
-            result = s.complete_sync(p, buffers[r][n:].astype(np.float32), times, waited_s=waited)
-            average = buffers[r][:n] / result.total_weight
-            self.models[r] = self.models[r] - snapshots[r] + average if healthy[r] else average
-            results.append(result)
-        self.syncs.append((plans[0].step, plans[0].level, results))
+        for r, (s, f, b, t) in enumerate(zip(self.scheds, flights, backends, self.targets)):
+            f.done_t = f.start + self.stage_time(r, f.plan.stages[0], f.plan)
+            b.waited = waited_s(r) if callable(waited_s) else waited_s
+            results.append(finish_overlapped(f, s, b, t))
+        self.syncs.append((flights[0].plan.step, flights[0].plan.level, results))
         return results
 
     # -- views --------------------------------------------------------------------------------

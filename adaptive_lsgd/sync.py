@@ -1,0 +1,430 @@
+"""One sync, written once: the protocol every integration runs over its own collectives.
+
+A :class:`~adaptive_lsgd.scheduler.SyncPlan` says *when* and *where* to average; this module
+says *how*, for every framework at once:
+
+1. **pack** the tensors to average into one flat buffer per dtype (padded so that no rank's
+   slice of a sliced sync is empty);
+2. **health**: with ``nonfinite_guard`` a rank whose buffers hold NaN/Inf sends zeros and
+   weight 0 (and is reset to the healthy ranks' average);
+3. **weighting**: the buffers are scaled by ``plan.weight`` (steps taken, in time-budget rounds);
+4. the scheduler's **payload** (its statistics row, weight and health flag) rides as one more
+   float32 buffer in the same collectives;
+5. the plan's **stages**: a Sum over each stage's ranks (``allreduce``; the sliced form's
+   ``reducescatter`` / ``allgather``; the leaders' form's ``reduce`` and ``broadcast`` are
+   allreduces, and on a ``broadcast`` stage every member but the root zeroes its buffers first);
+6. **division** by the total weight, unpacked into the tensors;
+7. the **state rule**: the optimizer state is zeroed after a sync with ``momentum: reset``, and
+   on a rank that was reset to the average.
+
+With ``overlap`` steps 1-4 and one asynchronous allreduce start at a round's end
+(:func:`start_overlapped`); at the next round's end :func:`finish_overlapped` waits and applies
+``x <- average + (x - x at the round's end)``, keeping the local steps taken meanwhile.
+
+The framework side is a :class:`Backend` (tensor ops on flat buffers, and collectives over a
+rank tuple) and a :class:`SyncTarget` (what one optimizer may average). The protocol itself is
+a generator that *yields* each :class:`Collective` and receives its result: a real backend
+runs them one after another (:func:`run_sync`), an in-process fake runs every rank's
+generator in lock-step (:func:`run_in_process`). The whole sync, packing included, is timed as
+communication.
+
+Example, two ranks of numpy arrays in one process::
+
+    >>> import numpy as np
+    >>> from adaptive_lsgd import Scheduler, Topology, load_config
+    >>> from adaptive_lsgd.sync import NumpyBackend, SyncTarget, run_in_process, sync_protocol
+    >>> cfg = load_config({"policy": "fixed", "periods": [1]}, env={})
+    >>> scheds = [Scheduler(cfg, Topology.flat(2), rank=r) for r in range(2)]
+    >>> models = [np.array([0.0, 2.0]), np.array([2.0, 4.0])]
+    >>> plans = [s.step_done(compute_s=0.01) for s in scheds]
+    >>> gens = [sync_protocol(p, s, NumpyBackend(), SyncTarget(lambda m=m: [m]))
+    ...         for p, s, m in zip(plans, scheds, models)]
+    >>> results = run_in_process(gens, lambda rank, collective: 0.002)
+    >>> models[0].tolist(), models[1].tolist(), results[0].total_weight
+    ([1.0, 3.0], [1.0, 3.0], 2.0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# The collective each stage kind runs (all are Sums; ``broadcast`` zeroes the non-roots first).
+COLLECTIVE_OF_STAGE = {"allreduce": "allreduce", "reduce": "allreduce", "broadcast": "allreduce",
+                       "reducescatter": "reducescatter", "allgather": "allgather"}
+
+
+@dataclass
+class Collective:
+    """One grouped Sum collective a rank must run now: ``op`` (``allreduce``,
+    ``reducescatter`` or ``allgather``) over ``ranks`` on ``buffers`` (flat, one per dtype,
+    the payload last). ``stage`` is the plan's stage it serves; ``name`` the Horovod name."""
+
+    op: str
+    ranks: tuple
+    buffers: list
+    name: str
+    stage: Any = None
+
+
+class SyncTarget:
+    """What one optimizer's sync may touch, as the integration finds it (each a callable
+    returning a list of floating tensors, in a rank-agreed order, without duplicates).
+
+    The core decides what is averaged: the parameters, the buffers unless
+    ``average_buffers: false``, the optimizer state with ``momentum: average``.
+    """
+
+    __slots__ = ("parameters", "buffers", "optimizer_state")
+
+    def __init__(self, parameters: Callable[[], list], buffers: Callable[[], list] | None = None,
+                 optimizer_state: Callable[[], list] | None = None):
+        self.parameters = parameters
+        self.buffers = buffers or list
+        self.optimizer_state = optimizer_state or list
+
+    def averaged(self, config) -> list:
+        """The tensors a sync averages under ``config``."""
+        out = list(self.parameters())
+        if config.average_buffers:
+            out += self.buffers()
+        if config.momentum == "average":
+            out += self.optimizer_state()
+        return out
+
+
+class Backend:
+    """The framework's side of a sync: tensor ops on flat buffers, and collectives.
+
+    A *buffer* is whatever the framework's collectives take (a 1-D tensor). ``pack`` makes
+    one per dtype group in a rank-agreed order; the protocol appends the payload buffer.
+    Subclasses implement every method; :class:`NumpyBackend` is the reference.
+    """
+
+    def pack(self, tensors: list, pad_to: int) -> list:
+        """Copies of ``tensors`` as flat buffers, one per dtype (in a rank-agreed order), each
+        zero-padded to at least ``pad_to`` elements."""
+        raise NotImplementedError
+
+    def unpack(self, buffers: list, tensors: list, divide_by: float, since: list | None = None) -> None:
+        """Write ``buffers / divide_by`` into ``tensors`` (the inverse of :meth:`pack`); with
+        ``since`` (buffers packed earlier) add each tensor's progress since then:
+        ``t <- buffer / divide_by + (t - since)``."""
+        raise NotImplementedError
+
+    def all_finite(self, buffers: list) -> bool:
+        raise NotImplementedError
+
+    def scale(self, buffers: list, factor: float) -> None:
+        """Multiply in place (factor 0 writes zeros, also over NaN/Inf)."""
+        raise NotImplementedError
+
+    def copy(self, buffers: list) -> list:
+        raise NotImplementedError
+
+    def zero_tensors(self, tensors: list) -> None:
+        raise NotImplementedError
+
+    def from_numpy(self, values: np.ndarray):
+        """A float32 buffer holding ``values`` (the payload)."""
+        raise NotImplementedError
+
+    def to_numpy(self, buffer) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- collectives (real backends) ------------------------------------------------------------
+    def run(self, collective: Collective) -> list:
+        """Run ``collective`` to completion; the result buffers."""
+        raise NotImplementedError
+
+    def start(self, collective: Collective):
+        """Start an allreduce without waiting (overlap); a handle for :meth:`poll`/:meth:`wait`."""
+        raise NotImplementedError
+
+    def poll(self, handle) -> bool:
+        raise NotImplementedError
+
+    def wait(self, handle) -> list:
+        raise NotImplementedError
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+
+class NumpyBackend(Backend):
+    """Buffers are float64 numpy arrays, tensors are numpy arrays updated in place; no
+    collectives of its own (drive it with :func:`run_in_process`). ``healthy=False`` makes
+    :meth:`all_finite` report a fault whatever the values (a test hook)."""
+
+    def __init__(self, healthy: bool = True):
+        self.healthy = healthy
+
+    def clock(self) -> float:
+        return 0.0  # in-process ranks: the driver reports each collective's time
+
+    def pack(self, tensors, pad_to):
+        if not tensors:
+            return []
+        flat = np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in tensors])
+        if flat.size < pad_to:
+            flat = np.concatenate([flat, np.zeros(pad_to - flat.size)])
+        return [flat]
+
+    def unpack(self, buffers, tensors, divide_by, since=None):
+        if not tensors:
+            return
+        flat, offset = buffers[0], 0
+        old = since[0] if since is not None else None
+        for t in tensors:
+            n = t.size
+            value = flat[offset:offset + n].reshape(t.shape) / divide_by
+            if old is not None:
+                value = value + (t - old[offset:offset + n].reshape(t.shape))
+            t[...] = value
+            offset += n
+
+    def all_finite(self, buffers):
+        return self.healthy and all(bool(np.isfinite(b).all()) for b in buffers)
+
+    def scale(self, buffers, factor):
+        for b in buffers:
+            if factor == 0:
+                b[...] = 0.0
+            else:
+                b *= factor
+
+    def copy(self, buffers):
+        return [b.copy() for b in buffers]
+
+    def zero_tensors(self, tensors):
+        for t in tensors:
+            t[...] = 0.0
+
+    def from_numpy(self, values):
+        return np.asarray(values, dtype=np.float64).copy()
+
+    def to_numpy(self, buffer):
+        return np.asarray(buffer, dtype=np.float32)
+
+
+def pieces_of(plan) -> int:
+    """How many slices a sliced sync cuts each buffer into (1 without reduce-scatters)."""
+    return math.prod(len(st.ranks) for st in plan.stages if st.kind == "reducescatter")
+
+
+def _payload_buffer(backend: Backend, values: np.ndarray, pad_to: int):
+    if values.size < pad_to:
+        values = np.concatenate([values, np.zeros(pad_to - values.size, dtype=values.dtype)])
+    return backend.from_numpy(values)
+
+
+def _contribution(plan, scheduler, backend: Backend, tensors: list) -> tuple:
+    """Steps 1-2: this rank's buffers (not weighted yet), its health, the padding."""
+    pad = pieces_of(plan)
+    buffers = backend.pack(tensors, pad)
+    healthy = backend.all_finite(buffers) if scheduler.config.nonfinite_guard else True
+    return buffers, healthy, pad
+
+
+def _weigh(plan, backend: Backend, buffers: list, healthy: bool) -> None:
+    if not healthy:
+        backend.scale(buffers, 0.0)
+    elif plan.weight != 1.0:
+        backend.scale(buffers, plan.weight)
+
+
+def _finish(plan, scheduler, backend: Backend, target: SyncTarget, tensors: list, buffers: list,
+            healthy: bool, since: list | None):
+    """Steps 6-7: divide, unpack (keeping progress ``since`` with overlap), the state rule.
+    Returns the reduced payload."""
+    payload = backend.to_numpy(buffers[-1])[:plan.payload_len]
+    total = scheduler.total_weight(plan, payload)
+    backend.unpack(buffers[:-1], tensors, total, since=since if healthy else None)
+    if scheduler.resets_state(healthy):
+        state = target.optimizer_state()
+        if state:
+            backend.zero_tensors(state)
+    return payload
+
+
+def stage_collectives(plan, rank: int, backend: Backend, buffers: list
+                      ) -> Generator[Collective, tuple, tuple]:
+    """Step 5 alone: the plan's stages over ``buffers`` (a generator as :func:`sync_protocol`);
+    returns the summed buffers and each stage's seconds."""
+    times = []
+    for stage in plan.stages:
+        if stage.kind == "broadcast" and rank != stage.root:
+            backend.scale(buffers, 0.0)
+        buffers, seconds = yield Collective(COLLECTIVE_OF_STAGE[stage.kind], stage.ranks, buffers,
+                                            f"alsgd.{stage.kind}.{stage.link_level}", stage)
+        times.append(seconds)
+    return buffers, times
+
+
+def sync_protocol(plan, scheduler, backend: Backend, target: SyncTarget
+                  ) -> Generator[Collective, tuple, Any]:
+    """The whole sync of ``plan`` on this rank, as a generator: it yields each
+    :class:`Collective` and must be sent ``(result buffers, seconds)``; its return value is
+    the :class:`~adaptive_lsgd.scheduler.SyncResult`. Drive it with :func:`run_sync`."""
+    start = backend.clock()
+    tensors = target.averaged(scheduler.config)
+    buffers, healthy, pad = _contribution(plan, scheduler, backend, tensors)
+    _weigh(plan, backend, buffers, healthy)
+    buffers = buffers + [_payload_buffer(backend, scheduler.payload(plan, healthy), pad)]
+    buffers, times = yield from stage_collectives(plan, scheduler.rank, backend, buffers)
+    payload = _finish(plan, scheduler, backend, target, tensors, buffers, healthy, None)
+    return scheduler.complete_sync(plan, payload, times, sync_s=backend.clock() - start)
+
+
+def run_sync(plan, scheduler, backend: Backend, target: SyncTarget):
+    """Run the sync of ``plan`` over ``backend``'s collectives, one after another (what a
+    real integration does); returns the :class:`~adaptive_lsgd.scheduler.SyncResult`."""
+    gen = sync_protocol(plan, scheduler, backend, target)
+    try:
+        collective = next(gen)
+        while True:
+            t0 = backend.clock()
+            out = backend.run(collective)
+            collective = gen.send((out, backend.clock() - t0))
+    except StopIteration as stop:
+        return stop.value
+
+
+class Deadlock(RuntimeError):
+    """In-process ranks wait on collectives that can never match (a real job would hang)."""
+
+
+def run_in_process(generators: list, seconds: Callable[[int, Collective], float]) -> list:
+    """Drive the sync generators of every rank of a job held in one process, matching their
+    collectives as a real transport does: a link's collective runs once every member has it
+    next (same op, same ranks). ``generators[r]`` is rank r's (None: r does not sync);
+    ``seconds(rank, collective)`` is the time r reports for it. A reduce-scatter leaves the
+    member at link position i the i-th ``np.array_split`` piece of each buffer's sum (as
+    Horovod does); an allgather concatenates the members' buffers in link order. Returns
+    each rank's result; raises :class:`Deadlock` instead of hanging."""
+    n = len(generators)
+    results: list = [None] * n
+    waiting: dict = {}
+    for r, gen in enumerate(generators):
+        if gen is not None:
+            _advance(r, gen, None, waiting, results)
+    while waiting:
+        progressed = False
+        for r in sorted(waiting):
+            if r not in waiting:
+                continue
+            col = waiting[r]
+            members = col.ranks
+            if not all(m in waiting and waiting[m].ranks == members and waiting[m].op == col.op
+                       for m in members):
+                continue
+            outs = _combine(col.op, [waiting[m].buffers for m in members])
+            for m, out in zip(members, outs):
+                sent = (out, float(seconds(m, waiting[m])))
+                del waiting[m]
+                _advance(m, generators[m], sent, waiting, results)
+            progressed = True
+        if not progressed:
+            raise Deadlock("collectives cannot proceed: rank -> (op, ranks) "
+                           + str({r: (c.op, c.ranks) for r, c in waiting.items()}))
+    return results
+
+
+def _advance(rank, gen, sent, waiting, results) -> None:
+    try:
+        waiting[rank] = gen.send(sent) if sent is not None else next(gen)
+    except StopIteration as stop:
+        results[rank] = stop.value
+
+
+def _combine(op: str, per_member: list) -> list:
+    """The result buffers of a Sum collective for each member, given each member's buffers."""
+    counts = {len(bufs) for bufs in per_member}
+    if len(counts) != 1:
+        raise Deadlock(f"{op}: members hand in different numbers of buffers {sorted(counts)}")
+    k = len(per_member)
+    if op == "allgather":
+        gathered = [np.concatenate([bufs[i] for bufs in per_member]) for i in range(counts.pop())]
+        return [[g.copy() for g in gathered] for _ in range(k)]
+    sums = []
+    for i in range(counts.pop()):
+        lengths = {len(bufs[i]) for bufs in per_member}
+        if len(lengths) != 1:
+            raise Deadlock(f"{op}: buffer {i} has lengths {sorted(lengths)} on the members")
+        sums.append(np.sum([bufs[i] for bufs in per_member], axis=0))
+    if op == "reducescatter":
+        return [[np.array_split(s, k)[pos].copy() for s in sums] for pos in range(k)]
+    return [[s.copy() for s in sums] for _ in range(k)]
+
+
+# -- overlap ---------------------------------------------------------------------------------
+class InFlight:
+    """An overlapped average on its way: the plan, the backend's handle, this rank's buffers
+    at the round's end (``snapshot``), its health and when it started; ``done_t`` is when the
+    transfer was first seen complete (:meth:`note`)."""
+
+    __slots__ = ("plan", "handle", "snapshot", "healthy", "start", "done_t")
+
+    def __init__(self, plan, handle, snapshot, healthy, start):
+        self.plan, self.handle, self.snapshot = plan, handle, snapshot
+        self.healthy, self.start, self.done_t = healthy, start, None
+
+    def note(self, backend: Backend, now: float) -> None:
+        """Call after each local step: notes when the transfer completed (one step's resolution)."""
+        if self.done_t is None and backend.poll(self.handle):
+            self.done_t = now
+
+
+def start_overlapped(plan, scheduler, backend: Backend, target: SyncTarget) -> InFlight:
+    """Steps 1-4 and the start of one asynchronous allreduce of the buffers (the plan has
+    exactly one stage: overlap refuses chained syncs). Every rank issues one collective per
+    round, as without overlap."""
+    (stage,) = plan.stages
+    tensors = target.averaged(scheduler.config)
+    buffers, healthy, pad = _contribution(plan, scheduler, backend, tensors)
+    snapshot = backend.copy(buffers)
+    _weigh(plan, backend, buffers, healthy)
+    buffers.append(_payload_buffer(backend, scheduler.payload(plan, healthy), pad))
+    start = backend.clock()
+    handle = backend.start(Collective("allreduce", stage.ranks, buffers,
+                                      f"alsgd.overlap.{stage.link_level}", stage))
+    return InFlight(plan, handle, snapshot, healthy, start)
+
+
+def finish_overlapped(inflight: InFlight, scheduler, backend: Backend, target: SyncTarget):
+    """Wait for ``inflight`` and apply it: ``x <- average + (x - x at the round's end)`` (a
+    rank that was left out is reset to the average). The transfer time (start to the first
+    completed poll) feeds the link statistics, the time blocked here the communication
+    accounting. Returns the :class:`~adaptive_lsgd.scheduler.SyncResult`."""
+    t0 = backend.clock()
+    buffers = backend.wait(inflight.handle)
+    end = backend.clock()
+    transfer = (inflight.done_t or end) - inflight.start
+    tensors = target.averaged(scheduler.config)
+    payload = _finish(inflight.plan, scheduler, backend, target, tensors, buffers, inflight.healthy,
+                      inflight.snapshot)
+    return scheduler.complete_sync(inflight.plan, payload, [transfer],
+                                   waited_s=backend.clock() - t0)
+
+
+def sync_round(plan, scheduler, backend: Backend, target: SyncTarget,
+               inflight: InFlight | None = None) -> tuple:
+    """What an integration runs when the scheduler returns ``plan`` at a round's end: first
+    finish the overlapped average in flight (if any), then start this round's in the
+    background (``plan.overlap``) or run it. Returns ``(result, inflight)``: the result of the
+    sync that completed now (None if none did) and the average now in flight (or None)."""
+    done = finish_overlapped(inflight, scheduler, backend, target) if inflight is not None else None
+    if plan.overlap:
+        return done, start_overlapped(plan, scheduler, backend, target)
+    return run_sync(plan, scheduler, backend, target), None
+
+
+__all__ = ["Backend", "NumpyBackend", "SyncTarget", "Collective", "sync_protocol", "run_sync",
+           "stage_collectives", "sync_round",
+           "run_in_process", "Deadlock", "InFlight", "start_overlapped", "finish_overlapped",
+           "pieces_of", "COLLECTIVE_OF_STAGE"]
