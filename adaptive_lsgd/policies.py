@@ -1,7 +1,12 @@
-"""Policies choose the periods per level at each top-level sync, from the shared cost model.
+"""Policies take the decision at each top-level sync, from values every rank shares.
 
-One small interface: ``initial_periods()`` and ``choose(model, current, cap)``. Adding a
-policy means adding a class here and naming it in :data:`POLICIES`.
+A :class:`Decision` is everything a top-level sync decides: the periods per level, each rank's
+level-0 steps (time-budget rounds), the global-period cap in force and the reason.
+:meth:`Policy.decide` takes it from the shared cost model, the shared table of per-rank
+compute times and the shared learning rate; :meth:`Policy.first` is the decision before any
+measurement (the initial periods, or a profile's recommendation). Subclasses override
+:meth:`Policy.choose` (the periods) and inherit the rest. Adding a policy means adding a class
+here and naming it in :data:`POLICIES`.
 
 Example::
 
@@ -21,11 +26,29 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import Config, ConfigError
 from .cost_model import CostModel, candidate_periods, grid_mesh
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one top-level sync decided (identical on every rank).
+
+    ``periods``: one per level; ``rank_steps``: level-0 steps per rank in time-budget rounds
+    (None: every rank takes ``periods[0]``); ``cap``: the largest global period allowed
+    (``max_global_period``, the quadratic synchronisation rule; None: no cap); ``reason``:
+    ``measuring``, ``adapt``, ``hold``, ``fixed`` or ``profile``; ``mechanisms``: the sync
+    mechanisms in force (``{"time_budget": bool}``)."""
+
+    periods: tuple
+    reason: str
+    rank_steps: list | None = None
+    cap: int | None = None
+    mechanisms: dict = field(default_factory=dict)
 
 
 class Policy:
@@ -61,6 +84,48 @@ class Policy:
         """Return ``(periods, reason)``; ``model`` is None until the levels were measured;
         ``settled`` is False while ``current`` are still the initial periods."""
         return current, "fixed"
+
+    # -- the whole decision ---------------------------------------------------------------------
+    def first(self, seed: CostModel | None = None) -> Decision:
+        """The decision before any sync: the initial periods, or with a profile's cost model
+        ``seed`` (adaptive, no configured periods) the periods it recommends."""
+        periods = self.initial_periods()
+        if seed is not None and self.name == "adaptive" and self.config.periods is None:
+            periods, _ = self.choose(seed, periods, None, settled=False)
+            return Decision(tuple(periods), "profile", mechanisms=self._mechanisms())
+        return Decision(tuple(periods), "initial", mechanisms=self._mechanisms())
+
+    def decide(self, model: CostModel | None, current: tuple, settled: bool,
+               compute: np.ndarray, lr: float | None, rank_steps: list | None = None) -> Decision:
+        """The decision at a top-level sync. ``compute``: every rank's median step time (the
+        shared table's column; negative where not measured yet); ``lr``: the shared learning
+        rate (None if unknown); ``rank_steps``: the split in force, kept while some rank has
+        no compute time yet."""
+        cap = self.cap(lr)
+        periods, reason = self.choose(model, current, cap, settled=settled)
+        return Decision(tuple(periods), reason, self.split(periods[0], compute, rank_steps), cap,
+                        self._mechanisms())
+
+    def cap(self, lr: float | None) -> int | None:
+        """The largest global period allowed now: ``max_global_period`` and the quadratic
+        synchronisation rule ``max(qsr_base, (qsr_alpha / lr)^2)`` (None: no cap)."""
+        cfg = self.config
+        caps = [cfg.max_global_period] if cfg.max_global_period is not None else []
+        if cfg.qsr_alpha is not None and lr and lr > 0:
+            caps.append(max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / lr) ** 2))))
+        return min(caps) if caps else None
+
+    def split(self, base: int, compute: np.ndarray, current: list | None) -> list | None:
+        """Time-budget rounds: each rank takes as many steps as fit in the slowest rank's
+        ``base`` steps (at least 1, at most 8x ``base``); None without ``time_budget``."""
+        if not self.config.time_budget or not np.all(compute > 0):
+            return current
+        slowest = float(compute.max())
+        return [int(min(max(1, math.floor(base * slowest / c + 1e-6)), 8 * base))
+                for c in compute.tolist()]
+
+    def _mechanisms(self) -> dict:
+        return {"time_budget": bool(self.config.time_budget)}
 
 
 class FixedPolicy(Policy):
@@ -163,7 +228,7 @@ def _grid_orders(cands: tuple) -> tuple:
     return mesh, total, counts, order_feasible, total_feasible, order_total
 
 
-POLICIES = {"fixed": FixedPolicy, "adaptive": AdaptivePolicy}
+POLICIES = {"adaptive": AdaptivePolicy, "fixed": FixedPolicy}
 
 
 def make_policy(config: Config, num_levels: int) -> Policy:

@@ -33,7 +33,6 @@ Example, a whole job of two ranks in one process (an integration does the collec
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -94,15 +93,35 @@ class SyncResult:
     decision: str | None = None
 
 
+class DecisionShare:
+    """Lets the ranks of one process (a simulator of thousands of ranks) take each top-level
+    decision once. A decision and the statistics behind it are a pure function of the shared
+    table and the shared history (invariant 1), so every rank would compute the same: the
+    first rank to reach global sync ``k`` computes it, the others adopt that state. Pass one
+    instance to every rank's :class:`Scheduler` (``share=``)."""
+
+    __slots__ = ("sync", "state")
+
+    def __init__(self):
+        self.sync, self.state = None, None
+
+
+# The scheduler state one top-level decision writes (what a DecisionShare hands on).
+_DECISION_STATE = ("_hist_compute", "_hist_links", "shared_lr", "model", "periods", "rank_steps",
+                   "last_decision", "decision")
+
+
 class Scheduler:
     """Per-rank state machine of (post-)local SGD with periods chosen online.
 
     ``param_bytes`` (the bytes averaged per sync) only feeds the log and the cost model's
-    link fits; ``log`` overrides ``config.log`` with a :class:`DecisionLog`.
+    link fits; ``log`` overrides ``config.log`` with a :class:`DecisionLog`; ``share`` (a
+    :class:`DecisionShare`) lets ranks held in one process take each decision once.
     """
 
     def __init__(self, config: Config | dict | None, topology: Topology, rank: int,
-                 param_bytes: int = 0, log: DecisionLog | None = None):
+                 param_bytes: int = 0, log: DecisionLog | None = None,
+                 share: DecisionShare | None = None):
         self.config = load_config(config) if not isinstance(config, Config) else config
         self.topology = topology
         self.rank = rank
@@ -110,14 +129,16 @@ class Scheduler:
         self.param_bytes = int(param_bytes)
         self.num_levels = topology.num_levels
         self.policy = make_policy(self.config, self.num_levels)
+        self.share = share
         self.log = log if log is not None else DecisionLog.from_config(self.config, rank)
         cfg = self.config
         self.cols = BASE_COLS + self.num_levels
         self.phase = LOCAL if cfg.warmup == 0 else MINI_BATCH
         self.step = 0
-        self.periods = self.policy.initial_periods()
         # A tuning-tool profile seeds the cost model until the levels are measured here.
         self.seed = self._seed_model()
+        self.decision = self.policy.first(self.seed)
+        self.periods = self.decision.periods
         self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
         self._counters = [0] * self.num_levels
         self._compute = WindowStat(cfg.window, skip=cfg.timing_warmup)
@@ -135,8 +156,7 @@ class Scheduler:
         self.last_decision: str | None = None
         self._own_healthy = True  # the health flag this rank gave the current sync's payload
         self.switch_step: int | None = 0 if self.phase == LOCAL else None
-        if self.seed is not None and cfg.policy == "adaptive" and cfg.periods is None:
-            self.periods, _ = self.policy.choose(self.seed, self.periods, None, settled=False)
+        if self.decision.reason == "profile":
             self.model, self.last_decision = self.seed, "profile"
         # Local accounting for summaries (never used for decisions).
         self.time_compute = 0.0
@@ -352,6 +372,11 @@ class Scheduler:
         if not np.all(syncs == syncs[0]):
             raise DesyncError(f"ranks reached a top-level sync with different sync counts "
                               f"{syncs.astype(int).tolist()}: their configs or loops differ")
+        share = self.share
+        if share is not None and share.sync == self.global_syncs:
+            for name, value in zip(_DECISION_STATE, share.state):
+                setattr(self, name, value)
+            return self.last_decision
         compute = table[:, COL_COMPUTE]
         if np.all(compute >= 0):
             self._hist_compute.append(float(compute.max()))
@@ -363,16 +388,13 @@ class Scheduler:
         if np.any(lrs >= 0):
             self.shared_lr = float(lrs[lrs >= 0].min())
         self.model = self._build_model()
-        new, reason = self.policy.choose(self.model, self.periods, self._cap(),
-                                         settled=self.last_decision not in (None, "measuring"))
-        if self.config.time_budget and np.all(compute > 0):
-            slowest = float(compute.max())
-            base = new[0]
-            self.rank_steps = [int(min(max(1, math.floor(base * slowest / c + 1e-6)), 8 * base))
-                               for c in compute.tolist()]
-        self.periods = tuple(new)
-        self.last_decision = reason
-        return reason
+        self.decision = d = self.policy.decide(
+            self.model, self.periods, settled=self.last_decision not in (None, "measuring"),
+            compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps)
+        self.periods, self.rank_steps, self.last_decision = d.periods, d.rank_steps, d.reason
+        if share is not None:
+            share.sync, share.state = self.global_syncs, tuple(getattr(self, n) for n in _DECISION_STATE)
+        return d.reason
 
     def _link_estimate(self, level: int, values: np.ndarray) -> float | None:
         """Transfer time of the level's link: the min over each link's members (the one that
@@ -387,15 +409,6 @@ class Scheduler:
             return None  # a link none of whose members has measured it yet
         per_link = np.minimum.reduceat(np.where(measured, vals, np.inf), starts)
         return float(per_link.max())
-
-    def _cap(self) -> int | None:
-        """The largest global period allowed now: ``max_global_period`` and the quadratic
-        synchronisation rule (None: no cap)."""
-        cfg = self.config
-        caps = [cfg.max_global_period] if cfg.max_global_period is not None else []
-        if cfg.qsr_alpha is not None and self.shared_lr and self.shared_lr > 0:
-            caps.append(max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / self.shared_lr) ** 2))))
-        return min(caps) if caps else None
 
     def _describe(self, level: int) -> dict:
         m = self.model
@@ -534,4 +547,5 @@ class Scheduler:
 
 
 __all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",
+           "DecisionShare",
            "MINI_BATCH", "LOCAL"]

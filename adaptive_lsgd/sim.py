@@ -58,47 +58,17 @@ import numpy as np
 
 from .cli_args import number, positive_int
 from .config import Config, ConfigError, check_supported, load_config, read_config_file
-from .scheduler import MINI_BATCH, Scheduler
+from .scheduler import MINI_BATCH, DecisionShare, Scheduler
 from .sync import NumpyBackend, SyncTarget, run_in_process, sync_protocol
 from .topology import Topology, TopologyError
 
 _NO_TENSORS = SyncTarget(list)  # the simulator averages no model, only the payload
 SHARE_ABOVE = 256          # --decisions auto: share the decision above this many ranks
 CHECK_MAX_RANKS = 4096     # --check-agreement sums full O(world) vectors per rank
-# The scheduler state one top-level decision writes (see Scheduler._decide).
-_DECISION_STATE = ("_hist_compute", "_hist_links", "shared_lr", "model", "periods", "rank_steps",
-                   "last_decision")
 
 
 class SimulationError(RuntimeError):
     """The simulated ranks disagreed (a desync) or the run could not continue."""
-
-
-class _DecisionShare:
-    """One decision per top-level sync: the first rank computes it, the others adopt it."""
-
-    __slots__ = ("leader",)
-
-    def __init__(self):
-        self.leader = None
-
-
-class _SimScheduler(Scheduler):
-    """The real scheduler; with a share set, only the first rank of a sync runs the policy."""
-
-    share: _DecisionShare | None = None
-
-    def _decide(self, table: np.ndarray) -> str:
-        share = self.share
-        if share is None:
-            return super()._decide(table)
-        leader = share.leader
-        if leader is None:
-            share.leader = self
-            return super()._decide(table)
-        for name in _DECISION_STATE:
-            setattr(self, name, getattr(leader, name))
-        return leader.last_decision
 
 
 class _Level:
@@ -183,7 +153,7 @@ class ClusterSim:
         if check_agreement:
             decisions = "per-rank"
         self.decisions = decisions
-        self.share = _DecisionShare() if decisions == "shared" else None
+        self.share = DecisionShare() if decisions == "shared" else None
         # The run so far: per-rank clocks (and the same with free collectives), accounting.
         self.clocks = np.zeros(world)
         self.free_clocks = np.zeros(world)
@@ -193,9 +163,8 @@ class ClusterSim:
         self.checked = 0
         self.scheds = []
         for r in range(world):
-            s = _SimScheduler(config, self.topology, r, param_bytes=int(self.nbytes))
-            s.share = self.share
-            self.scheds.append(s)
+            self.scheds.append(Scheduler(config, self.topology, r, param_bytes=int(self.nbytes),
+                                         share=self.share))
         self.periods_over_time = [[0, list(self.scheds[0].periods)]]
 
     # -- the model ----------------------------------------------------------------------------
@@ -377,8 +346,6 @@ class ClusterSim:
             red[:, 0] = np.bincount(ids, weights)[ids]
             red[:, 1] = np.bincount(ids)[ids]
             reduced_per_rank = red
-        if self.share is not None:
-            self.share.leader = None
         for r, (s, p) in enumerate(zip(scheds, plans)):
             s.complete_sync(p, reduced_per_rank[r],
                             [tlists[(st.kind, st.link_level)][r] for st in p.stages])

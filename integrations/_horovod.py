@@ -85,6 +85,29 @@ class ProcessSets:
             self._token = token
 
 
+# -- Horovod 0.28.1's private names the integrations build on: the one place to port ----------
+def torch_optimizer_base():
+    """``horovod.torch``'s ``_DistributedOptimizer`` (its hooks, ``step``, ``synchronize``)."""
+    from horovod.torch.optimizer import _DistributedOptimizer
+    return _DistributedOptimizer
+
+
+def torch_init_token(hvd):
+    """An object ``horovod.torch.init()`` replaces on every call (its handle map)."""
+    return hvd.mpi_ops._handle_map
+
+
+def tf_tape_base(hvd):
+    """``horovod.tensorflow``'s ``_DistributedGradientTape``."""
+    return hvd._DistributedGradientTape
+
+
+def keras_allreduce(horovod_optimizer_class):
+    """The gradient reduction of a class ``horovod.tensorflow.keras.DistributedOptimizer``
+    made (its ``_allreduce`` method)."""
+    return horovod_optimizer_class.__dict__["_allreduce"]
+
+
 _WARNED: set = set()
 
 

@@ -70,6 +70,8 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
     Runtime,
     host_name,
+    keras_allreduce,
+    tf_tape_base,
 )
 from adaptive_lsgd.scheduler import SyncPlan, SyncResult  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
@@ -140,19 +142,22 @@ class _Packer:
         self.sizes = [[int(variables[i].shape.num_elements()) for i in idx] for idx in self.groups]
         self._pack = {}
 
-    def pack(self, pad_to: int) -> list:
+    def pack(self, pad_to: int) -> tuple:
+        """The flat buffers and whether they are all finite (one call for both)."""
         if pad_to not in self._pack:
             self._pack[pad_to] = tf.function(lambda: self._packed(pad_to))
-        return list(self._pack[pad_to]())
+        flats, finite = self._pack[pad_to]()
+        return list(flats), finite
 
-    def _packed(self, pad_to: int) -> list:
+    def _packed(self, pad_to: int) -> tuple:
         out = []
         for idx, sizes in zip(self.groups, self.sizes):
             flat = tf.concat([tf.reshape(self.variables[i], [-1]) for i in idx], axis=0)
             if sum(sizes) < pad_to:
                 flat = tf.concat([flat, tf.zeros([pad_to - sum(sizes)], flat.dtype)], axis=0)
             out.append(flat)
-        return out
+        finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in out]))
+        return out, finite
 
     @tf.function
     def unpack(self, buffers, divide_by):
@@ -190,6 +195,7 @@ class TFBackend(Backend):
     def __init__(self, process_sets: dict, gpu: bool = False):
         self.process_sets, self.gpu = process_sets, gpu
         self._packers: dict = {}
+        self._packed: tuple = (None, None)  # the buffers pack() returned last, their finiteness
 
     def _packer(self, variables: list) -> _Packer:
         key = tuple(v.ref() for v in variables)
@@ -198,7 +204,11 @@ class TFBackend(Backend):
         return self._packers[key]
 
     def pack(self, tensors, pad_to):
-        return self._packer(tensors).pack(pad_to) if tensors else []
+        if not tensors:
+            return []
+        buffers, finite = self._packer(tensors).pack(pad_to)
+        self._packed = (buffers, finite)
+        return buffers
 
     def unpack(self, buffers, tensors, divide_by, since=None):
         if not tensors:
@@ -211,7 +221,11 @@ class TFBackend(Backend):
             packer.unpack_since(list(buffers), divide, list(since))
 
     def all_finite(self, buffers):
-        return bool(_all_finite(buffers)) if buffers else True
+        if not buffers:
+            return True
+        packed, finite = self._packed
+        self._packed = (None, None)
+        return bool(finite if packed is buffers else _all_finite(buffers))
 
     def scale(self, buffers, factor):
         for i, b in enumerate(buffers):
@@ -561,7 +575,7 @@ def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
     lsgd = LocalSGD(optimizer=None, config=config)
     sparse_as_dense = bool(hvd_kwargs.get("sparse_as_dense", False))
     horovod_cls = type(hvd_keras.DistributedOptimizer(optimizer, **hvd_kwargs))
-    horovod_allreduce = horovod_cls.__dict__["_allreduce"]
+    horovod_allreduce = keras_allreduce(horovod_cls)
 
     @tf.autograph.experimental.do_not_convert
     def _allreduce(self, grads, vars):
@@ -585,7 +599,7 @@ _TAPE_CLASSES: dict = {}
 
 @tf.autograph.experimental.do_not_convert
 def _gradient(self, target, sources, output_gradients=None, use_generic_names=False):
-    grads = hvd._DistributedGradientTape.gradient(self, target, sources, output_gradients,
+    grads = tf_tape_base(hvd).gradient(self, target, sources, output_gradients,
                                                   use_generic_names)
     if not (self.scale_local_gradients and self._local_sources):
         return grads
@@ -606,7 +620,7 @@ def _gradient(self, target, sources, output_gradients=None, use_generic_names=Fa
 
 def _tape_class(base):
     if base not in _TAPE_CLASSES:
-        namespace = {k: v for k, v in hvd._DistributedGradientTape.__dict__.items()
+        namespace = {k: v for k, v in tf_tape_base(hvd).__dict__.items()
                      if k not in ("__dict__", "__weakref__")}
         namespace["gradient"] = _gradient
         _TAPE_CLASSES[base] = type(base.__name__, (base,), namespace)

@@ -49,7 +49,6 @@ import warnings  # noqa: E402
 import horovod.torch as hvd  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from horovod.torch.optimizer import _DistributedOptimizer  # noqa: E402
 
 from adaptive_lsgd.config import check_supported, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
@@ -57,6 +56,8 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     Runtime,
     elastic_job,
     host_name,
+    torch_init_token,
+    torch_optimizer_base,
 )
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
 from adaptive_lsgd.sync import Backend, SyncTarget, finish_overlapped, run_sync, sync_round  # noqa: E402
@@ -64,6 +65,7 @@ from adaptive_lsgd.sync import Backend, SyncTarget, finish_overlapped, run_sync,
 __all__ = ["DistributedOptimizer", "summary", "host_name", "process_set_for"]
 
 _INIT_BEFORE_IMPORT = _INIT_BEFORE_IMPORT and hvd.is_initialized()
+_DistributedOptimizer = torch_optimizer_base()
 _NOTHING = object()  # no scheduler state waiting for the next build
 _PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.torch",
                             init_before_import=_INIT_BEFORE_IMPORT)
@@ -77,7 +79,7 @@ def process_set_for(ranks: tuple):
 def _init_token():
     """An object that changes whenever Horovod is (re-)initialised: ``horovod.torch.init()``
     replaces its handle map on every call (an elastic reset is ``shutdown(); init()``)."""
-    return hvd.mpi_ops._handle_map
+    return torch_init_token(hvd)
 
 
 def _exit_barrier() -> None:
