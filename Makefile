@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 .PHONY: setup test test-core demo lint check-build clean bench
 
 setup:
-	@PYTHON=$(PYTHON) bash tools/bootstrap.sh
+	@PYTHON=$(PYTHON) bash tools/dev/bootstrap.sh
 
 test: setup
 	@$(VENV)/bin/ruff check adaptive_lsgd integrations tools tests setup.py

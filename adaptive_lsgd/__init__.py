@@ -3,7 +3,7 @@
 Adaptive, hierarchical, post-local SGD for Horovod: measure compute and collective time,
 model the cost, choose the local period H and the block periods per level online, with
 every rank taking the same decisions. Integrations live in ``adaptive_lsgd.integrations``
-(``torch``, ``tensorflow``); this package imports numpy, psutil and the standard library only.
+(``torch``, ``tensorflow``); this package imports numpy and the standard library only.
 """
 
 from .agreement import ConfigMismatchError, check_agreement

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from conftest import REPO
 
-from adaptive_lsgd.tools import bench
+from adaptive_lsgd.tools.bench import scenarios as bench
 
 pytestmark = [pytest.mark.torch, pytest.mark.skipif(
     importlib.util.find_spec("horovod") is None or shutil.which(
@@ -119,7 +119,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 
 def bench_report_page(out) -> str:
-    from adaptive_lsgd.tools.bench_report import report
+    from adaptive_lsgd.tools.bench.report import report
 
     return report(str(out))
 

@@ -18,6 +18,8 @@ import pytest
 from conftest import REPO
 
 from adaptive_lsgd.tools import cluster as emu
+from adaptive_lsgd.tools.cluster import cli as emu_cli
+from adaptive_lsgd.tools.cluster.network import _state_path
 
 PREFIX = emu.PREFIX
 
@@ -42,8 +44,8 @@ def leftovers(run_id: str) -> list:
     names = ns + [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
     etc = os.listdir(emu.ETC_NETNS) if os.path.isdir(emu.ETC_NETNS) else []
     out = [n for n in names + etc if n.startswith(PREFIX + run_id)]
-    if os.path.exists(emu._state_path(run_id)):
-        out.append(emu._state_path(run_id))
+    if os.path.exists(_state_path(run_id)):
+        out.append(_state_path(run_id))
     return sorted(set(out))
 
 
@@ -304,7 +306,7 @@ def _cli_as_nobody_in_fork(argv: list) -> tuple:
             os.setgid(65534)
             os.setuid(65534)
             sys.stderr = os.fdopen(2, "w")
-            code = emu.main(argv)
+            code = emu_cli.main(argv)
             sys.stderr.flush()
         except BaseException:
             pass

@@ -267,7 +267,7 @@ def test_alsgd_run_unmodified_elastic_script_worker_killed(tmp_path):
     config = tmp_path / "alsgd.json"
     config.write_text(json.dumps({"policy": "fixed", "periods": [3], "warmup": 6}))
     run_dir = tmp_path / "run"
-    launcher = [sys.executable, "-m", "adaptive_lsgd.tools.run", "--alsgd-config", str(config),
+    launcher = [sys.executable, "-m", "adaptive_lsgd.tools.cli.run", "--alsgd-config", str(config),
                 "--alsgd-run-dir", str(run_dir)]
     proc, wall = elastic_run(tmp_path, dict.fromkeys(hosts, 1), min_np=2, launcher=launcher, env={
         "EL_PLAIN": 1, "EL_STEPS": steps, "EL_COMMIT": commit, "EL_KILL_STEP": kill,

@@ -1,5 +1,6 @@
-"""The foundation: the core never imports a framework; Horovod averages tensors for real with
-PyTorch and with TensorFlow (separate processes, never both in one)."""
+"""The foundation: the core never imports a framework (nor psutil, which only ``alsgd-tune
+profile`` needs); Horovod averages tensors for real with PyTorch and with TensorFlow (separate
+processes, never both in one)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ BLOCK = """
 import importlib, importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'tensorflow', 'horovod', 'keras'):
+        if name.split('.')[0] in ('torch', 'tensorflow', 'horovod', 'keras', 'psutil'):
             raise ImportError('blocked framework import: ' + name)
 sys.meta_path.insert(0, Block())
 import pkgutil, adaptive_lsgd
@@ -25,7 +26,8 @@ mods = [m.name for m in pkgutil.walk_packages(adaptive_lsgd.__path__, 'adaptive_
         if not m.name.startswith(('adaptive_lsgd.integrations', 'adaptive_lsgd.tools'))]
 for m in mods:
     importlib.import_module(m)
-loaded = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'tensorflow', 'horovod', 'keras'))
+loaded = sorted(n for n in sys.modules
+                if n.split('.')[0] in ('torch', 'tensorflow', 'horovod', 'keras', 'psutil'))
 print('IMPORTED', len(mods), 'FRAMEWORKS', loaded)
 """
 

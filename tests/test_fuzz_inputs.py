@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from adaptive_lsgd import Scheduler, Topology
 from adaptive_lsgd import sim as sim_mod
 from adaptive_lsgd.config import KEYS, ConfigError, load_config
-from adaptive_lsgd.tools import cluster as cluster_mod
+from adaptive_lsgd.tools.cluster import EmulatedCluster
+from adaptive_lsgd.tools.cluster import cli as cluster_cli
 from adaptive_lsgd.topology import TopologyError
 
 JSON = st.recursive(
@@ -139,16 +140,16 @@ CLUSTER_TOKENS = ["--hosts", "--workers-per-host", "--rate-mbit", "--slowdown", 
 def test_fuzz_cluster_cli_arguments(argv):
     """The cluster tool's checks, up to (not including) making namespaces: the parser, then
     the constructor ``main`` calls, which validates without touching the network."""
-    rc, err = run_cli(cluster_mod.parse_args, argv + ["--", "true"])
+    rc, err = run_cli(cluster_cli.parse_args, argv + ["--", "true"])
     assert "Traceback" not in err
-    if not isinstance(rc, cluster_mod.argparse.Namespace):
+    if not isinstance(rc, cluster_cli.argparse.Namespace):
         assert rc == 2 and "error:" in err
         return
-    args, one = rc, cluster_mod._one_or_list
+    args, one = rc, cluster_cli._one_or_list
     try:
-        cluster_mod.EmulatedCluster(hosts=args.hosts, workers_per_host=one(args.workers_per_host),
-                                    rate_mbit=one(args.rate_mbit), slowdown=one(args.slowdown),
-                                    schedule=args.schedule, run_id=args.run_id, echo=False)
+        EmulatedCluster(hosts=args.hosts, workers_per_host=one(args.workers_per_host),
+                        rate_mbit=one(args.rate_mbit), slowdown=one(args.slowdown),
+                        schedule=args.schedule, run_id=args.run_id, echo=False)
     except ValueError as exc:  # main prints it as one `error:` line
         assert "\n" not in str(exc) and str(exc)
 
@@ -164,7 +165,7 @@ RUN_TOKENS = ["-np", "2", "0", "-H", "localhost:2", "--gloo", "--mpi", "--alsgd-
 def test_fuzz_alsgd_run_arguments(tmp_path, tokens, with_command, cfg):
     """alsgd-run with --alsgd-dry-run (so nothing is launched): it prints the plan or one
     usage error, exit status 0 or 2, never a traceback."""
-    from adaptive_lsgd.tools import run as run_mod
+    from adaptive_lsgd.tools.cli import run as run_mod
 
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg if isinstance(cfg, str) else __import__("json").dumps(cfg))
@@ -188,7 +189,7 @@ BENCH_TOKENS = ["overhead", "comm-bound", "all", "report", "nope", "--json", "--
 def test_fuzz_alsgd_bench_arguments(tmp_path, tokens):
     """alsgd-bench's argument checks; `report` (cheap, no cluster) is run for real on an empty
     or missing folder, scenarios are only parsed."""
-    from adaptive_lsgd.tools import bench as bench_mod
+    from adaptive_lsgd.tools.bench import cli as bench_mod
 
     argv = [str(tmp_path / "out") if t == "OUT" else t for t in tokens]
     rc, err = run_cli(bench_mod.parse_args, argv)

@@ -27,10 +27,10 @@ BASE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBU
 
 
 def alsgd_run(args: list, env: dict | None = None, timeout: int = 600, cwd: str = REPO):
-    """``python -m adaptive_lsgd.tools.run ARGS`` (what the ``alsgd-run`` console script runs)."""
+    """``python -m adaptive_lsgd.tools.cli.run ARGS`` (what the ``alsgd-run`` console script runs)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ALSGD_", "_ALSGD_"))}
     full_env.update(BASE_ENV, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.run", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.run", *args], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -53,7 +53,7 @@ def _summary(stdout: str) -> dict:
 @pytest.fixture(scope="module")
 def mnist1d():
     _need("mnist1d")
-    from adaptive_lsgd.tools.datasets import load_mnist1d
+    from adaptive_lsgd.tools.demo.datasets import load_mnist1d
 
     load_mnist1d()  # generate the cached arrays once, before the workers read them
 

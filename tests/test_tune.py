@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from adaptive_lsgd import Scheduler, Topology, load_config
 from adaptive_lsgd.profile import PROFILE_FORMAT
-from adaptive_lsgd.tools import tune
+from adaptive_lsgd.tools.cli import tune
 
 MODELS = os.path.join(REPO, "tests", "tune_models", "models.py")
-TUNE = [sys.executable, "-m", "adaptive_lsgd.tools.tune"]
+TUNE = [sys.executable, "-m", "adaptive_lsgd.tools.cli.tune"]
 
 
 def run_tune(*args, timeout=600):

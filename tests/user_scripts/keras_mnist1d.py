@@ -12,7 +12,7 @@ import json
 import horovod.tensorflow.keras as hvd
 import tensorflow as tf
 
-from adaptive_lsgd.tools.datasets import load_mnist1d, shard
+from adaptive_lsgd.tools.demo.datasets import load_mnist1d, shard
 
 parser = argparse.ArgumentParser(description="Keras MNIST-1D Example")
 parser.add_argument("--epochs", type=int, default=8)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.optim as optim
 import torch.utils.data.distributed
 
-from adaptive_lsgd.tools.datasets import load_mnist1d
+from adaptive_lsgd.tools.demo.datasets import load_mnist1d
 
 parser = argparse.ArgumentParser(description="PyTorch MNIST-1D Example")
 parser.add_argument("--batch-size", type=int, default=32)

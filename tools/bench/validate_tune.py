@@ -9,7 +9,7 @@
 
 It prints predicted against measured samples/s and their ratio. Needs root (namespaces)::
 
-    python -m adaptive_lsgd.tools.validate_tune --rate-mbit 100 --batch-size 256
+    python -m adaptive_lsgd.tools.bench.validate_tune --rate-mbit 100 --batch-size 256
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 
 from adaptive_lsgd.tools.launch import SETTINGS_ENV
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 DEFAULT_MODEL = os.path.join(REPO, "tests", "tune_models", "models.py") + ":mlp_1m"
 
 
@@ -46,7 +46,7 @@ def worker(s: dict) -> None:
     import torch
 
     import adaptive_lsgd.integrations.torch as alsgd
-    from adaptive_lsgd.tools.tune import build_model
+    from adaptive_lsgd.tools.cli.tune import build_model
 
     hvd.init()
     torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def worker(s: dict) -> None:
 
 
 def recommend(profile: str, extra: list) -> dict:
-    out = subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.tune", "recommend",
+    out = subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.tune", "recommend",
                           "--profile", profile, "--json", *extra],
                          capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
@@ -95,7 +95,7 @@ def recommend(profile: str, extra: list) -> dict:
 def measure(cluster, args, periods) -> float:
     settings = {"model": args.model, "batch_size": args.batch_size, "periods": periods,
                 "rounds": args.rounds}
-    res = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.validate_tune", "--worker"],
+    res = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.bench.validate_tune", "--worker"],
                       env={SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": "1"},
                       cwd=REPO, timeout=900)
     if not res.ok:
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="alsgd-validate-")
     local = os.path.join(tmp, "profile-loopback.json")
-    subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.tune", "profile", "--model", args.model,
+    subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.tune", "profile", "--model", args.model,
                     "--batch-size", str(args.batch_size), "-np", "2", "--out", local],
                    check=True, timeout=900)
     gbps = args.rate_mbit / 1000.0
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         on_cluster = os.path.join(tmp, "profile-cluster.json")
         settings = {"model": args.model, "batch_size": args.batch_size, "steps": 30, "reps": 10,
                     "out": on_cluster}
-        res = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.tune", "--worker"],
+        res = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.tune", "--worker"],
                           env={SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": "1"},
                           cwd=REPO, timeout=900)
         if not res.ok:

@@ -2,7 +2,7 @@
 
 Example (after ``alsgd-bench all --quick --out docs/bench``)::
 
-    from adaptive_lsgd.tools.bench_report import report
+    from adaptive_lsgd.tools.bench.report import report
     report("docs/bench", "docs/benchmarks.md")   # writes docs/bench/*.png and the page
 """
 
@@ -177,7 +177,7 @@ def _goals(doc: dict) -> list:
 def _paired_quartiles(res: dict, a: str, b: str) -> tuple:
     """Quartiles of ``a``'s over ``b``'s per-round samples/s and the number of rounds; (None, n)
     with fewer than 4 rounds."""
-    from adaptive_lsgd.tools.bench import paired_ratios
+    from adaptive_lsgd.tools.bench.scenarios import paired_ratios
 
     r = paired_ratios(res, a, b)
     return (statistics.quantiles(r, n=4) if len(r) >= 4 else None), len(r)
@@ -218,7 +218,7 @@ def _notes(name: str, doc: dict) -> list:
                 f"`adaptive-overlap-t05` asks for 5%. Its averages are one round stale: at a round's "
                 f"end each rank applies the average of the models of the previous round's end and "
                 f"keeps the local steps it took since.")
-            from adaptive_lsgd.tools.bench import paired_ratio
+            from adaptive_lsgd.tools.bench.scenarios import paired_ratio
 
             pairs = []
             for v in ("adaptive-overlap", "adaptive-overlap-t05"):
@@ -241,7 +241,7 @@ def _notes(name: str, doc: dict) -> list:
     if name == "changing-network" and res.get("adaptive", {}).get("trace"):
         trace, drop = res["adaptive"]["trace"], doc.get("drop_t")
         before = [p for t, _, p in trace if drop is None or t < drop]
-        from adaptive_lsgd.tools.bench import reference_h
+        from adaptive_lsgd.tools.bench.scenarios import reference_h
 
         out.append(f"The reference is `{reference_h(doc)}`: the smallest fixed H at or above the period "
                    f"the adaptive policy chose for the starting link (a larger fixed H loses less "
@@ -325,12 +325,12 @@ def _notes(name: str, doc: dict) -> list:
 
 
 SYNC_COMMAND = ("sudo .venv/bin/python -m adaptive_lsgd.tools.cluster --hosts 2 --workers-per-host 2 "
-                "--rate-mbit 50 -- .venv/bin/python -m adaptive_lsgd.tools.bench_sync --reps 12 "
+                "--rate-mbit 50 -- .venv/bin/python -m adaptive_lsgd.tools.bench.sync --reps 12 "
                 "--json docs/bench/sync.json")
 
 
 def _sync_note(out_dir: str) -> list:
-    """The single-average timings of ``tools/bench_sync.py`` (``sync.json``), if present."""
+    """The single-average timings of ``tools/bench/sync.py`` (``sync.json``), if present."""
     path = os.path.join(out_dir, "sync.json")
     if not os.path.exists(path):
         return []

@@ -5,7 +5,7 @@
 # .venv and the cached Horovod wheel and takes seconds.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$REPO/.venv"
 PY="${PYTHON:-python3.11}"
 TORCH_VERSION=2.13.0

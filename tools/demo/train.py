@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from adaptive_lsgd.tools.launch import relaunch, worker_settings
@@ -63,7 +62,7 @@ def worker(args) -> None:
 
     import adaptive_lsgd.integrations.torch as alsgd
     from adaptive_lsgd.config import load_config
-    from adaptive_lsgd.tools.datasets import load_mnist1d, shard
+    from adaptive_lsgd.tools.demo.datasets import load_mnist1d, shard
 
     hvd.init()
     torch.set_num_threads(1)
@@ -147,11 +146,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(worker_settings(args))
         return 0
-    from adaptive_lsgd.tools.datasets import load_mnist1d
+    from adaptive_lsgd.tools.demo.datasets import load_mnist1d
 
     load_mnist1d()  # generate once, before the workers start
     return relaunch("adaptive_lsgd.tools.demo", args.np, vars(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

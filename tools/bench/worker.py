@@ -1,4 +1,4 @@
-"""One rank of an ``alsgd-bench`` scenario (started by :mod:`adaptive_lsgd.tools.bench`).
+"""One rank of an ``alsgd-bench`` scenario (started by :mod:`adaptive_lsgd.tools.bench.scenarios`).
 
 Every variant trains its own copy of the model on the same data stream; the variants run
 interleaved: in each round every variant runs one segment, in an order that rotates from
@@ -7,10 +7,11 @@ the steps the ranks took), so its wall time includes waiting for the slowest ran
 prints a progress line per segment and, at the end, writes the results (JSON) to
 ``result_path``.
 
-Settings come as JSON in ``_ALSGD_WORKER_SETTINGS`` (see ``bench.py``); run by hand::
+Settings come as JSON in ``_ALSGD_WORKER_SETTINGS`` (see
+:mod:`adaptive_lsgd.tools.bench.scenarios`); run by hand::
 
     _ALSGD_WORKER_SETTINGS='{"model": "cnn", ...}' horovodrun -np 2 -H localhost:2 --gloo \\
-        python -m adaptive_lsgd.tools.bench_worker
+        python -m adaptive_lsgd.tools.bench.worker
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 import adaptive_lsgd.integrations.torch as alsgd  # before hvd.init(): dynamic process sets
 from adaptive_lsgd.tools.cluster import emulated_slowdown
-from adaptive_lsgd.tools.datasets import load_mnist1d, shard
+from adaptive_lsgd.tools.demo.datasets import load_mnist1d, shard
 from adaptive_lsgd.tools.launch import SETTINGS_ENV
 
 
@@ -37,7 +38,7 @@ def build_model(kind: str, width: int) -> torch.nn.Module:
     if kind == "mlp":
         return nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                              nn.Linear(width, 10))
-    from adaptive_lsgd.tools.demo import build_model as cnn
+    from adaptive_lsgd.tools.demo.train import build_model as cnn
 
     return cnn()
 

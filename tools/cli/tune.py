@@ -214,7 +214,7 @@ def worker(settings: dict) -> int:
         return 1
     topo = Topology.from_config("auto", hosts)  # the workers of a host, then everyone
     spans = topo.spans_hosts()
-    sets = ProcessSets(hvd, "adaptive_lsgd.tools.tune")
+    sets = ProcessSets(hvd, "adaptive_lsgd.tools.cli.tune")
     sizes = sweep_sizes(nbytes)
     reps, steps, warm = settings["reps"], settings["steps"], 3
     total = steps + warm + topo.num_levels * len(sizes) * (reps + 1)
@@ -311,6 +311,8 @@ def make_profile(settings, framework, count, nbytes, hosts, topo, links, gathere
 def cmd_profile(args) -> int:
     if args.np < 2:
         raise TuneError(f"-np {args.np}: profiling needs at least 2 workers")
+    if importlib.util.find_spec("psutil") is None:  # the profile records the machine with it
+        raise TuneError("profiling needs psutil (pip install 'adaptive-lsgd[tools]')")
     out = os.path.abspath(args.out)
     if not os.path.isdir(os.path.dirname(out)):
         raise TuneError(f"--out {args.out!r}: directory {os.path.dirname(out)!r} does not exist")
@@ -320,7 +322,7 @@ def cmd_profile(args) -> int:
           flush=True)
     horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
     cmd = [horovodrun, "-np", str(args.np), "-H", args.hosts or f"localhost:{args.np}", "--gloo",
-           sys.executable, "-m", "adaptive_lsgd.tools.tune", "--worker"]
+           sys.executable, "-m", "adaptive_lsgd.tools.cli.tune", "--worker"]
     settings = {"model": os.path.abspath(args.model.rpartition(":")[0]) + ":" +
                 args.model.rpartition(":")[2], "batch_size": args.batch_size,
                 "steps": args.steps, "reps": args.reps, "out": out}

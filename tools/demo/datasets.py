@@ -4,7 +4,7 @@ arrays.
 
 Example::
 
-    >>> from adaptive_lsgd.tools.datasets import load_mnist1d
+    >>> from adaptive_lsgd.tools.demo.datasets import load_mnist1d
     >>> data = load_mnist1d(num_samples=500)
     >>> data["x"].shape[1], data["x"].dtype.name, sorted(set(data["y"].tolist()))[:3]
     (40, 'float32', [0, 1, 2])

@@ -1,52 +1,18 @@
-"""An emulated multi-host Horovod cluster on one machine (network namespaces, veth, bridge, tc).
-
-Each emulated host is a network namespace ``alsgd<run>h<i>`` whose ``eth0`` is one end of a veth
-pair; the other end (``alsgd<run>v<i>``) hangs on a Linux bridge ``alsgd<run>br`` in the root
-namespace. The bridge and the hosts share a private ``10.213.<x>.0/24`` that is picked so that
-nothing else on the machine uses it. A host's link is shaped with ``tc ... tbf`` in both
-directions (egress of ``eth0`` inside the namespace is the host's upload, egress of the bridge-side
-veth its download), so traffic between hosts crosses two shaped links while the workers of one
-host, which share its namespace, talk over loopback at full speed.
-
-Horovod's Gloo rendezvous server runs in the root namespace, bound to the bridge address, and
-each worker starts with ``ip netns exec <ns> <command>`` and the variables ``horovodrun --gloo``
-would give it (``HOROVOD_RANK``, ``HOROVOD_SIZE``, ``HOROVOD_LOCAL_RANK``, ...). A mixed cluster
-is emulated with a per-host compute slowdown that workers read from ``_ALSGD_EMU_SLOWDOWN``
-(and the host index from ``_ALSGD_EMU_HOST``; see :func:`emulated_slowdown`). The leading
-underscore keeps them out of the ``ALSGD_*`` namespace that the core parses as configuration.
-
-Each worker also gets its own UTS namespace whose hostname is its host's name, and each namespace
-an ``/etc/netns/<ns>/hosts`` (bind-mounted over ``/etc/hosts`` by ``ip netns exec``) in which the
-host names resolve to the host addresses. Besides being closer to a real cluster, this is needed:
-Horovod 0.28.1 ignores ``HOROVOD_GLOO_IFACE`` when it builds the Gloo context of a process set
-(the global set included, so every job) and resolves the hostname instead, which on one machine
-is 127.0.0.1 and makes the ranks of different namespaces unable to connect.
-
-Everything is removed again on every way out (normal exit, exception, Ctrl-C, SIGTERM, worker
-failure, timeout); :func:`cleanup_stale` (``--cleanup``) removes what a killed launcher left.
-Root is required.
-
-Command line::
-
-    python -m adaptive_lsgd.tools.cluster --hosts 2 --workers-per-host 2 --rate-mbit 100 \\
-        --slowdown 1,2 --schedule 10:0:10,30:0:100 -- python train.py
-    python -m adaptive_lsgd.tools.cluster --cleanup
-
-``--schedule 10:0:10`` sets host 0's link to 10 Mbit/s 10 s after the workers start.
+"""The emulated cluster itself: :class:`EmulatedCluster` (hosts as network namespaces, shaped
+links, workers started with the variables ``horovodrun --gloo`` gives them) and what a worker
+reads back (:func:`emulated_slowdown`, :func:`emulated_host`). The package docstring
+(:mod:`adaptive_lsgd.tools.cluster`) describes the network.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import string
@@ -58,28 +24,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Optional, Union
 
-PREFIX = "alsgd"
-STATE_DIR = "/run/alsgd-cluster"
-ETC_NETNS = "/etc/netns"  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
-SUBNET_PREFIX = "10.213"
-HOST_IFACE = "eth0"
+from adaptive_lsgd.tools.cluster.network import (
+    ETC_NETNS,
+    HOST_IFACE,
+    PREFIX,
+    SUBNET_PREFIX,
+    ClusterError,
+    _cmd,
+    _etc_names,
+    _kill_netns_pids,
+    _link_names,
+    _netns_names,
+    _ours,
+    _proc_start_time,
+    _remove_run,
+    _state_lock,
+    _state_path,
+    require_root,
+)
+
 ENV_SLOWDOWN = "_ALSGD_EMU_SLOWDOWN"
 ENV_HOST = "_ALSGD_EMU_HOST"
 MAX_HOSTS = 200
 _RUN_ID_RE = re.compile(r"^[a-z0-9]{1,6}$")
-# alsgd<run>h<i> (namespace), alsgd<run>v<i> / alsgd<run>p<i> (veth ends), alsgd<run>br (bridge)
-_NAME_RE = re.compile(r"^" + PREFIX + r"([a-z0-9]+?)(?:[hvp]\d+|br)$")
 _TBF_LATENCY = "100ms"
 
 Rate = Optional[float]
-
-
-class ClusterError(RuntimeError):
-    """The emulated cluster could not be set up or used (the message is one line)."""
-
-
-class NotRootError(ClusterError):
-    """The emulated cluster needs root (network namespaces, veth pairs, tc)."""
 
 
 class Terminated(BaseException):
@@ -100,161 +70,6 @@ def emulated_host() -> Optional[int]:
     """The index of this worker's emulated host, or ``None`` outside an emulated cluster."""
     value = os.environ.get(ENV_HOST)
     return int(value) if value else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers around ip / tc
-
-
-def _cmd(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().replace("\n", " ")
-        raise ClusterError(f"`{' '.join(args)}` failed: {msg}")
-    return proc
-
-
-def require_root() -> None:
-    """Raise :class:`NotRootError` / :class:`ClusterError` unless ``ip netns`` and tc can be used."""
-    if os.geteuid() != 0:
-        raise NotRootError("the emulated cluster needs root (it creates network namespaces, veth pairs "
-                           "and tc qdiscs); run it as root, e.g. with sudo")
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            raise ClusterError(f"the emulated cluster needs `{tool}` (iproute2) on PATH")
-    probe = _cmd(["ip", "netns", "list"], check=False)
-    if probe.returncode != 0:
-        raise ClusterError(f"`ip netns` is not usable here: {probe.stderr.strip()}")
-
-
-def _netns_names() -> list:
-    out = _cmd(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _link_names() -> list:
-    out = _cmd(["ip", "-o", "link", "show"], check=False).stdout
-    names = []
-    for line in out.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) >= 2:
-            names.append(parts[1].strip().split("@")[0])
-    return names
-
-
-def _etc_names() -> list:
-    try:
-        return sorted(os.listdir(ETC_NETNS))
-    except OSError:
-        return []
-
-
-def _ours(names: Sequence[str], run_id: Optional[str] = None) -> list:
-    out = []
-    for name in names:
-        m = _NAME_RE.match(name)
-        if m and (run_id is None or m.group(1) == run_id):
-            out.append(name)
-    return out
-
-
-def _kill_netns_pids(ns: str, sig: int = signal.SIGKILL) -> None:
-    """Kill the processes inside one of *our* namespaces (all of them were started by us)."""
-    out = _cmd(["ip", "netns", "pids", ns], check=False).stdout
-    for tok in out.split():
-        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-            os.kill(int(tok), sig)
-
-
-def _proc_start_time(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _state_path(run_id: str) -> str:
-    return os.path.join(STATE_DIR, f"{run_id}.json")
-
-
-def _owner_alive(run_id: str) -> bool:
-    try:
-        with open(_state_path(run_id)) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return False
-    start = _proc_start_time(int(state.get("pid", -1)))
-    return start is not None and start == state.get("start")
-
-
-@contextlib.contextmanager
-def _state_lock():
-    os.makedirs(STATE_DIR, exist_ok=True)
-    with open(os.path.join(STATE_DIR, "lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _remove_run(run_id: str, names_ns: Sequence[str], names_links: Sequence[str]) -> list:
-    """Remove the given namespaces and links of one run; return what was removed."""
-    removed = []
-    for ns in names_ns:
-        _kill_netns_pids(ns)
-    # The bridge-side veth ends first (deleting one end deletes its peer), then namespaces, bridge.
-    for link in sorted(names_links, key=lambda n: n.endswith("br")):
-        if _cmd(["ip", "link", "del", link], check=False).returncode == 0:
-            removed.append(link)
-    for ns in names_ns:
-        if _cmd(["ip", "netns", "del", ns], check=False).returncode == 0:
-            removed.append(ns)
-    # Namespace teardown in the kernel is asynchronous: wait until the names are really gone.
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        left = _ours(_netns_names() + _link_names(), run_id)
-        if not left:
-            break
-        for link in left:
-            if link in _link_names():
-                _cmd(["ip", "link", "del", link], check=False)
-            if link in _netns_names():
-                _cmd(["ip", "netns", "del", link], check=False)
-        time.sleep(0.1)
-    for name in _ours(_etc_names(), run_id):
-        shutil.rmtree(os.path.join(ETC_NETNS, name), ignore_errors=True)
-        removed.append(os.path.join(ETC_NETNS, name))
-    with contextlib.suppress(OSError):
-        os.unlink(_state_path(run_id))
-    return removed
-
-
-def cleanup_stale(run_id: Optional[str] = None, force: bool = False) -> list:
-    """Remove namespaces, veths and bridges (``alsgd`` prefix only) that crashed runs left.
-
-    A run whose launcher is still alive is left alone unless ``force``. ``run_id`` restricts the
-    clean-up to one run. Returns the names that were removed.
-    """
-    require_root()
-    ns_all, links_all = _ours(_netns_names(), run_id), _ours(_link_names(), run_id)
-    runs = {_NAME_RE.match(n).group(1) for n in ns_all + links_all + _ours(_etc_names(), run_id)}
-    if os.path.isdir(STATE_DIR):
-        for fname in os.listdir(STATE_DIR):
-            rid = fname[:-5] if fname.endswith(".json") else None
-            if rid and (run_id is None or rid == run_id):
-                runs.add(rid)
-    removed = []
-    for rid in sorted(runs):
-        if not force and _owner_alive(rid):
-            continue
-        removed += _remove_run(rid, _ours(ns_all, rid), _ours(links_all, rid))
-    return removed
-
-
-# ----------------------------------------------------------------------------------------------
-# The cluster
 
 
 @dataclass
@@ -812,99 +627,3 @@ class EmulatedCluster:
                             self._err or sys.stderr)
                         target.write(f"[{rank}]<{name}>:{text}\n")
                         target.flush()
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def _floats(text: str) -> list:
-    return [_rate(v) if v.lower() in ("none", "off") else float(v) for v in text.split(",")]
-
-
-def _schedule(text: str) -> list:
-    out = []
-    for item in filter(None, text.split(",")):
-        try:
-            t, host, rate = item.split(":")
-            out.append((float(t), int(host), _rate(rate)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"bad schedule entry {item!r}: expected SECONDS:HOST:MBIT (MBIT may be 'none')"
-            ) from None
-    return out
-
-
-def _one_or_list(values: Optional[list]):
-    if values is None:
-        return None
-    return values[0] if len(values) == 1 else values
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m adaptive_lsgd.tools.cluster",
-        description="Run a command as a Horovod (Gloo) job on an emulated multi-host cluster: one "
-                    "network namespace per host, shaped links, per-host compute slowdown. Needs root.",
-        epilog="example: python -m adaptive_lsgd.tools.cluster --hosts 2 --workers-per-host 2 "
-               "--rate-mbit 100 --slowdown 1,2 --schedule 10:0:10 -- python train.py")
-    p.add_argument("--hosts", type=int, default=2, help="number of emulated hosts (default 2)")
-    p.add_argument("--workers-per-host", type=lambda s: [int(v) for v in s.split(",")], default=[1],
-                   help="workers per host: one number or one per host (default 1)")
-    p.add_argument("--rate-mbit", type=_floats, default=None,
-                   help="link rate per host in Mbit/s, one value or comma-separated per host "
-                        "('none' = unshaped; default unshaped)")
-    p.add_argument("--slowdown", type=_floats, default=None,
-                   help="compute slowdown per host, e.g. 1,2 (exported as _ALSGD_EMU_SLOWDOWN)")
-    p.add_argument("--schedule", type=_schedule, default=None,
-                   help="rate changes during the run: SECONDS:HOST:MBIT,... (e.g. 10:0:10,30:0:none)")
-    p.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
-    p.add_argument("--run-id", default=None, help="name of the run's resources ([a-z0-9]{1,6})")
-    p.add_argument("--quiet", action="store_true", help="do not echo worker output")
-    p.add_argument("--cleanup", action="store_true",
-                   help="remove namespaces/veths/bridges (prefix alsgd) left by crashed runs and exit")
-    p.add_argument("--force", action="store_true", help="with --cleanup: also remove live runs")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
-    args = p.parse_args(argv)
-    if args.command and args.command[0] == "--":
-        args.command = args.command[1:]
-    if not args.cleanup and not args.command:
-        p.error("a command is required: ... -- python train.py")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    prog = "adaptive_lsgd.tools.cluster"
-    # Like horovodrun: SIGINT and SIGTERM always end the job (and tear the cluster down), even
-    # when the shell started us with SIGINT ignored (a background job).
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        require_root()
-        if args.cleanup:
-            removed = cleanup_stale(run_id=args.run_id, force=args.force)
-            print(f"removed {len(removed)}: {' '.join(removed)}" if removed else "nothing to remove")
-            return 0
-        cluster = EmulatedCluster(
-            hosts=args.hosts, workers_per_host=_one_or_list(args.workers_per_host),
-            rate_mbit=_one_or_list(args.rate_mbit), slowdown=_one_or_list(args.slowdown),
-            schedule=args.schedule, run_id=args.run_id, echo=not args.quiet)
-        with cluster:
-            result = cluster.run(args.command, timeout=args.timeout)
-    except (ClusterError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; cluster torn down", file=sys.stderr)
-        return 130
-    except Terminated as e:
-        print(f"{prog}: {e}; cluster torn down", file=sys.stderr)
-        return 128 + e.signum
-    if result.timed_out:
-        return 124
-    return next((rc if rc > 0 else 128 - rc for rc in result.returncodes if rc != 0), 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ forms of the chained (hierarchical) sync, through the PyTorch integration itself
 Run it as the workers of a Horovod job, e.g. on the emulated cluster (root)::
 
     python -m adaptive_lsgd.tools.cluster --hosts 2 --workers-per-host 2 --rate-mbit 50 -- \\
-        python -m adaptive_lsgd.tools.bench_sync --width 1000 --reps 8
+        python -m adaptive_lsgd.tools.bench.sync --width 1000 --reps 8
 
 Three optimizers share one model: ``flat`` (``topology: flat``, one allreduce over all
 ranks), ``leaders`` and ``sliced`` (``topology: auto`` with ``chained_allreduce: leaders`` /

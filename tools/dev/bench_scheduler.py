@@ -11,7 +11,7 @@ The figure is CPU time of this process (``time.process_time``): what the schedul
 training rank. Wall-clock time is printed too; on a machine shared with other jobs it also
 counts the time this process waited for a core, so it can be several times larger.
 
-    python tools/bench_scheduler.py [--ranks 8] [--topology 2x4] [--steps 20000] [--repeats 7]
+    python tools/dev/bench_scheduler.py [--ranks 8] [--topology 2x4] [--steps 20000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from adaptive_lsgd import Scheduler, Topology, load_config  # noqa: E402
 

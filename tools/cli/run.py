@@ -29,11 +29,13 @@ import subprocess
 import sys
 import tempfile
 
+import adaptive_lsgd.tools
 from adaptive_lsgd.config import ENV_FILE, ENV_PREFIX, ConfigError, load_config, read_config_file
 from adaptive_lsgd.decision_log import read_log
 from adaptive_lsgd.summary import combine_summaries
 
-INJECT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inject")
+# tools/inject/ (package data of adaptive_lsgd.tools): sitecustomize.py and _alsgd_inject.py
+INJECT_DIR = os.path.join(os.path.dirname(os.path.abspath(adaptive_lsgd.tools.__file__)), "inject")
 TAG = "[alsgd-run]"
 WRAPS = [  # (symbol, what it becomes, patterns that all appear in a script that uses it)
     ("horovod.torch.DistributedOptimizer", "adaptive_lsgd.integrations.torch.DistributedOptimizer",

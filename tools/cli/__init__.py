@@ -1,0 +1,1 @@
+"""The user commands: ``alsgd-tune`` (:mod:`.tune`) and ``alsgd-run`` (:mod:`.run`)."""
