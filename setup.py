@@ -30,6 +30,7 @@ setup(
             "alsgd-tune=adaptive_lsgd.tools.cli.tune:main",
             "alsgd-run=adaptive_lsgd.tools.cli.run:main",
             "alsgd-bench=adaptive_lsgd.tools.bench.cli:main",
+            "alsgd-sim=adaptive_lsgd.tools.cli.sim:main",
         ],
     },
 )

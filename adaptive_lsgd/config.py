@@ -90,7 +90,7 @@ def _check(key: str, v: Any) -> Any:
     """Return the normalised value of ``key`` or raise ValueError saying what is allowed."""
     if key == "policy":
         from .policies import POLICIES  # the one registry (policies import this module)
-        if v not in POLICIES:
+        if not isinstance(v, str) or v not in POLICIES:
             raise ValueError(f"expected one of {', '.join(POLICIES)}")
         return v
     if key == "periods":
@@ -295,3 +295,13 @@ def check_supported(cfg: Config, runner: str, elastic: bool = False) -> None:
     if cfg.overlap and elastic:
         raise ConfigError("config key 'overlap' is not supported in elastic Horovod jobs (an "
                           "average in flight cannot survive a reset); set overlap: false")
+
+
+def cautions(cfg: Config, loop: str) -> list:
+    """Warnings (strings) for running ``cfg`` in a training loop of kind ``loop`` (``fit``: a
+    loop with a fixed number of steps per epoch, such as Keras ``model.fit``)."""
+    out = []
+    if loop == "fit" and cfg.time_budget:
+        out.append("time_budget mode with model.fit: ranks take different numbers of steps per "
+                   "round, so a fixed number of steps per epoch ends them on different rounds")
+    return out

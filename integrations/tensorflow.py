@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from adaptive_lsgd import agreement  # noqa: E402
-from adaptive_lsgd.config import Config, check_supported, load_config  # noqa: E402
+from adaptive_lsgd.config import Config, cautions, check_supported, load_config  # noqa: E402
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
     Runtime,
@@ -749,10 +749,8 @@ class LocalSGDCallback(tf.keras.callbacks.Callback):
         if spe is not None and int(tf.keras.backend.get_value(spe)) != 1:
             raise ValueError("LocalSGDCallback needs steps_per_execution=1 in model.compile() "
                              "(it reports every step to the scheduler)")
-        if lsgd.config.time_budget:
-            warnings.warn("time_budget mode with model.fit: ranks take different numbers of "
-                          "steps per round, so a fixed number of steps per epoch ends them on "
-                          "different rounds", stacklevel=2)
+        for caution in cautions(lsgd.config, "fit"):
+            warnings.warn(caution, stacklevel=2)
         lsgd.attach(self.model, opt)
         self.local_sgd = lsgd
         if self._pending_state is not None:

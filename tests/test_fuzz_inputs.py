@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptive_lsgd import Scheduler, Topology
-from adaptive_lsgd import sim as sim_mod
 from adaptive_lsgd.config import KEYS, ConfigError, load_config
+from adaptive_lsgd.tools.cli import sim as sim_mod
 from adaptive_lsgd.tools.cluster import EmulatedCluster
 from adaptive_lsgd.tools.cluster import cli as cluster_cli
 from adaptive_lsgd.topology import TopologyError

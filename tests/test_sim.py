@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from adaptive_lsgd import ConfigError, load_config, read_log
-from adaptive_lsgd.sim import ClusterSim, SimulationError, main, ring_allreduce_s
+from adaptive_lsgd.sim import ClusterSim, SimulationError, ring_allreduce_s
+from adaptive_lsgd.tools.cli.sim import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"samples_per_s", "compute_only_samples_per_s", "comm_fraction", "periods", "global_syncs",
@@ -17,7 +18,7 @@ KEYS = {"samples_per_s", "compute_only_samples_per_s", "comm_fraction", "periods
 
 
 def sim_cli(*args):
-    return subprocess.run([sys.executable, "-m", "adaptive_lsgd.sim", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.sim", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

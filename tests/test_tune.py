@@ -196,7 +196,7 @@ def test_keras_model_profile(tmp_path):
 
 def test_analyze_a_simulated_run(tmp_path):
     log = tmp_path / "run.jsonl"
-    sim = subprocess.run([sys.executable, "-m", "adaptive_lsgd.sim", "--hosts", "2",
+    sim = subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.sim", "--hosts", "2",
                           "--workers-per-host", "2", "--compute-ms", "20", "--params", "1e6",
                           "--inter-gbps", "0.1", "--steps", "600", "--log", str(log)],
                          capture_output=True, text=True, timeout=300)

@@ -1,6 +1,7 @@
 """The programs around the core (installed as ``adaptive_lsgd.tools``), one subpackage each.
 
-* ``cli``: the user commands ``alsgd-tune`` (:mod:`.cli.tune`) and ``alsgd-run`` (:mod:`.cli.run`);
+* ``cli``: the user commands ``alsgd-tune`` (:mod:`.cli.tune`), ``alsgd-run`` (:mod:`.cli.run`)
+  and ``alsgd-sim`` (:mod:`.cli.sim`, the simulator's command line);
 * ``inject``: not a package; the ``sitecustomize`` hook that ``alsgd-run`` puts on the
   workers' ``PYTHONPATH`` to swap Horovod's optimizers for ours;
 * ``cluster``: the emulated multi-host cluster (network namespaces, shaped links; root),

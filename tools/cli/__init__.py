@@ -1,1 +1,2 @@
-"""The user commands: ``alsgd-tune`` (:mod:`.tune`) and ``alsgd-run`` (:mod:`.run`)."""
+"""The user commands: ``alsgd-tune`` (:mod:`.tune`), ``alsgd-run`` (:mod:`.run`) and ``alsgd-sim``
+(:mod:`.sim`); :mod:`.args` holds their shared argument types."""

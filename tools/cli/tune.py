@@ -43,7 +43,6 @@ import subprocess
 import sys
 import time
 
-from adaptive_lsgd.cli_args import number, positive_int
 from adaptive_lsgd.config import CHAINED_FORMS, ConfigError, load_config
 from adaptive_lsgd.cost_model import CostModel, LinkModel
 from adaptive_lsgd.decision_log import read_log
@@ -56,6 +55,7 @@ from adaptive_lsgd.profile import (
     profile_from_dict,
     read_profile_json,
 )
+from adaptive_lsgd.tools.cli.args import number, positive_int
 from adaptive_lsgd.tools.launch import SETTINGS_ENV
 
 PROG = "alsgd-tune"

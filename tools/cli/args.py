@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> from adaptive_lsgd.cli_args import number, positive_int
+    >>> from adaptive_lsgd.tools.cli.args import number, positive_int
     >>> positive_int("4"), number(0, lo_open=True)("0.5")
     (4, 0.5)
 """
