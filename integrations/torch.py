@@ -242,13 +242,21 @@ class StepClock:
         """Many unread steps (a long mini-batch phase): time to :meth:`drain` them."""
         return len(self._events) > 256
 
-    def drain(self) -> list:
-        """The step times not read yet, in order (waits for the last recorded step only)."""
-        if not self.cuda or len(self._events) < 2:
+    def drain(self, wait: bool = True) -> list:
+        """The step times not read yet, in order. ``wait``: wait for the last recorded step
+        (at a sync); else read only the steps the device has finished (no stall)."""
+        events = self._events
+        if not self.cuda or len(events) < 2:
             return []
-        self._events[-1].synchronize()
-        times = [a.elapsed_time(b) / 1000.0 for a, b in zip(self._events, self._events[1:])]
-        self._events = self._events[-1:]
+        if wait:
+            events[-1].synchronize()
+            last = len(events) - 1
+        else:
+            last = 0
+            while last + 1 < len(events) and events[last + 1].query():
+                last += 1
+        times = [a.elapsed_time(b) / 1000.0 for a, b in zip(events[:last], events[1:last + 1])]
+        self._events = events[last:]
         return times
 
 
@@ -292,7 +300,7 @@ class _LocalSGDMixin:
                 lr = float(hvd.synchronize(handle)[0])
             sched.step_done(clock.lap(), lr=lr)
             if clock.due:
-                sched.record_compute(clock.drain())
+                sched.record_compute(clock.drain(wait=False))
             return loss
         loss = super(self.__class__, self).step(closure)
         plan = sched.step_done(clock.lap(), lr=self._alsgd_lr())

@@ -162,3 +162,50 @@ def test_adaptive_under_random_sleeps_agrees(four_ranks):
     decisions = [rec for rec in agreed_logs(rows, 2000) if "decision" in rec]
     assert all(isinstance(rec["step"], int) and isinstance(rec["periods"], list) for rec in decisions)
     assert os.path.basename(rows[0]["log"]) == "noise.0.jsonl"
+
+
+def test_step_clock_reads_cuda_events_only_at_a_sync(monkeypatch):
+    """On CUDA the per-step clock records an event per step and reads the step times when
+    drained (a sync), never synchronizing the device at a step; the non-blocking drain of a
+    long mini-batch phase reads only finished steps. CI has no GPU: torch.cuda.Event is
+    replaced by a stand-in on a virtual device clock (recorded times, a 'finished' horizon)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("horovod.torch")
+    from adaptive_lsgd.integrations import torch as alsgd
+
+    device = {"now": 0.0, "done": 0.0, "syncs": 0}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = device["now"]
+
+        def query(self):
+            return self.t <= device["done"]
+
+        def synchronize(self):
+            device["syncs"] += 1
+            device["done"] = max(device["done"], self.t)
+
+        def elapsed_time(self, other):  # milliseconds, as torch's
+            assert self.query() and other.query()
+            return (other.t - self.t) * 1000.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    clock = alsgd.StepClock(cuda=True)
+    for step_s in (0.01, 0.02, 0.03):
+        device["now"] += step_s
+        assert clock.lap() is None
+    assert device["syncs"] == 0
+    device["done"] = 0.035  # the device finished the first two steps only
+    assert clock.drain(wait=False) == pytest.approx([0.01, 0.02])
+    assert device["syncs"] == 0
+    assert clock.drain() == pytest.approx([0.03]) and device["syncs"] == 1
+    clock.restart()
+    device["now"] += 0.5  # the sync: not compute
+    assert clock.drain() == []
+    cpu = alsgd.StepClock(cuda=False)
+    assert cpu.lap() >= 0 and cpu.drain() == []
