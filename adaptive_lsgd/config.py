@@ -66,6 +66,33 @@ class Config:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+# One line per key (for command-line help; the README's configuration table says the same).
+MEANINGS = {
+    "policy": "adaptive (periods chosen online) or fixed",
+    "periods": "periods per level, e.g. [4] or [2, 8] (required for fixed; initial for adaptive)",
+    "warmup": "mini-batch steps before local SGD, or first_lr_decay (post-local SGD)",
+    "target_comm_fraction": "adaptive: the largest predicted share of time in communication",
+    "max_period": "cap per level (an int, or a list per level)",
+    "max_global_period": "adaptive: at most this many steps between global averages",
+    "topology": "auto (one block per host; flat in elastic jobs), hosts, flat, '2x2' or "
+                "[[0, 1], [2, 3]]",
+    "time_budget": "mixed-speed mode: rounds are a time budget, the average is weighted by steps",
+    "log": "decision log (JSON lines) path, written by rank 0",
+    "log_all_ranks": "write the decision log on every rank ({rank} in the path also works)",
+    "hysteresis": "adaptive: keep the current periods unless the target moves them by this much",
+    "qsr_alpha": "quadratic synchronisation rule: global period <= max(qsr_base, (alpha/lr)^2)",
+    "qsr_base": "the QSR's smallest global period",
+    "momentum": "local, average (averaged with the model) or reset (zeroed after a sync)",
+    "average_buffers": "average floating buffers (BatchNorm statistics) with the parameters",
+    "timing_warmup": "timing statistics: samples skipped at the start",
+    "window": "timing statistics: steps in the window median",
+    "history": "timing statistics: shared history length",
+    "nonfinite_guard": "a rank with NaN/Inf parameters is left out of the average and reset to it",
+    "chained_allreduce": "hierarchical allreduce for upper-level syncs: true, sliced or leaders",
+    "overlap": "PyTorch: run each average in the background during the next round",
+    "profile": "an alsgd-tune profile: the adaptive policy starts at its recommendation",
+}
 MOMENTUM = ("local", "average", "reset")
 CHAINED_FORMS = ("sliced", "leaders")  # chained_allreduce: true picks sliced where it can
 
@@ -176,6 +203,25 @@ def _parse_env_value(text: str) -> Any:
         return text.strip()
 
 
+def _parse_error(exc: Exception) -> str:
+    """``line L, column C: what is wrong`` from a YAML or JSON parse error (1-based, as editors
+    count), or its first line when it carries no position."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    mark = getattr(exc, "problem_mark", None)  # yaml.MarkedYAMLError
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+            where += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
+        elif context:
+            where += f" ({context})"
+        return where
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_config_file(path: str) -> dict:
     """Read a YAML or JSON mapping; errors name the file."""
     if not os.path.isfile(path):
@@ -199,8 +245,7 @@ def read_config_file(path: str) -> dict:
     except ConfigError:
         raise
     except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {first}") from None
+        raise ConfigError(f"config file {path!r} is not valid YAML/JSON: {_parse_error(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -217,14 +262,19 @@ def _unknown(key: str, source: str) -> ConfigError:
 
 
 def load_config(config: Mapping | str | os.PathLike | Config | None = None,
-                env: Mapping[str, str] | None = None) -> Config:
-    """Build the effective :class:`Config` from every source; raise :class:`ConfigError`."""
+                env: Mapping[str, str] | None = None, *,
+                env_file_source: str | None = None) -> Config:
+    """Build the effective :class:`Config` from every source; raise :class:`ConfigError`.
+
+    ``env_file_source``: how messages name the file of ``ALSGD_CONFIG`` (default
+    ``ALSGD_CONFIG=<path>``), for a launcher that passes the user's file that way."""
     if isinstance(config, Config):
         return config
     env = os.environ if env is None else env
     layers: list[tuple[str, Mapping]] = []
     if env.get(ENV_FILE):
-        layers.append((f"{ENV_FILE}={env[ENV_FILE]}", read_config_file(env[ENV_FILE])))
+        layers.append((env_file_source or f"{ENV_FILE}={env[ENV_FILE]}",
+                       read_config_file(env[ENV_FILE])))
     env_layer = {}
     for name, text in env.items():
         if name.startswith(ENV_PREFIX) and name != ENV_FILE:
@@ -247,13 +297,14 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
         for key, v in layer.items():
             if key not in KEYS:
                 raise _unknown(key, source)
-            if source == "environment":
-                source = f"environment variable {ENV_PREFIX}{key.upper()}"
+            # Each key names its own variable (not the first one of the layer).
+            where = f"environment variable {ENV_PREFIX}{key.upper()}" if source == "environment" \
+                else source
             try:
                 values[key] = _check(key, v)
-                sources[key] = source
+                sources[key] = where
             except ValueError as exc:
-                raise ConfigError(f"config key {key!r} (from {source}): {exc}, got {v!r}") from None
+                raise ConfigError(f"config key {key!r} (from {where}): {exc}, got {v!r}") from None
     cfg = Config(**values)
     if cfg.profile:
         from .profile import ProfileError, load_profile

@@ -175,3 +175,71 @@ def test_config_of_the_wrong_type():
 def test_env_config_file_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(None, env={"ALSGD_CONFIG": str(tmp_path / "missing.yaml")})
+
+
+# -- issue 18 -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, name", [
+    ({"ALSGD_POLICY": "fixed", "ALSGD_PERIODS": "0"}, "ALSGD_PERIODS"),
+    ({"ALSGD_WINDOW": "4", "ALSGD_HISTORY": "3", "ALSGD_HYSTERESIS": "2"}, "ALSGD_HYSTERESIS"),
+])
+def test_each_env_key_names_its_own_variable(env, name):
+    """The variable named is the bad key's, not the first variable of the environment layer."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env=env)
+    msg = str(err.value)
+    assert f"(from environment variable {name})" in msg
+    others = [v for v in env if v != name]
+    assert not any(v in msg for v in others), msg
+
+
+def test_env_sources_are_recorded_per_key():
+    # overlap's refusal names the source of each key: each its own variable
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"ALSGD_OVERLAP": "true", "ALSGD_TIME_BUDGET": "true"})
+    msg = str(err.value)
+    assert "'overlap' (from environment variable ALSGD_OVERLAP)" in msg
+    assert "(from environment variable ALSGD_TIME_BUDGET)" in msg
+
+
+def test_env_file_source_names_the_file_as_the_launcher_says(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("window: 3\nmax_period: 0\n")
+    label = "config file cfg.yaml given with --alsgd-config"
+    with pytest.raises(ConfigError, match=r"'max_period' \(from config file cfg.yaml given with "
+                                          r"--alsgd-config\)") as err:
+        load_config(None, env={"ALSGD_CONFIG": str(path)}, env_file_source=label)
+    assert "ALSGD_CONFIG" not in str(err.value)
+    path.write_text("perods: [4]\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'perods' \(from config file "
+                                          r"cfg.yaml given with --alsgd-config\)"):
+        load_config(None, env={"ALSGD_CONFIG": str(path)}, env_file_source=label)
+    # without the label: as before
+    with pytest.raises(ConfigError, match=r"\(from ALSGD_CONFIG="):
+        load_config(None, env={"ALSGD_CONFIG": str(path)})
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("x.yaml", "policy: adaptive\nwindow: 4\nmax_period: 8\n  warmup: 5\n",
+     "line 4, column 9: mapping values are not allowed here"),
+    ("x.yaml", "policy: adaptive\nperiods: [4, 8\n",
+     "line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow "
+     "sequence at line 2, column 10)"),
+    ("x.yaml", "window: 4\n\twarmup: 5\n", "line 2, column 1: found character '\\t' that cannot "
+                                             "start any token (while scanning for the next token)"),
+    ("x.json", '{\n  "window": 4,\n  "warmup" 5\n}\n', "line 3, column 12: Expecting ':' delimiter"),
+    ("x.json", '{"window": 4,}', "line 1, column 14: Expecting property name enclosed in double quotes"),
+])
+def test_parse_errors_give_the_line_and_column(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), env={})
+    assert str(err.value) == f"config file {str(path)!r} is not valid YAML/JSON: {where}"
+
+
+def test_meanings_and_defaults_cover_every_key():
+    from adaptive_lsgd.config import DEFAULTS, MEANINGS
+
+    assert set(MEANINGS) == set(KEYS) == set(DEFAULTS)
+    assert all(m and "\n" not in m and "``" not in m for m in MEANINGS.values())
+    assert DEFAULTS == Config().to_dict()

@@ -142,8 +142,11 @@ def test_dry_run_runs_nothing_and_names_what_it_wraps(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, expected", [
-    (["--alsgd-config", "{cfg_bad}"], {}, "config key 'max_period' (from ALSGD_CONFIG="),
-    (["--alsgd-config", "{cfg_unknown}"], {}, "unknown config key 'perods'"),
+    # the file is named as the user gave it, not as the ALSGD_CONFIG it travels in (issue 18)
+    (["--alsgd-config", "{cfg_bad}"], {}, "config key 'max_period' (from config file {cfg_bad} "
+                                          "given with --alsgd-config)"),
+    (["--alsgd-config", "{cfg_unknown}"], {}, "unknown config key 'perods' (from config file "
+                                              "{cfg_unknown} given with --alsgd-config)"),
     (["--alsgd-config", "{missing}"], {}, "no such file"),
     ([], {"ALSGD_TARGET_COMM_FRACTION": "2"}, "ALSGD_TARGET_COMM_FRACTION"),
     (["--alsgd-bogus"], {}, "unknown option '--alsgd-bogus'"),
@@ -159,6 +162,7 @@ def test_bad_usage_is_one_line_and_launches_nothing(args, env, expected, tmp_pat
     names = {"cfg_bad": tmp_path / "bad.yaml", "cfg_unknown": tmp_path / "unknown.yaml",
              "missing": tmp_path / "nope.yaml"}
     args = [a.format(**names) for a in args]
+    expected = expected.format(**names)
     proc = alsgd_run(["-np", "2", "-H", "localhost:2", "--gloo", *args, sys.executable, str(script)],
                      env=env, timeout=120)
     assert proc.returncode == 2

@@ -30,7 +30,16 @@ import sys
 import tempfile
 
 import adaptive_lsgd.tools
-from adaptive_lsgd.config import ENV_FILE, ENV_PREFIX, ConfigError, load_config, read_config_file
+from adaptive_lsgd.config import (
+    DEFAULTS,
+    ENV_FILE,
+    ENV_PREFIX,
+    KEYS,
+    MEANINGS,
+    ConfigError,
+    load_config,
+    read_config_file,
+)
 from adaptive_lsgd.decision_log import read_log
 from adaptive_lsgd.summary import combine_summaries
 
@@ -155,9 +164,12 @@ def worker_env(config_path: str | None, run_dir: str, env: dict) -> tuple:
     The config file's keys travel as ``ALSGD_*`` variables (a worker on another host needs no
     copy of the file); variables already set win over the file, as in ``load_config``."""
     env = dict(env)
+    source = None
     if config_path is not None:
+        read_config_file(config_path)  # unreadable or not YAML/JSON: the message names the path as given
         env[ENV_FILE] = os.path.abspath(config_path)
-    cfg = load_config(None, env=env)
+        source = f"config file {config_path} given with --alsgd-config"
+    cfg = load_config(None, env=env, env_file_source=source)  # a bad key names that file
     if env.get(ENV_FILE):
         for key, value in read_config_file(env.pop(ENV_FILE)).items():
             env.setdefault(ENV_PREFIX + key.upper(), json.dumps(value))
@@ -170,6 +182,53 @@ def worker_env(config_path: str | None, run_dir: str, env: dict) -> tuple:
     env["_ALSGD_RUN_DIR"] = run_dir
     env.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     return env, cfg
+
+
+_PYTHON = re.compile(r"python(\d+(\.\d+)*)?(\.exe)?$")  # python, python3, python3.11, /x/bin/python
+_PY_VALUE_FLAGS = "WX"    # python's one-letter options that take a value (-W arg, -Xdev)
+_PY_NO_SCRIPT = "cmhV?"   # -c CMD, -m MODULE, -h, -V: python runs no script file
+
+
+def python_script(command: list) -> str | None:
+    """The script path of ``python [options] SCRIPT ...`` (``python3``, a path to a python;
+    options such as ``-u``, ``-W ignore``, ``-X dev`` before it); None for ``-m``/``-c``,
+    stdin (``-``) or a command that is not a python interpreter."""
+    if not command or not _PYTHON.match(os.path.basename(command[0])):
+        return None
+    i = 1
+    while i < len(command):
+        tok = command[i]
+        if tok == "-":
+            return None
+        if tok == "--":
+            return command[i + 1] if i + 1 < len(command) else None
+        if tok.startswith("--"):
+            name, eq, _ = tok.partition("=")
+            if name in ("--help", "--version", "--help-env", "--help-xoptions", "--help-all"):
+                return None
+            i += 2 if name == "--check-hash-based-pycs" and not eq else 1
+            continue
+        if tok.startswith("-"):
+            flags = tok[1:]
+            for j, ch in enumerate(flags):
+                if ch in _PY_NO_SCRIPT:
+                    return None
+                if ch in _PY_VALUE_FLAGS:
+                    if j == len(flags) - 1:
+                        i += 1  # its value is the next token
+                    break
+            i += 1
+            continue
+        return tok
+    return None
+
+
+def check_script(command: list) -> None:
+    """``python SCRIPT`` where SCRIPT does not exist: one line now, not a traceback per worker."""
+    script = python_script(command)
+    if script is not None and not os.path.exists(script):
+        where = "" if os.path.isabs(script) else f" (relative to {os.getcwd()})"
+        raise UsageError(f"script {script!r} does not exist{where}: nothing was launched")
 
 
 def script_of(command: list) -> str | None:
@@ -236,6 +295,7 @@ def periods_over_time(log_path: str | None, limit: int = 10) -> list:
 
 
 def _rate(steps_per_s, batch) -> str:
+    """Samples/s when the per-rank batch size is known, else honestly steps/s."""
     if steps_per_s is None:
         return "n/a"
     if batch:
@@ -243,35 +303,37 @@ def _rate(steps_per_s, batch) -> str:
     return f"{steps_per_s:,.1f} steps/s (batch size unknown)"
 
 
-def summarise(reports: list, log_path: str | None, show_log: bool = True) -> list:
-    """The lines alsgd-run prints after the job (empty when nothing was wrapped)."""
-    wrapped = [r for r in reports if r["summaries"]]
-    if not wrapped:
-        return []
-    by_rank: dict = {}  # one report per rank: the process that took the most steps (elastic)
-    for r in wrapped:
-        best = by_rank.get(r["rank"])
-        if best is None or r["summaries"][0]["steps"] > best["summaries"][0]["steps"]:
-            by_rank[r["rank"]] = r
-    per_rank = [dict(r["summaries"][0], rank=rank) for rank, r in sorted(by_rank.items())]
+def _total_steps(report: dict) -> int:
+    return sum(s["steps"] for s in report["summaries"])
+
+
+def _figures(per_rank: list, batch, log_path: str | None) -> list:
+    """The summary lines of one optimizer (one runtime): its figures on every rank."""
     s = combine_summaries(per_rank)
-    used = sorted({u for r in reports for u in r["used"]})
-    batch = next((r["batch_size"] for r in wrapped if r.get("batch_size")), None)
-    lines = [f"summary ({s['ranks']} ranks; wrapped: {', '.join(used)})",
-             f"  steps                {s['steps']} over all ranks "
-             f"({s['steps'] // max(1, s['ranks'])} per rank; mini-batch phase {s['switch_step'] or 0} steps)",
+    n = max(1, s["ranks"])
+    mb_steps = sum(r.get("mini_batch_steps", 0) for r in per_rank)
+    local_steps = s["steps"] - mb_steps
+    phase = f"mini-batch phase {mb_steps // n} steps"
+    if mb_steps and not local_steps:
+        phase += "; the local phase was not reached"
+    lines = [f"  steps                {s['steps']} over all ranks ({s['steps'] // n} per rank; {phase})",
              f"  syncs per level      {s['syncs_per_level']}"]
     changes = periods_over_time(log_path)
     if changes:
         lines.append("  periods over time    " + " -> ".join(
             "..." if p is None else f"step {st}: {p}" for st, p in changes))
     lines.append(f"  final periods        {s['periods']}")
-    lines.append(f"  communication share  {s['comm_fraction']:.1%} of compute + collective time "
-                 f"(local phase)")
-    lines.append(f"  throughput           {_rate(s['local_steps_per_s'], batch)} in the local phase "
-                 f"(measured, all ranks)"
-                 + (f", {_rate(s['mini_batch_steps_per_s'], batch)} in the mini-batch phase"
-                    if s["mini_batch_steps_per_s"] is not None else ""))
+    if local_steps:
+        lines.append(f"  communication share  {s['comm_fraction']:.1%} of compute + collective time "
+                     f"(local phase)")
+    else:
+        lines.append("  communication share  n/a (no step in the local phase)")
+    rates = []
+    if s["local_steps_per_s"] is not None:
+        rates.append(f"{_rate(s['local_steps_per_s'], batch)} in the local phase")
+    if s["mini_batch_steps_per_s"] is not None:
+        rates.append(f"{_rate(s['mini_batch_steps_per_s'], batch)} in the mini-batch phase")
+    lines.append(f"  throughput           {', '.join(rates) or 'n/a'} (measured, all ranks)")
     m = s.get("model")
     if m and m.get("compute_s") and m.get("link_s"):
         # The cost model: a local step costs compute + (sync time / steps between syncs);
@@ -285,6 +347,44 @@ def summarise(reports: list, log_path: str | None, show_log: bool = True) -> lis
         lines.append(f"  estimated            {_rate(local_est, batch)} at periods {s['periods']} vs "
                      f"{_rate(mb_est, batch)} as mini-batch SGD (x{local_est / mb_est:.2f}; cost model: "
                      f"compute {compute * 1e3:.1f} ms/step, allreduce {link * 1e3:.1f} ms)")
+    return lines
+
+
+def summarise(reports: list, log_path: str | None, show_log: bool = True) -> list:
+    """The lines alsgd-run prints after the job (empty when nothing was wrapped).
+
+    A worker reports one summary per optimizer (runtime) it created, in creation order; the
+    k-th of every rank belong together. Those that took steps are shown (one block each when
+    several trained), so an optimizer created but never stepped does not hide the one that
+    trained."""
+    wrapped = [r for r in reports if r["summaries"]]
+    if not wrapped:
+        return []
+    by_rank: dict = {}  # one report per rank: the process that took the most steps (elastic)
+    for r in wrapped:
+        best = by_rank.get(r["rank"])
+        if best is None or _total_steps(r) > _total_steps(best):
+            by_rank[r["rank"]] = r
+    count = max(len(r["summaries"]) for r in by_rank.values())
+    groups = [[dict(r["summaries"][i], rank=rank) for rank, r in sorted(by_rank.items())
+               if i < len(r["summaries"])] for i in range(count)]
+    trained = [i for i, g in enumerate(groups) if any(x["steps"] > 0 for x in g)] or [0]
+    used = sorted({u for r in reports for u in r["used"]})
+    batch = next((r["batch_size"] for r in wrapped if r.get("batch_size")), None)
+    lines = [f"summary ({len(by_rank)} ranks; wrapped: {', '.join(used)})"]
+    if count > 1:
+        def name(i):
+            return groups[i][0].get("wrapped") or "optimizer"
+
+        listed = ", ".join(f"#{i + 1} {name(i)} ({sum(x['steps'] for x in groups[i]) // len(groups[i])} "
+                           f"steps per rank)" for i in range(count))
+        shown = ", ".join(f"#{i + 1}" for i in trained)
+        lines.append(f"  optimizers           {count} per rank: {listed}; figures of {shown}")
+    for i in trained:
+        if len(trained) > 1:
+            lines.append(f"  optimizer #{i + 1} ({groups[i][0].get('wrapped') or 'optimizer'}):")
+        # The decision log holds one optimizer's periods only when one optimizer trained.
+        lines += _figures(groups[i], batch, log_path if len(trained) == 1 else None)
     notes = sorted({n for r in reports for n in r["notes"]})
     if notes:
         lines.append(f"  left to Horovod      {'; '.join(notes)}")
@@ -307,16 +407,80 @@ def nothing_wrapped_warning(reports: list) -> str | None:
             f"it ran as plain Horovod")
 
 
-# -- main -----------------------------------------------------------------------------------------
+# -- help -----------------------------------------------------------------------------------------
 USAGE = ("usage: alsgd-run [horovodrun options] [--alsgd-config FILE] [--alsgd-dry-run] "
          "[--alsgd-run-dir DIR] COMMAND ...")
+DESCRIPTION = """\
+Run an unmodified Horovod script under horovodrun with adaptive local SGD.
+
+Every option before COMMAND is horovodrun's (-np, -H, --hostfile, --gloo, --mpi,
+--min-np/--max-np/--host-discovery-script, ...) except the --alsgd-* options below,
+which are removed before horovodrun is called. In every worker, Horovod's
+DistributedOptimizer (PyTorch, TensorFlow, Keras) and DistributedGradientTape (in a
+tf.function) are swapped for adaptive-lsgd's, and Keras fit gets LocalSGDCallback;
+the script file is not changed. The config is checked before anything starts. When
+the job ends, alsgd-run prints the steps, syncs per level, the periods over time, the
+communication share and the throughput.
+
+examples:
+  ALSGD_WARMUP=0 alsgd-run -np 2 -H localhost:2 --gloo python train.py
+  alsgd-run -np 8 --hostfile hosts --alsgd-config lsgd.yaml python train.py --epochs 90
+  alsgd-run -np 2 --alsgd-dry-run python train.py"""
 
 
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def config_keys_help(width: int = 79) -> str:
+    """The config keys with their defaults and meanings, as plain text (from the core's
+    ``KEYS``, ``DEFAULTS`` and ``MEANINGS``)."""
+    import textwrap
+
+    key_w = max(len(k) for k in KEYS) + 2
+    def_w = max(len(_default_text(DEFAULTS[k])) for k in KEYS) + 2
+    indent = " " * (2 + key_w + def_w)
+    lines = ["configuration keys (in a --alsgd-config YAML/JSON file, the file named by",
+             "ALSGD_CONFIG, or as ALSGD_<KEY> variables, e.g. ALSGD_WARMUP=500; variables",
+             "win over the file):",
+             "  " + "key".ljust(key_w) + "default".ljust(def_w) + "meaning"]
+    for key in KEYS:
+        head = "  " + key.ljust(key_w) + _default_text(DEFAULTS[key]).ljust(def_w)
+        lines += textwrap.wrap(MEANINGS[key], width=width, initial_indent=head,
+                               subsequent_indent=indent, break_on_hyphens=False)
+    return "\n".join(lines) + "\n\nhorovodrun's own options: horovodrun --help"
+
+
+def help_parser() -> argparse.ArgumentParser:
+    """A parser for ``--help`` only (the command line itself is split by :func:`split_argv`)."""
+    p = argparse.ArgumentParser(prog="alsgd-run", usage=USAGE[len("usage: "):],
+                                description=DESCRIPTION, epilog=config_keys_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    p.add_argument("--alsgd-config", metavar="FILE",
+                   help="YAML/JSON config file (keys below); checked before launch and handed "
+                        "to every worker as ALSGD_* variables")
+    p.add_argument("--alsgd-dry-run", action="store_true",
+                   help="print the horovodrun command, the workers' environment, the effective "
+                        "config and what would be wrapped; start nothing")
+    p.add_argument("--alsgd-run-dir", metavar="DIR",
+                   help="where the workers write their figures (default: a temporary directory; "
+                        "use a shared file system when workers run on other hosts)")
+    p.add_argument("command", metavar="COMMAND ...", nargs=argparse.REMAINDER,
+                   help="the training command, e.g. python train.py --epochs 90")
+    return p
+
+
+# -- main -----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1].rstrip() + "\n\nhorovodrun's options: "
-              "horovodrun --help")
+        print(help_parser().format_help().rstrip())
         return 0 if argv else 2
     horovodrun = (shutil.which("horovodrun", path=os.path.dirname(sys.executable))
                   or shutil.which("horovodrun"))
@@ -328,6 +492,7 @@ def main(argv=None) -> int:
         if not command:
             raise UsageError("no command to run (e.g. alsgd-run -np 2 python train.py)")
         check_horovod_args(parser, hvd_args, command)
+        check_script(command)
         if ours["config"] is not None and not os.path.isfile(ours["config"]):
             raise UsageError(f"--alsgd-config {ours['config']!r}: no such file")
         own_dir = ours["run_dir"] is None

@@ -7,7 +7,8 @@ or ``horovod.keras``, the module runs as usual and then its ``DistributedOptimiz
 torch/tensorflow load only if the script loads them). The TensorFlow side also patches
 ``tf.keras.Model.fit`` (adds ``LocalSGDCallback`` when the model's optimizer is ours) and
 ``tf.function`` calls (a traced step that built our tape reports the step when it returns).
-At exit each worker writes what it wrapped and its scheduler's local figures (no collective)
+At exit each worker writes what it wrapped and the local figures of every scheduler it built
+(one per optimizer or tape runtime, in creation order; no collective)
 to ``$_ALSGD_RUN_DIR/rank<R>-<pid>.json``; ``alsgd-run`` combines them.
 """
 
@@ -25,6 +26,7 @@ TARGETS = ("horovod.torch", "horovod.tensorflow", "horovod.tensorflow.keras", "h
 USED: list = []      # names of the Horovod symbols whose replacement ran
 NOTES: list = []     # why a use was left to Horovod
 RUNTIMES: list = []  # objects with .scheduler (one per wrapped optimizer / tape runtime)
+RUNTIME_NAMES: list = []  # the Horovod symbol that created each of RUNTIMES
 INFO: dict = {"batch_size": None}
 _TLS = threading.local()
 
@@ -34,6 +36,7 @@ def _note_use(name: str, runtime) -> None:
         USED.append(name)
     if runtime is not None and all(r is not runtime for r in RUNTIMES):
         RUNTIMES.append(runtime)
+        RUNTIME_NAMES.append(name)
 
 
 def _note(text: str) -> None:
@@ -179,6 +182,60 @@ def _tf_step_done() -> None:
     lsgd.step_done()
 
 
+def _leading_dim(value) -> int | None:
+    """The first known leading dimension among the tensors, arrays or ``tf.TensorSpec``s of a
+    nested value (tuples, lists, dicts), in order; None when none has one."""
+    import tensorflow as tf
+
+    for leaf in tf.nest.flatten(value):
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            continue
+        try:
+            dims = list(shape)  # a TensorShape of unknown rank cannot be listed
+        except (TypeError, ValueError):
+            continue
+        if dims and dims[0] is not None:
+            try:
+                return int(dims[0])
+            except (TypeError, ValueError):  # a tf.compat.v1 Dimension holding None
+                continue
+    return None
+
+
+def _call_arguments(function, args, kwargs) -> list:
+    """A ``tf.function`` call's arguments in the order of its signature (positional and keyword
+    alike: ``step(images=x, labels=y)`` counts as ``step(x, y)``)."""
+    try:
+        bound = inspect.signature(function.python_function).bind(*args, **kwargs)
+        return list(bound.arguments.values())
+    except (AttributeError, TypeError, ValueError):
+        return list(args) + list(kwargs.values())
+
+
+def _fit_batch_size(x, batch_size) -> int | None:
+    """The per-rank batch size of ``fit(x, batch_size=...)`` when it is known before the first
+    step: arrays (Keras batches them, 32 unless told) or a ``tf.data.Dataset`` whose element
+    spec has a static leading dimension (``batch(n, drop_remainder=True)``)."""
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        return _leading_dim(x.element_spec)
+    leaves = tf.nest.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    if leaves and all(hasattr(v, "shape") and not isinstance(v, tf.data.Dataset) for v in leaves):
+        return batch_size or 32
+    return None  # a generator, a keras.utils.Sequence, ...: not known (the summary says steps/s)
+
+
+def _first_batch_size(dataset) -> int | None:
+    """The leading dimension of the dataset's first element (read once, after ``fit``, so the
+    training run itself is untouched)."""
+    try:
+        return _leading_dim(next(iter(dataset.take(1))))
+    except Exception:  # an empty dataset, an input pipeline that fails a second time, ...
+        return None
+
+
 def _patch_tf_function() -> None:
     """A top-level ``tf.function`` call whose trace built our tape is one training step."""
     if _TF["call_patched"]:
@@ -197,8 +254,7 @@ def _patch_tf_function() -> None:
             _TLS.function = None
         if id(self) in _TF["fns"]:
             if INFO["batch_size"] is None:  # the training step's first batched argument
-                shape = next((a.shape for a in args if getattr(a, "shape", None)), None)
-                INFO["batch_size"] = int(shape[0]) if shape and shape[0] is not None else 0
+                INFO["batch_size"] = _leading_dim(_call_arguments(self, args, kwargs)) or 0
             _tf_step_done()
         return out
 
@@ -228,9 +284,13 @@ def _patch_fit() -> None:
             _note_use("tf.keras.Model.fit (LocalSGDCallback added)", None)
         bound.arguments["callbacks"] = callbacks
         x = bound.arguments.get("x")
-        if hasattr(x, "shape"):  # arrays: Keras batches them (32 unless told)
-            INFO["batch_size"] = bound.arguments.get("batch_size") or 32
-        return original_fit(*bound.args, **bound.kwargs)
+        batch = _fit_batch_size(x, bound.arguments.get("batch_size"))
+        if batch:
+            INFO["batch_size"] = batch
+        out = original_fit(*bound.args, **bound.kwargs)
+        if not INFO["batch_size"] and isinstance(x, tf.data.Dataset):
+            INFO["batch_size"] = _first_batch_size(x)  # batched without drop_remainder
+        return out
 
     fit.__doc__ = original_fit.__doc__
     tf.keras.Model.fit = fit
@@ -337,10 +397,10 @@ def _rank() -> int:
 
 def report() -> dict:
     """What this worker wrapped and its schedulers' local figures (no collective)."""
-    summaries = []
-    for runtime in RUNTIMES:
+    summaries = []  # one per runtime, in creation order (alsgd-run shows those that stepped)
+    for runtime, name in zip(RUNTIMES, RUNTIME_NAMES):
         try:
-            summaries.append(runtime.scheduler.summary())
+            summaries.append(dict(runtime.scheduler.summary(), wrapped=name))
         except Exception as exc:  # a runtime half-built when the script failed
             NOTES.append(f"no summary: {exc}")
     log = None
