@@ -170,8 +170,10 @@ def test_fuzz_alsgd_run_arguments(tmp_path, tokens, with_command, cfg):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg if isinstance(cfg, str) else __import__("json").dumps(cfg))
     argv = ["--alsgd-dry-run"] + [str(cfg_file) if t == "CFG" else t for t in tokens]
-    if with_command:
-        argv += ["python", "train.py"]
+    if with_command:  # a script that exists, so the dry run reaches the plan
+        script = tmp_path / "train.py"
+        script.write_text("print('train')\n")
+        argv += ["python", str(script)]
     rc, err = run_cli(run_mod.main, argv)
     assert "Traceback" not in err
     assert rc in (0, 2), err
