@@ -204,3 +204,20 @@ def test_script_with_nothing_to_wrap_runs_unchanged_with_one_warning(tmp_path):
     assert warnings[0].startswith("alsgd-run: warning: nothing was injected: the script used none of "
                                   "horovod.torch.DistributedOptimizer")
     assert "DistributedGradientTape" in warnings[0] and "ran as plain Horovod" in warnings[0]
+
+
+@pytest.mark.torch
+def test_each_optimizer_averages_its_own_model_only():
+    """Two models, two optimizers, both state dicts broadcast: b's optimizer averages b's
+    weights and BatchNorm buffers, and leaves a's (rank-specific, one NaN) alone."""
+    _need("torch", "horovod.torch")
+    proc = alsgd_run(["-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+                      os.path.join(SCRIPTS, "torch_two_models.py")],
+                     env={"ALSGD_POLICY": "fixed", "ALSGD_PERIODS": "1"}, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = sorted(results(proc)["two_models"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["b_weight"] == pytest.approx(0.5) and r["b_running_mean"] == pytest.approx(0.5)
+        assert r["a_weight"] == r["rank"] and r["a_running_mean"] == r["rank"]
+        assert r["b_syncs"] == [2]

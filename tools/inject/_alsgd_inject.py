@@ -65,27 +65,45 @@ def _kwargs(original, args, kwargs, drop=()) -> dict:
 
 
 # -- PyTorch --------------------------------------------------------------------------------------
-class _StateDictBuffers:
-    """A stand-in ``model`` for our torch optimizer: the floating buffers (BatchNorm statistics)
-    of the state dicts the script broadcast with ``hvd.broadcast_parameters``."""
+class _ModelBuffers:
+    """A stand-in ``model`` for our torch optimizer (its public ``model`` argument needs
+    ``.buffers()``): the floating buffers (BatchNorm statistics) of the state dicts broadcast
+    with ``hvd.broadcast_parameters`` *that hold this optimizer's parameters*, i.e. its own
+    model's buffers, never another model's (a teacher, an EMA copy, a GAN's other half).
+
+    Only the buffer tensors are kept (views sharing the model's storage), not the dicts."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-        self.state_dicts: list = []
+        self.tensors: list = []
+
+    def _param_ptrs(self) -> set:
+        return {p.data_ptr() for g in self.optimizer.param_groups for p in g["params"]}
+
+    def claim(self, entry: tuple) -> bool:
+        """Take a broadcast state dict's buffers if the dict holds one of our parameters."""
+        ptrs, buffers = entry
+        params = self._param_ptrs()
+        if not params & ptrs:
+            return False
+        have = params | {t.data_ptr() for t in self.tensors}
+        for t in buffers:
+            if t.data_ptr() not in have:
+                have.add(t.data_ptr())
+                self.tensors.append(t)
+        return True
 
     def buffers(self):
-        params = {p.data_ptr() for g in self.optimizer.param_groups for p in g["params"]}
-        seen, out = set(params), []
-        for sd in self.state_dicts:
-            for t in sd.values():
-                if hasattr(t, "is_floating_point") and t.is_floating_point() and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    out.append(t)
-        return out
+        return list(self.tensors)
 
 
-_TORCH_BUFFERS: list = []
-_TORCH_STATE_DICTS: list = []
+_TORCH_HOLDERS: list = []    # one _ModelBuffers per wrapped optimizer, in creation order
+_TORCH_UNCLAIMED: list = []  # broadcast state dicts no optimizer held yet: (ptrs, buffers)
+
+
+def _state_dict_entry(state: dict) -> tuple:
+    tensors = [t for t in state.values() if hasattr(t, "is_floating_point") and hasattr(t, "data_ptr")]
+    return ({t.data_ptr() for t in tensors}, [t for t in tensors if t.is_floating_point()])
 
 
 def _patch_torch(mod) -> None:
@@ -97,18 +115,21 @@ def _patch_torch(mod) -> None:
             return original(*args, **kwargs)
         from adaptive_lsgd.integrations import torch as alsgd
 
-        holder = _StateDictBuffers(None)  # the public ``model`` argument: it needs .buffers()
-        holder.state_dicts = _TORCH_STATE_DICTS
+        holder = _ModelBuffers(None)  # the public ``model`` argument: it needs .buffers()
         with _Reentry():
             opt = alsgd.DistributedOptimizer(model=holder, **_kwargs(original, args, kwargs))
         holder.optimizer = opt
-        _TORCH_BUFFERS.append(holder)
+        _TORCH_HOLDERS.append(holder)
+        _TORCH_UNCLAIMED[:] = [e for e in _TORCH_UNCLAIMED if not holder.claim(e)]
         _note_use("horovod.torch.DistributedOptimizer", opt.alsgd)
         return opt
 
     def broadcast_parameters(params, root_rank, *args, **kwargs):
-        if isinstance(params, dict) and all(params is not sd for sd in _TORCH_STATE_DICTS):
-            _TORCH_STATE_DICTS.append(params)
+        if isinstance(params, dict):
+            entry = _state_dict_entry(params)
+            claimed = [h.claim(entry) for h in _TORCH_HOLDERS]
+            if not any(claimed):  # broadcast before its optimizer was made
+                _TORCH_UNCLAIMED.append(entry)
         return original_broadcast(params, root_rank, *args, **kwargs)
 
     DistributedOptimizer.__doc__ = original.__doc__
