@@ -303,6 +303,9 @@ class LocalSGD:
         self.config = load_config(config)
         self._model = None
         self._optimizer = None
+        # Rank-local variables (model-parallel shards): never averaged. A tape's
+        # register_local_source and a Keras optimizer's register_local_var add to it.
+        self.local_refs: set = set()
         self._param_bytes: int | None = None
         self._gpu = bool(tf.config.list_logical_devices("GPU"))
         with tf.init_scope():
@@ -448,13 +451,27 @@ class LocalSGD:
                                "...), attach(model) or alsgd.step(model, ...)")
         return m
 
+    def register_local_variables(self, variables) -> None:
+        """Variables that stay rank-local (model-parallel shards): never averaged, as
+        Horovod never allreduces them (``tape.register_local_source`` and a Keras optimizer's
+        ``register_local_var`` register theirs here by themselves)."""
+        self.local_refs.update(v.ref() for v in variables)
+
+    def _shared(self, variables) -> list:
+        """``variables`` without the rank-local ones."""
+        local = set(self.local_refs)
+        for v in getattr(self._optimizer, "_local_vars", ()) or ():  # Horovod's Keras optimizer
+            local.add(v.ref() if hasattr(v, "ref") else v)
+        out = _floating(_unique(variables))
+        return [v for v in out if v.ref() not in local] if local else out
+
     def _parameters(self) -> list:
         m = self._the_model()
-        return _floating(_unique(m if isinstance(m, (list, tuple)) else m.trainable_variables))
+        return self._shared(m if isinstance(m, (list, tuple)) else m.trainable_variables)
 
     def _buffers(self) -> list:
         m = self._the_model()
-        return [] if isinstance(m, (list, tuple)) else _floating(_unique(m.non_trainable_variables))
+        return [] if isinstance(m, (list, tuple)) else self._shared(m.non_trainable_variables)
 
     def model_variables(self) -> list:
         """Trainable variables, then (``average_buffers``) the floating non-trainable ones."""
@@ -600,7 +617,8 @@ _TAPE_CLASSES: dict = {}
 @tf.autograph.experimental.do_not_convert
 def _gradient(self, target, sources, output_gradients=None, use_generic_names=False):
     grads = tf_tape_base(hvd).gradient(self, target, sources, output_gradients,
-                                                  use_generic_names)
+                                       use_generic_names)
+    self._alsgd.local_refs.update(self._local_sources)  # rank-local: never averaged
     if not (self.scale_local_gradients and self._local_sources):
         return grads
     # Horovod divides the gradients of registered local sources by the size; in the local phase

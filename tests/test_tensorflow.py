@@ -20,7 +20,8 @@ from conftest import REPO, horovodrun, results
 pytestmark = pytest.mark.tensorflow
 
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise"]
+NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise",
+             "local_variables"]
 GEN = """
 import sys
 import numpy as np
@@ -202,3 +203,12 @@ def test_hierarchy_after_late_init_says_what_to_do():
         assert "HOROVOD_DYNAMIC_PROCESS_SETS=1" in r["error"]
         assert "import adaptive_lsgd.integrations.tensorflow before hvd.init()" in r["error"]
         assert "hvd.init() ran before" in r["error"]
+
+
+def test_rank_local_variables_are_never_averaged(np2):
+    """Variables registered as rank-local (tape.register_local_source, a Keras optimizer's
+    register_local_var) keep each rank's own value; the others are averaged."""
+    for r in np2["local_variables"]:
+        for form in ("tape", "keras"):
+            assert r[form]["shared"] == pytest.approx(0.5), (form, r)
+            assert r[form]["local"] == pytest.approx(float(r["rank"])), (form, r)
