@@ -377,45 +377,58 @@ def hierarchical_2x2_chained():
     hierarchical_2x2(chained=True)
 
 
+def _local_model():
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.layers.Input((4,)), tf.keras.layers.Dense(3),
+                                 tf.keras.layers.Dense(2)])
+    return model, model.layers[0].kernel, model.layers[1].kernel
+
+
+def _set_rank_values(model) -> None:
+    for v in model.trainable_variables:
+        v.assign(tf.fill(v.shape, float(RANK)))
+
+
+LOCAL_X, LOCAL_Y = np.ones((2, 4), np.float32), np.zeros((2,), np.int64)
+LOCAL_CFG = {"policy": "fixed", "periods": [1]}
+
+
+def _local_tape() -> dict:
+    model, shared, local = _local_model()
+    opt = tf.keras.optimizers.SGD(0.0)
+    lsgd = alsgd.LocalSGD(model, opt, config=LOCAL_CFG)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = LOSS(LOCAL_Y, model(LOCAL_X, training=True))
+        tape = alsgd.DistributedGradientTape(tape, lsgd)
+        tape.register_local_source(local)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    step()  # traced: the tape registered its local source
+    _set_rank_values(model)
+    step()
+    lsgd.step_done(0.01)
+    return {"shared": float(tf.reduce_mean(shared)), "local": float(tf.reduce_mean(local))}
+
+
+def _local_keras() -> dict:
+    model, shared, local = _local_model()
+    opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.0), config=LOCAL_CFG)
+    opt.register_local_var(local)
+    model.compile(optimizer=opt, loss=LOSS)
+    _set_rank_values(model)
+    model.fit(LOCAL_X, LOCAL_Y, batch_size=2, epochs=1, verbose=0,
+              callbacks=[alsgd.LocalSGDCallback(average_at_end=False)])
+    return {"shared": float(tf.reduce_mean(shared)), "local": float(tf.reduce_mean(local))}
+
+
 def local_variables():
     """Rank-local variables are never averaged: a tape's register_local_source (custom loop)
     and a Keras optimizer's register_local_var (fit); the other variables are."""
-    out = {}
-    for form in ("tape", "keras"):
-        tf.keras.utils.set_random_seed(0)
-        model = tf.keras.Sequential([tf.keras.layers.Input((4,)), tf.keras.layers.Dense(3),
-                                     tf.keras.layers.Dense(2)])
-        shared, local = model.layers[0].kernel, model.layers[1].kernel
-        cfg = {"policy": "fixed", "periods": [1]}
-        x, y = np.ones((2, 4), np.float32), np.zeros((2,), np.int64)
-        if form == "tape":
-            opt = tf.keras.optimizers.SGD(0.0)
-            lsgd = alsgd.LocalSGD(model, opt, config=cfg)
-
-            @tf.function
-            def step():
-                with tf.GradientTape() as tape:
-                    loss = LOSS(y, model(x, training=True))
-                tape = alsgd.DistributedGradientTape(tape, lsgd)
-                tape.register_local_source(local)
-                grads = tape.gradient(loss, model.trainable_variables)
-                opt.apply_gradients(zip(grads, model.trainable_variables))
-
-            step()  # traced: the tape registered its local source
-            for v in model.trainable_variables:
-                v.assign(tf.fill(v.shape, float(RANK)))
-            step()
-            lsgd.step_done(0.01)
-        else:
-            opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.0), config=cfg)
-            opt.register_local_var(local)
-            model.compile(optimizer=opt, loss=LOSS)
-            for v in model.trainable_variables:
-                v.assign(tf.fill(v.shape, float(RANK)))
-            model.fit(x, y, batch_size=2, epochs=1, verbose=0,
-                      callbacks=[alsgd.LocalSGDCallback(average_at_end=False)])
-        out[form] = {"shared": float(tf.reduce_mean(shared)), "local": float(tf.reduce_mean(local))}
-    report("local_variables", **out)
+    report("local_variables", tape=_local_tape(), keras=_local_keras())
 
 
 if __name__ == "__main__":
