@@ -341,6 +341,11 @@ _NO_OVERLAP = {
 def check_supported(cfg: Config, runner: str, elastic: bool = False) -> None:
     """Refuse, with a :class:`ConfigError` naming the key, what ``runner`` (``torch``,
     ``tensorflow`` or ``sim``) cannot honour for ``cfg``; ``elastic``: an elastic Horovod job."""
+    if runner == "tensorflow" and elastic:
+        raise ConfigError("adaptive-lsgd's TensorFlow integration does not support elastic "
+                          "Horovod jobs yet (its scheduler state would not survive a reset): "
+                          "launch without --min-np/--max-np/--host-discovery-script, or use the "
+                          "PyTorch integration, which supports them (docs/elastic.md)")
     if cfg.overlap and runner in _NO_OVERLAP:
         raise ConfigError(_NO_OVERLAP[runner])
     if cfg.overlap and elastic:

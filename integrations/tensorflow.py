@@ -69,6 +69,7 @@ from adaptive_lsgd.config import Config, cautions, check_supported, load_config 
 from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     ProcessSets,
     Runtime,
+    elastic_job,
     host_name,
     keras_allreduce,
     tf_tape_base,
@@ -319,7 +320,7 @@ class LocalSGD:
     # -- set-up ---------------------------------------------------------------------------------
     def build(self, carry: dict | None = None) -> None:
         """Agree on the config, build topology, process sets and scheduler (collective)."""
-        check_supported(self.config, "tensorflow")
+        check_supported(self.config, "tensorflow", elastic=elastic_job())
         self.runtime = Runtime(hvd, _PROCESS_SETS, self.config, self._param_bytes or 0,
                                exit_barrier=_exit_barrier, carry=carry, scope=tf.init_scope)
         self._backend = TFBackend(self.runtime.process_sets, self._gpu)

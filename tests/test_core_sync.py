@@ -167,3 +167,8 @@ def test_refusals_name_the_key(runner, elastic, match):
     check_supported(cfg(), runner, elastic=elastic)
     if runner == "torch":
         check_supported(cfg(overlap=True), runner)
+
+
+def test_tensorflow_refuses_elastic_jobs_at_start():
+    with pytest.raises(ConfigError, match="TensorFlow integration does not support elastic"):
+        check_supported(cfg(), "tensorflow", elastic=True)

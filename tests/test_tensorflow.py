@@ -146,6 +146,7 @@ def test_keras_api_beside_horovod_callbacks(np2):
         assert r["mismatch"] and "periods" in r["mismatch"] and "rank 1=[3]" in r["mismatch"]
         assert r["overlap_error"] and "'overlap' is supported by the PyTorch integration only" in \
             r["overlap_error"]
+        assert "TensorFlow integration does not support elastic" in (r["elastic_error"] or "")
         assert r["summary"]["switch_step"] == r["switch_step"]
 
 

@@ -303,7 +303,16 @@ def keras_api():
         overlap_error = None
     except ConfigError as exc:
         overlap_error = str(exc)
-    report("keras_api", overlap_error=overlap_error, switch_step=switch_step, phase=sched.phase,
+    os.environ["HOROVOD_ELASTIC"] = "1"  # as horovodrun --min-np/--max-np sets it
+    try:
+        alsgd.LocalSGD(mlp())
+        elastic_error = None
+    except ConfigError as exc:
+        elastic_error = str(exc)
+    finally:
+        del os.environ["HOROVOD_ELASTIC"]
+    report("keras_api", overlap_error=overlap_error, elastic_error=elastic_error,
+           switch_step=switch_step, phase=sched.phase,
            syncs=syncs_after_fit,
            steps_per_epoch=spe, lr_history=[float(v) for v in hist.history["lr"]],
            mini_batch_identical=mini_batch_identical,
