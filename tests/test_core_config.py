@@ -1,6 +1,7 @@
 """Config loading: sources, precedence, validation messages."""
 
 import json
+import os
 
 import pytest
 
@@ -243,3 +244,18 @@ def test_meanings_and_defaults_cover_every_key():
     assert set(MEANINGS) == set(KEYS) == set(DEFAULTS)
     assert all(m and "\n" not in m and "``" not in m for m in MEANINGS.values())
     assert DEFAULTS == Config().to_dict()
+
+
+def test_readme_config_table_lists_every_key_once():
+    """The README's configuration table and the config schema name the same keys."""
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as fh:
+        text = fh.read()
+    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    listed = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            listed += re.findall(r"`([a-z_]+)`", line.split("|")[1])
+    assert sorted(listed) == sorted(KEYS), set(listed) ^ set(KEYS)
