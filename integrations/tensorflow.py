@@ -431,6 +431,11 @@ class LocalSGD:
         self._t = time.perf_counter()
         return result
 
+    def reset_step_timer(self) -> None:
+        """Start the next step's compute time now: the time since the last report (an
+        evaluation, a checkpoint) is not compute. Not a collective."""
+        self._t = time.perf_counter()
+
     def average_now(self) -> SyncResult | None:
         """Average the model over all ranks now (collective: call on every rank at the same
         point, e.g. before evaluating or saving). Nothing to do in the mini-batch phase."""

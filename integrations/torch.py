@@ -355,6 +355,12 @@ class _LocalSGDMixin:
         self._alsgd_clock.restart()
         return time.perf_counter() - start
 
+    def reset_step_timer(self) -> None:
+        """Start the next step's compute time now: the time since the last step (an
+        evaluation, a checkpoint, another model's training) is not this model's compute.
+        Not a collective."""
+        self._alsgd_clock.restart()
+
     @torch.no_grad()
     def average_now(self) -> None:
         """Average the model over all ranks now (collective: call on every rank at the same
