@@ -194,9 +194,10 @@ def _ckpt_run(name: str, config: dict, n: int, save_at=(), stop_at=None, resume_
             calls.append(("step", compute_s, lr))
             return step_done(compute_s, lr=lr)
 
-        def spy_complete_sync(plan, reduced, times):
-            calls.append(("sync", plan.level, np.array(reduced, dtype=np.float32).copy(), list(times)))
-            return complete_sync(plan, reduced, times)
+        def spy_complete_sync(plan, reduced, times, **timing):  # sync_s / waited_s
+            calls.append(("sync", plan.level, np.array(reduced, dtype=np.float32).copy(), list(times),
+                          dict(timing)))
+            return complete_sync(plan, reduced, times, **timing)
 
         sched.step_done, sched.complete_sync = spy_step_done, spy_complete_sync
     for step, (x, y) in enumerate(batches(n, seed=11), start=1):
@@ -287,7 +288,7 @@ def ckpt_resume():
             plan = twin.step_done(call[1], lr=call[2])
         else:
             same_plans &= plan is not None and plan.level == call[1]
-            result = twin.complete_sync(plan, call[2], call[3])
+            result = twin.complete_sync(plan, call[2], call[3], **call[4])
             if result.decision is not None:
                 twin_decisions.append([result.decision, list(result.periods)])
             plan = None
