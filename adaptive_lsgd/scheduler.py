@@ -93,6 +93,11 @@ class SyncResult:
     decision: str | None = None
 
 
+def starts_local(config: Config) -> bool:
+    """Whether a job with ``config`` starts in the local phase (no mini-batch warm-up)."""
+    return config.warmup == 0
+
+
 class DecisionShare:
     """Lets the ranks of one process (a simulator of thousands of ranks) take each top-level
     decision once. A decision and the statistics behind it are a pure function of the shared
@@ -133,7 +138,7 @@ class Scheduler:
         self.log = log if log is not None else DecisionLog.from_config(self.config, rank)
         cfg = self.config
         self.cols = BASE_COLS + self.num_levels
-        self.phase = LOCAL if cfg.warmup == 0 else MINI_BATCH
+        self.phase = LOCAL if starts_local(cfg) else MINI_BATCH
         self.step = 0
         # A tuning-tool profile seeds the cost model until the levels are measured here.
         self.seed = self._seed_model()

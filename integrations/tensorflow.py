@@ -74,7 +74,7 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     keras_allreduce,
     tf_tape_base,
 )
-from adaptive_lsgd.scheduler import SyncPlan, SyncResult  # noqa: E402
+from adaptive_lsgd.scheduler import SyncPlan, SyncResult, starts_local  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
 from adaptive_lsgd.sync import Backend, SyncTarget, run_sync  # noqa: E402
 
@@ -310,9 +310,9 @@ class LocalSGD:
         self._param_bytes: int | None = None
         self._gpu = bool(tf.config.list_logical_devices("GPU"))
         with tf.init_scope():
-            self.allreduce_gradients = tf.Variable(self.config.warmup != 0, trainable=False,
+            self.allreduce_gradients = tf.Variable(not starts_local(self.config), trainable=False,
                                                    dtype=tf.bool, name="alsgd_allreduce_gradients")
-        self._flag = self.config.warmup != 0
+        self._flag = not starts_local(self.config)
         self.build()
         self.attach(model, optimizer)
         self._t = time.perf_counter()
