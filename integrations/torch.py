@@ -336,7 +336,12 @@ class _LocalSGDMixin:
 
     @property
     def _alsgd_backend(self) -> TorchBackend:
-        return TorchBackend(self._alsgd_runtime().process_sets, self._alsgd_device)
+        """The sync backend of the current runtime (built once per runtime, not per step)."""
+        sets = self._alsgd_runtime().process_sets
+        backend = self._alsgd_tb
+        if backend is None or backend.process_sets is not sets:
+            backend = self._alsgd_tb = TorchBackend(sets, self._alsgd_device)
+        return backend
 
     # -- averaging ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -485,6 +490,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     opt._alsgd_target = SyncTarget(opt._alsgd_parameters, opt._alsgd_buffers, opt._alsgd_state_tensors)
     opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
     opt._alsgd_inflight = None  # overlap: the average started at the end of the last round
+    opt._alsgd_tb = None  # the TorchBackend over the current runtime's process sets
     # Elastic jobs build on first use: a worker that joins later must not run a collective
     # here, while the others are already in TorchState.sync().
     opt._alsgd = None if elastic_job() else _runtime(cfg, param_bytes)
