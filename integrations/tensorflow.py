@@ -42,7 +42,13 @@ gradients go through Horovod's own reduction code, so the phase *is* Horovod's
 skipped: the phase is a boolean ``tf.Variable`` read by a ``tf.cond`` in the traced step, so
 one trace serves both phases (eagerly, a Python branch). After each local update the core
 scheduler (``adaptive_lsgd.Scheduler``) says when to average the model variables over which
-process set; this file only moves tensors and times them.
+process set; this file only moves tensors and times them. Steps are reported eagerly, after
+they ran (``step_done`` refuses to run inside a ``tf.function`` or a TF1 graph).
+
+Horovod's ``backward_passes_per_step`` (Keras optimizer) aggregates in both phases through
+Horovod's helper, whose reduction follows the phase; only applied updates count as steps.
+``process_set`` works as in Horovod: members reduce and average inside the set, other ranks
+train locally.
 
 This module sets ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` when imported (unless set), so import it
 before ``hvd.init()``; hierarchical topologies need it.
@@ -86,7 +92,7 @@ __all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape", "Local
 
 _PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.tensorflow",
                             init_before_import=_HVD_INIT_BEFORE_IMPORT)
-_SHARED: dict = {}  # effective-config digest -> LocalSGD, for the config-keyed helpers
+_SHARED: dict = {}  # (config digest, process set id, TF1 graph or None) -> LocalSGD, for the helpers
 
 
 def _exit_barrier() -> None:
@@ -298,10 +304,25 @@ class LocalSGD:
 
     ``allreduce_gradients`` is the boolean variable the traced steps read: True in the
     mini-batch phase. ``scheduler``, ``topology`` and ``config`` are the core objects.
+
+    ``process_set`` (a Horovod process set, as ``hvd.DistributedOptimizer(process_set=...)``):
+    its members reduce gradients over the set in the mini-batch phase (Horovod's code) and
+    average among themselves, flat inside the set; building it is then a collective over the
+    set. On a rank outside the set nothing is reduced or averaged (Horovod's reduction is the
+    identity there): the optimizer or tape is a plain local one and ``step_done`` does nothing.
     """
 
-    def __init__(self, model=None, optimizer=None, config: Config | dict | str | None = None):
+    def __init__(self, model=None, optimizer=None, config: Config | dict | str | None = None,
+                 process_set=hvd.global_process_set):
         self.config = load_config(config)
+        if process_set is None or process_set.process_set_id == 0:
+            process_set = hvd.global_process_set
+        elif elastic_job():
+            raise ValueError("adaptive-lsgd: process_set in an elastic job is not supported "
+                             "(Horovod drops the process sets at every reset); leave process_set "
+                             "as hvd.global_process_set")
+        self.process_set = process_set
+        self.member = bool(process_set.included())
         self._model = None
         self._optimizer = None
         # Rank-local variables (model-parallel shards): never averaged. A tape's
@@ -309,38 +330,61 @@ class LocalSGD:
         self.local_refs: set = set()
         self._param_bytes: int | None = None
         self._gpu = bool(tf.config.list_logical_devices("GPU"))
+        # Horovod's gradient aggregation (backward_passes_per_step > 1): only every N-th step
+        # applies an update, and only those count as steps; the compute time of the others
+        # is added to the next applied one.
+        self._aggregation = None
+        self._pending_s = 0.0
+        mini_batch = not (self.member and starts_local(self.config))
         with tf.init_scope():
-            self.allreduce_gradients = tf.Variable(not starts_local(self.config), trainable=False,
+            self.allreduce_gradients = tf.Variable(mini_batch, trainable=False,
                                                    dtype=tf.bool, name="alsgd_allreduce_gradients")
-        self._flag = not starts_local(self.config)
-        self.build()
+        self._flag = mini_batch
+        self.runtime = None
+        if self.member:
+            self.build()
         self.attach(model, optimizer)
         self._t = time.perf_counter()
 
     # -- set-up ---------------------------------------------------------------------------------
     def build(self, carry: dict | None = None) -> None:
-        """Agree on the config, build topology, process sets and scheduler (collective)."""
+        """Agree on the config, build topology, process sets and scheduler (collective over
+        the process set)."""
         check_supported(self.config, "tensorflow", elastic=elastic_job())
+        ps = self.process_set
+
+        def gather(obj, name):
+            return hvd.allgather_object(obj, name=name, process_set=ps)
+
         self.runtime = Runtime(hvd, _PROCESS_SETS, self.config, self._param_bytes or 0,
-                               exit_barrier=_exit_barrier, carry=carry, scope=tf.init_scope)
+                               exit_barrier=_exit_barrier, carry=carry, scope=tf.init_scope,
+                               process_set=ps, gather=gather)
         self._backend = TFBackend(self.runtime.process_sets, self._gpu)
         self._update_flag()
 
+    def _built(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError(f"adaptive-lsgd: rank {hvd.rank()} is not in this optimizer's "
+                               f"process set {list(self.process_set.ranks)}: it trains as a plain "
+                               "local optimizer here and has no scheduler")
+        return self.runtime
+
     @property
     def scheduler(self):
-        return self.runtime.scheduler
+        return self._built().scheduler
 
     @property
     def topology(self):
-        return self.runtime.topology
+        return self._built().topology
 
     @property
     def process_sets(self) -> dict:
-        return self.runtime.process_sets
+        return self._built().process_sets
 
     @property
     def rank(self) -> int:
-        return self.runtime.rank
+        """This rank's position in the process set (the scheduler's rank)."""
+        return self._built().rank
 
     def attach(self, model=None, optimizer=None) -> LocalSGD:
         """Name the model (whose variables are averaged) and the optimizer (learning rate,
@@ -363,7 +407,7 @@ class LocalSGD:
 
     @property
     def is_local(self) -> bool:
-        return self.scheduler.is_local
+        return self.runtime is not None and self.scheduler.is_local
 
     # -- the gradient side (used by DistributedOptimizer and DistributedGradientTape) -------------
     @tf.autograph.experimental.do_not_convert
@@ -413,23 +457,47 @@ class LocalSGD:
         self.step_done(self._now() - start)
 
     def step_done(self, compute_s: float | None = None, lr: float | None = None) -> SyncResult | None:
-        """Report a finished local step; run the sync the scheduler asks for (collective).
+        """Report a finished training step; run the sync the scheduler asks for (collective
+        over the process set). Call it eagerly, after the step (not inside ``tf.function``).
 
         ``compute_s`` defaults to the time since the previous report ended; ``lr`` to the
-        attached optimizer's current learning rate. Returns the sync's result, or None."""
+        attached optimizer's current learning rate. Returns the sync's result, or None.
+        With ``backward_passes_per_step=N`` only every N-th call finds an applied update: the
+        others add their time to it and return None (the scheduler counts applied updates).
+        On a rank outside the process set it does nothing."""
+        if not tf.executing_eagerly():
+            raise RuntimeError("adaptive-lsgd: step_done() / step() report a finished step and "
+                               "may run a sync: call them eagerly, after the step, not inside a "
+                               "tf.function or a TF1 graph")
         now = self._now()
         if compute_s is None:
             compute_s = now - self._t
+        if self.runtime is None:  # not in the process set: a plain local optimizer here
+            return None
+        if not self._update_applied():
+            self._pending_s += compute_s
+            self._t = time.perf_counter()
+            return None
+        compute_s, self._pending_s = compute_s + self._pending_s, 0.0
         sched = self.scheduler
         if lr is None and self._optimizer is not None:
             lr = _current_lr(self._optimizer)
-        if sched.needs_shared_lr and lr is not None and hvd.size() > 1:
-            lr = float(hvd.allreduce(tf.constant(lr, tf.float64), op=hvd.Min, name="alsgd.lr"))
+        if sched.needs_shared_lr and lr is not None and self.process_set.size() > 1:
+            lr = float(hvd.allreduce(tf.constant(lr, tf.float64), op=hvd.Min, name="alsgd.lr",
+                                     process_set=self.process_set))
         plan = sched.step_done(compute_s, lr=lr)
         result = self._sync(plan) if plan is not None else None
         self._update_flag()
         self._t = time.perf_counter()
         return result
+
+    def _update_applied(self) -> bool:
+        """Whether the last training step applied an update. With Horovod's gradient
+        aggregation only every N-th does: its counter of backward passes is back at 0 then
+        (the optimizer's ``iterations`` counts every pass, applied or not, as in Horovod)."""
+        helper = self._aggregation
+        counter = getattr(helper, "counter", None)
+        return counter is None or int(counter.numpy()) == 0
 
     def reset_step_timer(self) -> None:
         """Start the next step's compute time now: the time since the last report (an
@@ -437,8 +505,11 @@ class LocalSGD:
         self._t = time.perf_counter()
 
     def average_now(self) -> SyncResult | None:
-        """Average the model over all ranks now (collective: call on every rank at the same
-        point, e.g. before evaluating or saving). Nothing to do in the mini-batch phase."""
+        """Average the model over the process set now (collective: call on every rank at the
+        same point, e.g. before evaluating or saving). Nothing to do in the mini-batch phase
+        or on a rank outside the process set."""
+        if self.runtime is None:
+            return None
         plan = self.scheduler.sync_now()
         result = self._sync(plan) if plan is not None else None
         self._t = time.perf_counter()
@@ -466,7 +537,9 @@ class LocalSGD:
     def _shared(self, variables) -> list:
         """``variables`` without the rank-local ones."""
         local = set(self.local_refs)
-        for v in getattr(self._optimizer, "_local_vars", ()) or ():  # Horovod's Keras optimizer
+        helper = getattr(self._optimizer, "_agg_helper", None)  # Horovod's Keras optimizer
+        for v in [*(getattr(self._optimizer, "_local_vars", ()) or ()),
+                  *(getattr(helper, "_local_vars", ()) or ())]:
             local.add(v.ref() if hasattr(v, "ref") else v)
         out = _floating(_unique(variables))
         return [v for v in out if v.ref() not in local] if local else out
@@ -519,12 +592,14 @@ class LocalSGD:
         self._update_flag()
 
     def summary(self, combine: bool = True) -> dict:
-        """This rank's figures (``combine=False``) or the job's (a collective: every rank)."""
+        """This rank's figures (``combine=False``) or the job's (a collective over the process
+        set: call it on every member)."""
         local = self.scheduler.summary()
         if not combine:
             return local
         local["rank"] = hvd.rank()
-        return combine_summaries(hvd.allgather_object(local))
+        return combine_summaries(hvd.allgather_object(local, name="alsgd.summary",
+                                                      process_set=self.process_set))
 
 
 def _local_sgd_of(obj) -> LocalSGD | None:
@@ -538,17 +613,32 @@ def _local_sgd_of(obj) -> LocalSGD | None:
     return _local_sgd_of(inner) if inner is not None else None
 
 
-def _runtime_for(config) -> LocalSGD:
+def _set_id(process_set) -> int:
+    return 0 if process_set is None else process_set.process_set_id
+
+
+def _runtime_for(config, process_set=hvd.global_process_set) -> LocalSGD:
     """A LocalSGD given directly (or held by an optimizer/callback), else the one shared by
-    every helper called with the same effective config (built on first use)."""
+    every helper called with the same effective config and process set (built on first use).
+
+    The shared one is built under ``tf.init_scope`` (a tape may ask for it while a
+    ``tf.function`` is traced), so its phase variable lives in the outermost context: eager
+    execution, or the TF1 graph a graph-mode call is built in. One is shared per context, so
+    a graph-mode use and a later eager one in the same process each get their own (the
+    graph's variable is out of scope eagerly)."""
     found = _local_sgd_of(config) if config is not None else None
     if found is not None:
+        if _set_id(found.process_set) != _set_id(process_set):
+            raise ValueError(f"adaptive-lsgd: the LocalSGD given runs over process set "
+                             f"{found.process_set.ranks}, the tape over {process_set.ranks}: "
+                             "give LocalSGD(..., process_set=...) the tape's process set")
         return found
     cfg = load_config(config)
-    key = agreement.digest(cfg.to_dict())
-    if key not in _SHARED:
-        with tf.init_scope():
-            _SHARED[key] = LocalSGD(config=cfg)
+    with tf.init_scope():
+        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        key = (agreement.digest(cfg.to_dict()), _set_id(process_set), graph)
+        if key not in _SHARED:
+            _SHARED[key] = LocalSGD(config=cfg, process_set=process_set)
     return _SHARED[key]
 
 
@@ -562,12 +652,28 @@ class _OptimizerMethods:
         return self._alsgd
 
     def average_now(self) -> None:
-        """Average the model over all ranks now (collective, e.g. before evaluating)."""
+        """Average the model over the process set now (collective, e.g. before evaluating)."""
         self._alsgd.average_now()
 
     def alsgd_reset(self) -> None:
         """Rebuild topology, process sets and scheduler after an elastic reset."""
         self._alsgd.reset()
+
+
+def _rescale_local(lsgd: LocalSGD, grads, sources, local_refs, size: int) -> list:
+    """Horovod divides the gradients of rank-local sources by the process set's size
+    (``scale_local_gradients``); in the local phase no gradient is averaged, so undo that
+    there: every gradient is the rank's own."""
+    factor = tf.where(lsgd.allreduce_gradients, 1.0, float(size))
+    out = []
+    for s, g in zip(sources, grads):
+        if g is not None and s.ref() in local_refs:
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.IndexedSlices(g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape)
+            else:
+                g = g * tf.cast(factor, g.dtype)
+        out.append(g)
+    return out
 
 
 def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
@@ -586,24 +692,39 @@ def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
         model.fit(x, y, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                                    alsgd.LocalSGDCallback()])
         opt.alsgd.scheduler.periods      # (4,)
+
+    ``backward_passes_per_step=N`` (and ``average_aggregated_gradients``), as Horovod's:
+    gradients are summed locally and applied every N-th call, in both phases, through
+    Horovod's aggregation; its reduction is Horovod's in the mini-batch phase and skipped in
+    the local phase. The scheduler counts applied updates (periods, warm-up, syncs after an
+    applied update only); ``iterations`` counts every call, as in Horovod.
+
+    ``process_set``, as Horovod's: members reduce over the set in the mini-batch phase and
+    average among themselves (flat inside the set; collective over the set); on a rank
+    outside it the optimizer is a plain local one. Not in elastic jobs.
     """
-    if hvd_kwargs.get("backward_passes_per_step", 1) != 1:
-        raise ValueError("adaptive-lsgd's DistributedOptimizer does not support "
-                         "backward_passes_per_step > 1 (local SGD already takes several local "
-                         "steps between averages)")
-    if hvd_kwargs.get("process_set", hvd.global_process_set) is not hvd.global_process_set:
-        raise ValueError("adaptive-lsgd's DistributedOptimizer runs over all ranks: leave "
-                         "process_set as hvd.global_process_set (use the 'topology' config key "
-                         "for hierarchies)")
-    lsgd = LocalSGD(optimizer=None, config=config)
+    legacy = getattr(tf.compat.v1.train, "Optimizer", None)
+    if legacy is not None and isinstance(optimizer, legacy):
+        raise TypeError("adaptive-lsgd's DistributedOptimizer wraps Keras optimizers; a "
+                        f"{type(optimizer).__name__} (tf.compat.v1.train.Optimizer, Horovod's "
+                        "legacy path) is not supported: use a tf.keras optimizer")
+    process_set = hvd_kwargs.get("process_set", hvd.global_process_set)
+    lsgd = LocalSGD(optimizer=None, config=config, process_set=process_set)
     sparse_as_dense = bool(hvd_kwargs.get("sparse_as_dense", False))
     horovod_cls = type(hvd_keras.DistributedOptimizer(optimizer, **hvd_kwargs))
     horovod_allreduce = keras_allreduce(horovod_cls)
 
     @tf.autograph.experimental.do_not_convert
     def _allreduce(self, grads, vars):
-        return self._alsgd.reduce_gradients(lambda g: horovod_allreduce(self, g, vars), grads,
-                                            sparse_as_dense)
+        helper = self._agg_helper
+        if helper is None:
+            return self._alsgd.reduce_gradients(lambda g: horovod_allreduce(self, g, vars), grads,
+                                                sparse_as_dense)
+        # Aggregation: Horovod's in both phases; its reduction follows the phase (below).
+        grads = horovod_allreduce(self, grads, vars)
+        if not (helper.scale_local_gradients and helper._local_vars):
+            return grads
+        return _rescale_local(self._alsgd, grads, vars, helper._local_vars, self.process_set.size())
 
     namespace = {k: v for k, v in horovod_cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     namespace.update(_allreduce=_allreduce, alsgd=_OptimizerMethods.alsgd,
@@ -612,6 +733,16 @@ def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
     opt = cls.from_config(optimizer.get_config())
     opt._alsgd = lsgd
+    helper = opt._agg_helper
+    if helper is not None:  # backward_passes_per_step > 1
+        horovod_reduce = helper.allreduce_grads
+
+        @tf.autograph.experimental.do_not_convert
+        def reduce_aggregated(grads, vars):
+            return lsgd.reduce_gradients(lambda g: horovod_reduce(g, vars), grads, sparse_as_dense)
+
+        helper.allreduce_grads = reduce_aggregated
+        lsgd._aggregation = helper
     lsgd.attach(optimizer=opt)
     return opt
 
@@ -627,19 +758,7 @@ def _gradient(self, target, sources, output_gradients=None, use_generic_names=Fa
     self._alsgd.local_refs.update(self._local_sources)  # rank-local: never averaged
     if not (self.scale_local_gradients and self._local_sources):
         return grads
-    # Horovod divides the gradients of registered local sources by the size; in the local phase
-    # no gradient is averaged, so undo that: every gradient is the rank's own.
-    size = float(self.process_set.size())
-    factor = tf.where(self._alsgd.allreduce_gradients, 1.0, size)
-    out = []
-    for s, g in zip(sources, grads):
-        if g is not None and s.ref() in self._local_sources:
-            if isinstance(g, tf.IndexedSlices):
-                g = tf.IndexedSlices(g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape)
-            else:
-                g = g * tf.cast(factor, g.dtype)
-        out.append(g)
-    return out
+    return _rescale_local(self._alsgd, grads, sources, self._local_sources, self.process_set.size())
 
 
 def _tape_class(base):
@@ -661,7 +780,10 @@ def DistributedGradientTape(tape, config=None, device_dense="", device_sparse=""
     ``config`` is the :class:`LocalSGD` to follow (or an optimizer from
     :func:`DistributedOptimizer`), or a config (dict, path, None) naming the one shared with
     :func:`step`. Gradients are reduced with Horovod's code in the mini-batch phase and left
-    local in the local phase; the other arguments are Horovod's::
+    local in the local phase; the other arguments are Horovod's. With ``process_set`` its
+    members reduce over the set and average among themselves (a :class:`LocalSGD` given must
+    have the same set; a config names the one shared for that set); outside it the tape is a
+    plain local one, as Horovod's::
 
         @tf.function
         def train_step(x, y):
@@ -672,13 +794,9 @@ def DistributedGradientTape(tape, config=None, device_dense="", device_sparse=""
             opt.apply_gradients(zip(grads, model.trainable_variables))
             return loss
     """
-    lsgd = _runtime_for(config)
+    lsgd = _runtime_for(config, process_set)
     if op == hvd.Adasum:
         raise ValueError("op=hvd.Adasum is not supported by adaptive-lsgd; use hvd.Average or hvd.Sum")
-    if process_set is not hvd.global_process_set:
-        raise ValueError("adaptive-lsgd's DistributedGradientTape runs over all ranks: leave "
-                         "process_set as hvd.global_process_set (use the 'topology' config key "
-                         "for hierarchies)")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if num_groups != 0:
@@ -706,12 +824,14 @@ def DistributedGradientTape(tape, config=None, device_dense="", device_sparse=""
 
 
 def step(model=None, optimizer=None, config=None, compute_s: float | None = None,
-         lr: float | None = None) -> SyncResult | None:
+         lr: float | None = None, process_set=hvd.global_process_set) -> SyncResult | None:
     """Report a finished training step of a custom loop and sync if it is time (collective).
+    Call it eagerly, after the step.
 
     Follows ``optimizer.alsgd`` when the optimizer came from :func:`DistributedOptimizer`, else
-    the :class:`LocalSGD` shared with ``DistributedGradientTape(tape, config)`` for the same
-    config. The step time is measured from the previous call unless ``compute_s`` is given::
+    the :class:`LocalSGD` shared with ``DistributedGradientTape(tape, config, process_set=...)``
+    for the same config and process set. The step time is measured from the previous call
+    unless ``compute_s`` is given::
 
         for x, y in dataset:
             train_step(x, y)                                   # uses DistributedGradientTape(tape, cfg)
@@ -719,7 +839,7 @@ def step(model=None, optimizer=None, config=None, compute_s: float | None = None
     """
     lsgd = _local_sgd_of(optimizer) if optimizer is not None else None
     if lsgd is None:
-        lsgd = _runtime_for(config)
+        lsgd = _runtime_for(config, process_set)
     lsgd.attach(model, optimizer)
     return lsgd.step_done(compute_s, lr=lr)
 
@@ -742,7 +862,8 @@ class LocalSGDCallback(tf.keras.callbacks.Callback):
         state = cb.state_dict()          # the scheduler's state, for a checkpoint
         cb.summary()                     # the job's figures (collective)
 
-    Needs ``steps_per_execution=1`` (one report per step). In ``time_budget`` mode ranks take
+    Needs ``steps_per_execution=1`` (one report per batch). With ``backward_passes_per_step=N``
+    only every N-th batch applies an update and counts as a step. In ``time_budget`` mode ranks take
     different numbers of steps per round, so ``fit`` with a fixed number of steps per epoch
     ends them on different rounds: use that mode with custom loops that stop on rounds.
     """

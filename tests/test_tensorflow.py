@@ -21,7 +21,7 @@ pytestmark = pytest.mark.tensorflow
 
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise",
-             "local_variables"]
+             "local_variables", "aggregation", "graph_then_eager"]
 GEN = """
 import sys
 import numpy as np
@@ -75,7 +75,8 @@ def np2(mnist1d_npz, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def np4(mnist1d_npz):
-    proc = horovodrun(4, ["tests/tf_workers/cases.py", "hierarchical_2x2", "hierarchical_2x2_chained"],
+    proc = horovodrun(4, ["tests/tf_workers/cases.py", "hierarchical_2x2", "hierarchical_2x2_chained",
+                          "process_sets"],
                       env={**TF_ENV, "MNIST1D_NPZ": mnist1d_npz})
     print("TIMINGS (s, rank 0):", _timings(proc))
     return {name: sorted(ranks, key=lambda r: r["rank"]) for name, ranks in results(proc).items()}
@@ -213,3 +214,97 @@ def test_rank_local_variables_are_never_averaged(np2):
         for form in ("tape", "keras"):
             assert r[form]["shared"] == pytest.approx(0.5), (form, r)
             assert r[form]["local"] == pytest.approx(float(r["rank"])), (form, r)
+
+
+def test_backward_passes_per_step_minibatch_equals_horovod(np2):
+    """backward_passes_per_step=2 in the mini-batch phase is Horovod's aggregation: the same
+    weights, slots, iterations (every pass) and counter as hvd.DistributedOptimizer, in fit
+    traced and eager (the latter with average_aggregated_gradients); the scheduler counts
+    the 6 applied updates of 12 passes."""
+    for r in np2["aggregation"]:
+        for mode in ("graph", "eager"):
+            d = r["diffs"][mode]
+            assert d["weights"] == 0.0 and d["slots"] == 0.0, (mode, d)
+            assert d["iterations"] == [12, 12] and d["counter"] == [0, 0], (mode, d)
+            assert d["steps"] == 6 and d["phase"] == "mini-batch", (mode, d)
+
+
+def test_backward_passes_per_step_local_phase_applies_every_second_pass(np2):
+    """Warm-up of 2 applied updates, then fixed H=2: an update every 2nd pass in both phases
+    (the first local one is the mean of the rank's own two gradients, no allreduce); the
+    scheduler counts applied updates, iterations count passes; syncs only after applied
+    updates 4 and 6 (passes 8 and 12)."""
+    ranks = np2["aggregation"]
+    for r in ranks:
+        rows = r["rows"]
+        assert [row["iterations"] for row in rows] == list(range(1, 13))
+        assert [row["counter"] for row in rows] == [1, 0] * 6
+        assert [row["step"] for row in rows] == [p // 2 for p in range(1, 13)]
+        assert r["switch_step"] == 2
+        assert [row["phase"] for row in rows] == ["mini-batch"] * 3 + ["local"] * 9
+        assert [row["syncs"] for row in rows] == [0] * 7 + [1] * 4 + [2]
+        assert rows[0]["digest"] == r["initial"]  # pass 1 applied nothing
+        changed = [a["digest"] != b["digest"] for a, b in zip(rows, rows[1:])]
+        assert changed == [p % 2 == 1 for p in range(1, 12)]  # only passes 2, 4, ... update
+        assert r["local_update_diff"] <= 1e-6
+        # Identical across ranks: the mini-batch passes, after the syncs; apart in between.
+        assert r["identical"] == [True] * 5 + [False, False, True, True, False, False, True]
+    assert ranks[0]["rows"][5]["digest"] != ranks[1]["rows"][5]["digest"]
+    assert "tf.compat.v1.train.Optimizer" in (ranks[0]["legacy_error"] or "")
+
+
+def test_graph_mode_then_eager_in_one_process(np2):
+    """DistributedGradientTape(tape, cfg) in a tf.function called while a TF1 graph is built
+    (and run in its session), then eagerly with the same config: the eager use gets a
+    LocalSGD of its own (the old code failed: the graph's phase variable is out of scope)."""
+    for r in np2["graph_then_eager"]:
+        assert r["graph_loss"] > 0 and r["separate"]
+        assert r["steps"] == 4 and r["syncs"] == [2]
+        assert r["identical_after_sync"] == [True, True] and r["identical_between"] == [False, False]
+
+
+def test_process_sets_like_horovod(np4):
+    """Sets [0, 2] and [1, 3], each rank in its own: the mini-batch phase equals Horovod's
+    optimizer and tape with the same process_set (reduced inside the set only); the local
+    phase averages inside the set only (fit and tape); a rank outside an optimizer's set
+    trains as with a plain Keras optimizer; elastic with a set is refused."""
+    ranks = np4["process_sets"]
+    assert len(ranks) == 4
+    for r in ranks:
+        assert r["minibatch_diff"] == 0.0 and r["tape_diff"] == 0.0, r
+        assert r["minibatch_in_set"] and not r["minibatch_across"]
+        assert r["phase"] == "mini-batch" and r["steps"] == 8
+        assert r["set_rank"] == r["rank"] // 2 and r["set_size"] == 2
+        assert r["syncs"] == [4] and r["summary_ranks"] == 2
+        for form, n in (("fit", 8), ("tape", 4)):
+            assert [x["synced"] for x in r[form]] == [False, True] * (n // 2), form
+            assert [x["in_set"] for x in r[form]] == [False, True] * (n // 2), form
+            assert not any(x["across"] for x in r[form]), form
+        assert "process_set in an elastic job is not supported" in r["elastic_error"]
+        if r["rank"] % 2:  # outside [0, 2]
+            assert r["member"] is False and r["partial_vs_plain"] == 0.0
+            assert "is not in this optimizer's process set [0, 2]" in r["outside_error"]
+        else:
+            assert r["member"] is True and r["outside_error"] is None
+
+
+def test_alsgd_run_tape_in_tf1_graph_then_eager(tmp_path):
+    """alsgd-run, default config, on a script that runs its tf.function step (with
+    hvd.DistributedGradientTape) in a TF1 graph first, as Horovod's graph-mode tests do: the
+    graph-mode call is left to Horovod and reports no step (the old hook ran the sync on
+    symbolic tensors: OperatorNotAllowedInGraphError); the eager steps are ours."""
+    _need("tensorflow", "horovod.tensorflow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALSGD_", "_ALSGD_"))}
+    env.update(TF_ENV, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.run", "-np", "2", "-H",
+                           "localhost:2", "--gloo", sys.executable,
+                           "tests/user_scripts/tf2_graph_and_eager.py"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "OperatorNotAllowedInGraphError" not in out
+    ranks = results(proc)["graph_and_eager"]
+    assert len(ranks) == 2 and all(r["graph_loss"] > 0 for r in ranks)
+    assert "wrapped: horovod.tensorflow.DistributedGradientTape" in proc.stdout
+    assert "16 over all ranks (8 per rank" in proc.stdout  # the eager steps only
+    assert "called while a TF1 graph is built: left to Horovod" in proc.stdout

@@ -440,6 +440,225 @@ def local_variables():
     report("local_variables", tape=_local_tape(), keras=_local_keras())
 
 
+# -- backward_passes_per_step ----------------------------------------------------------------------
+class PassRecorder(tf.keras.callbacks.Callback):
+    """After each batch (a backward pass): the pass, the optimizer's iterations, Horovod's
+    aggregation counter, the scheduler's step and syncs, a digest and a copy of the weights."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt, self.rows = opt, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        sched = self.opt.alsgd.scheduler
+        self.rows.append({"pass": batch + 1, "iterations": int(self.opt.iterations.numpy()),
+                          "counter": int(self.opt._agg_helper.counter.numpy()),
+                          "step": sched.step, "syncs": sum(sched.syncs), "phase": sched.phase,
+                          "digest": digest(self.model.trainable_variables),
+                          "weights": [v.numpy() for v in self.model.trainable_variables]})
+
+
+def _aggregated_fit(opt, xs, ys, eager=False, callbacks=()):
+    model = mlp(width=16)
+    model.compile(opt, LOSS, run_eagerly=eager)
+    model.fit(xs, ys, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=list(callbacks))
+    return model
+
+
+def aggregation():
+    """backward_passes_per_step=2. Mini-batch phase (warm-up covering the run): ours equals
+    hvd.DistributedOptimizer(backward_passes_per_step=2) in fit, traced and eager (with
+    average_aggregated_gradients). Local phase: warm-up 2 applied updates, then fixed H=2:
+    an update every 2nd pass (the mean of the two passes' own gradients, no allreduce), the
+    scheduler counting applied updates, syncs after applied updates 4 and 6 only."""
+    xs, ys = X_MINE[:12 * 16], Y_MINE[:12 * 16]
+    diffs = {}
+    for eager, average in ((False, False), (True, True)):
+        kw = {"backward_passes_per_step": 2, "average_aggregated_gradients": average}
+        ref_opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9), **kw)
+        ref = _aggregated_fit(ref_opt, xs, ys, eager)
+        ours_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                                              config={"warmup": 10**6}, **kw)
+        ours = _aggregated_fit(ours_opt, xs, ys, eager, [alsgd.LocalSGDCallback()])
+        diffs["eager" if eager else "graph"] = {
+            "weights": float(np.abs(flat(ref.variables) - flat(ours.variables)).max()),
+            "slots": float(np.abs(flat(ref_opt.variables[1:]) - flat(ours_opt.variables[1:])).max()),
+            "iterations": [int(ref_opt.iterations.numpy()), int(ours_opt.iterations.numpy())],
+            "counter": [int(ref_opt._agg_helper.counter.numpy()),
+                        int(ours_opt._agg_helper.counter.numpy())],
+            "steps": ours_opt.alsgd.scheduler.step, "phase": ours_opt.alsgd.scheduler.phase}
+
+    lr = 0.1
+    opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(lr),
+                                     config={"warmup": 2, "policy": "fixed", "periods": [2]},
+                                     backward_passes_per_step=2, average_aggregated_gradients=True)
+    rec = PassRecorder(opt)
+    model = _aggregated_fit(opt, xs, ys, callbacks=[alsgd.LocalSGDCallback(average_at_end=False), rec])
+    # The first local update (passes 5 and 6) recomputed by hand from the weights after pass 4:
+    # the mean of this rank's two gradients there, plain SGD.
+    start = [w.copy() for w in rec.rows[3]["weights"]]
+    for v, w in zip(model.trainable_variables, start):
+        v.assign(w)
+    grads = []
+    for b in (4, 5):
+        with tf.GradientTape() as tape:
+            loss = LOSS(ys[b * 16:(b + 1) * 16], model(xs[b * 16:(b + 1) * 16], training=True))
+        grads.append(tape.gradient(loss, model.trainable_variables))
+    expected = [w - lr * (g0.numpy() + g1.numpy()) / 2 for w, g0, g1 in zip(start, *grads)]
+    local_update_diff = max(float(np.abs(e - a).max()) for e, a in zip(expected, rec.rows[5]["weights"]))
+    every = htf.allgather_object([r["digest"] for r in rec.rows])
+    for r in rec.rows:
+        del r["weights"]
+    try:  # Horovod's legacy (tf.compat.v1.train.Optimizer) path is not ours
+        alsgd.DistributedOptimizer(tf.compat.v1.train.GradientDescentOptimizer(0.1),
+                                   backward_passes_per_step=2)
+        legacy_error = None
+    except TypeError as exc:
+        legacy_error = str(exc)
+    report("aggregation", diffs=diffs, rows=rec.rows, local_update_diff=local_update_diff,
+           legacy_error=legacy_error,
+           initial=digest(mlp(width=16).trainable_variables),
+           switch_step=opt.alsgd.scheduler.switch_step,
+           identical=[len({d[i] for d in every}) == 1 for i in range(len(rec.rows))])
+
+
+# -- one process, a TF1 graph then eager ------------------------------------------------------------
+def _tape_step(model, opt, cfg):
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        tape = alsgd.DistributedGradientTape(tape, cfg)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return train_step
+
+
+def graph_then_eager():
+    """As Horovod's tests run in graph mode then eagerly in one process: a tf.function with
+    DistributedGradientTape(tape, cfg) called while a TF1 graph is built (and run in its
+    session), then the same config eagerly; the eager steps get a LocalSGD of their own (the
+    graph's phase variable is out of scope there) and sync every 2 steps."""
+    cfg = {"policy": "fixed", "periods": [2]}
+    x, y = X_MINE[:16], Y_MINE[:16]
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        model = mlp(width=8)
+        loss = _tape_step(model, tf.keras.optimizers.legacy.SGD(0.1), cfg)(tf.constant(x), tf.constant(y))
+        sess.run(tf.compat.v1.global_variables_initializer())
+        graph_loss = float(sess.run(loss))
+        graph_lsgd = alsgd._runtime_for(cfg)
+    model, opt = mlp(width=8), tf.keras.optimizers.SGD(0.1)
+    step = _tape_step(model, opt, cfg)
+    rows = []
+    for i in range(4):
+        step(X_MINE[i * 16:(i + 1) * 16], Y_MINE[i * 16:(i + 1) * 16])
+        result = alsgd.step(model, opt, config=cfg)
+        rows.append(row(alsgd._runtime_for(cfg), model.variables, synced=result is not None))
+    lsgd = alsgd._runtime_for(cfg)
+    report("graph_then_eager", graph_loss=graph_loss, separate=lsgd is not graph_lsgd,
+           syncs=lsgd.scheduler.syncs, steps=lsgd.scheduler.step, **compare_rows(rows))
+
+
+# -- process sets ---------------------------------------------------------------------------------
+def _set_fit(opt, xs, ys, record: bool = False):
+    model = mlp(width=16)
+    model.compile(opt, LOSS)
+    callbacks, rec = [], None
+    if hasattr(opt, "alsgd"):
+        callbacks.append(alsgd.LocalSGDCallback(average_at_end=False))
+        if record and opt.alsgd.member:
+            rec = Recorder(opt.alsgd, lambda: model.trainable_variables)
+            callbacks.append(rec)
+    model.fit(xs, ys, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    return model, rec
+
+
+def _set_tape(lsgd_or_cfg, process_set, steps: int, horovod: bool = False):
+    model, opt = mlp(width=16), tf.keras.optimizers.SGD(0.1)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        tape = (htf.DistributedGradientTape(tape, process_set=process_set) if horovod else
+                alsgd.DistributedGradientTape(tape, lsgd_or_cfg, process_set=process_set))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    rows = []
+    for i in range(steps):
+        train_step(X_MINE[i * 16:(i + 1) * 16], Y_MINE[i * 16:(i + 1) * 16])
+        if not horovod:
+            result = alsgd.step(model, opt, config=lsgd_or_cfg, process_set=process_set)
+            rows.append({"synced": result is not None, "digest": digest(model.trainable_variables)})
+    return model, rows
+
+
+def process_sets():
+    """4 ranks, process sets [0, 2] and [1, 3], each rank in its own. Mini-batch phase: ours
+    equals hvd.DistributedOptimizer / DistributedGradientTape with the same process_set. Local
+    phase (fixed H=2): members average among themselves only. With the set [0, 2] on every
+    rank, ranks 1 and 3 train as with a plain Keras optimizer. Elastic + a set: ValueError."""
+    even, odd = alsgd.process_set_for((0, 2)), alsgd.process_set_for((1, 3))
+    mine = even if RANK % 2 == 0 else odd
+    xs, ys = X_MINE[:8 * 16], Y_MINE[:8 * 16]
+    minibatch = {"warmup": 10**6}
+    local = {"policy": "fixed", "periods": [2]}
+
+    ref, _ = _set_fit(hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                                               process_set=mine), xs, ys)
+    ours_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9), config=minibatch,
+                                          process_set=mine)
+    ours, _ = _set_fit(ours_opt, xs, ys)
+    tape_ref, _ = _set_tape(None, mine, 4, horovod=True)
+    tape_ours, _ = _set_tape(minibatch, mine, 4)
+
+    local_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), config=local, process_set=mine)
+    _, rec = _set_fit(local_opt, xs, ys, record=True)
+    _, tape_rows = _set_tape(local, mine, 4)
+    every = htf.allgather_object([[r["digest"] for r in rec.rows], [r["digest"] for r in tape_rows],
+                                  digest(ours.variables)])
+
+    def pattern(k, rows):
+        return [{"synced": r["synced"], "in_set": every[RANK][k][i] == every[(RANK + 2) % 4][k][i],
+                 "across": every[RANK][k][i] == every[(RANK + 1) % 4][k][i]}
+                for i, r in enumerate(rows)]
+
+    plain, _ = _set_fit(tf.keras.optimizers.SGD(0.1), xs, ys)
+    partial_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), config=local, process_set=even)
+    partial, _ = _set_fit(partial_opt, xs, ys)
+    # Horovod's shutdown is global: ranks 1 and 3, done first, must not exit under the others'
+    # collectives over [0, 2] (as with Horovod's own process sets).
+    htf.allreduce(tf.zeros([1]), name="process_sets.done")
+    try:
+        partial_opt.alsgd.summary()
+        outside_error = None
+    except RuntimeError as exc:
+        outside_error = str(exc)
+    os.environ["HOROVOD_ELASTIC"] = "1"
+    try:
+        alsgd.LocalSGD(mlp(), process_set=mine)
+        elastic_error = None
+    except ValueError as exc:
+        elastic_error = str(exc)
+    finally:
+        del os.environ["HOROVOD_ELASTIC"]
+    report("process_sets",
+           minibatch_diff=float(np.abs(flat(ref.variables) - flat(ours.variables)).max()),
+           tape_diff=float(np.abs(flat(tape_ref.variables) - flat(tape_ours.variables)).max()),
+           minibatch_in_set=every[RANK][2] == every[(RANK + 2) % 4][2],
+           minibatch_across=every[RANK][2] == every[(RANK + 1) % 4][2],
+           phase=ours_opt.alsgd.scheduler.phase, steps=ours_opt.alsgd.scheduler.step,
+           set_rank=local_opt.alsgd.rank, set_size=local_opt.alsgd.topology.size,
+           syncs=local_opt.alsgd.scheduler.syncs, summary_ranks=local_opt.alsgd.summary()["ranks"],
+           fit=pattern(0, rec.rows), tape=pattern(1, tape_rows),
+           member=partial_opt.alsgd.member,
+           partial_vs_plain=float(np.abs(flat(plain.variables) - flat(partial.variables)).max()),
+           outside_error=outside_error, elastic_error=elastic_error)
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         start = time.perf_counter()

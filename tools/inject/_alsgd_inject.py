@@ -6,7 +6,8 @@ or ``horovod.keras``, the module runs as usual and then its ``DistributedOptimiz
 ``DistributedGradientTape`` are replaced by wrappers that call ours (imported only then, so
 torch/tensorflow load only if the script loads them). The TensorFlow side also patches
 ``tf.keras.Model.fit`` (adds ``LocalSGDCallback`` when the model's optimizer is ours) and
-``tf.function`` calls (a traced step that built our tape reports the step when it returns).
+``tf.function`` calls (a traced step that built our tape reports the step when it returns;
+only calls made eagerly: a call that builds a TF1 graph leaves its tapes to Horovod).
 At exit each worker writes what it wrapped and the local figures of every scheduler it built
 (one per optimizer or tape runtime, in creation order; no collective)
 to ``$_ALSGD_RUN_DIR/rank<R>-<pid>.json``; ``alsgd-run`` combines them.
@@ -150,8 +151,17 @@ def _patch_torch(mod) -> None:
 
 
 # -- TensorFlow / Keras ---------------------------------------------------------------------------
-_TF: dict = {"lsgd": None, "sources": None, "broadcasts": [], "dirty": False, "fns": {},
-             "fit_patched": False, "call_patched": False}
+_TF: dict = {"broadcasts": [], "steps": {}, "fit_patched": False, "call_patched": False}
+
+
+class _TapeStep:
+    """A ``tf.function`` whose trace built our tape: the runtime its tape follows (the one
+    shared for its process set), the variables it differentiates, whether to re-attach."""
+
+    def __init__(self, function, lsgd):
+        self.function, self.lsgd = function, lsgd
+        self.sources: list = []
+        self.dirty = True
 
 
 def _is_keras_optimizer(opt) -> bool:
@@ -184,10 +194,9 @@ def _keras_optimizer(original, name: str, drop=()):
     return DistributedOptimizer
 
 
-def _tf_model_variables() -> list:
+def _tf_model_variables(sources: list) -> list:
     """What the tape runtime averages: the broadcast list holding every differentiated
     variable (model.variables: weights and BatchNorm statistics), else those variables."""
-    sources = _TF["sources"] or []
     refs = {v.ref() for v in sources}
     for variables in _TF["broadcasts"]:
         if refs and refs <= {v.ref() for v in variables}:
@@ -195,12 +204,11 @@ def _tf_model_variables() -> list:
     return sources
 
 
-def _tf_step_done() -> None:
-    lsgd = _TF["lsgd"]
-    if _TF["dirty"]:
-        lsgd.attach(model=_tf_model_variables())
-        _TF["dirty"] = False
-    lsgd.step_done()
+def _tf_step_done(step: _TapeStep) -> None:
+    if step.dirty:
+        step.lsgd.attach(model=_tf_model_variables(step.sources))
+        step.dirty = False
+    step.lsgd.step_done()
 
 
 def _leading_dim(value) -> int | None:
@@ -258,9 +266,15 @@ def _first_batch_size(dataset) -> int | None:
 
 
 def _patch_tf_function() -> None:
-    """A top-level ``tf.function`` call whose trace built our tape is one training step."""
+    """A top-level ``tf.function`` call whose trace built our tape is one training step.
+
+    Only a call made eagerly runs a step. A call made while a TF1 graph is being built (under
+    ``tf.Graph().as_default()``, as in Horovod's graph-mode tests, or from inside a function
+    TensorFlow traces by other means) only adds ops to that graph: its tapes are left to
+    Horovod and no step is reported (a report would run the sync on symbolic tensors)."""
     if _TF["call_patched"]:
         return
+    import tensorflow as tf
     from tensorflow.python.eager.polymorphic_function import polymorphic_function as pf
 
     original_call = pf.Function.__call__
@@ -268,15 +282,22 @@ def _patch_tf_function() -> None:
     def __call__(self, *args, **kwargs):
         if getattr(_TLS, "function", None) is not None:
             return original_call(self, *args, **kwargs)
+        if not tf.executing_eagerly():
+            _TLS.graph_call = getattr(_TLS, "graph_call", 0) + 1
+            try:
+                return original_call(self, *args, **kwargs)
+            finally:
+                _TLS.graph_call -= 1
         _TLS.function = self
         try:
             out = original_call(self, *args, **kwargs)
         finally:
             _TLS.function = None
-        if id(self) in _TF["fns"]:
+        step = _TF["steps"].get(id(self))
+        if step is not None:
             if INFO["batch_size"] is None:  # the training step's first batched argument
                 INFO["batch_size"] = _leading_dim(_call_arguments(self, args, kwargs)) or 0
-            _tf_step_done()
+            _tf_step_done(step)
         return out
 
     pf.Function.__call__ = __call__
@@ -332,6 +353,10 @@ def _patch_tensorflow(mod) -> None:
         if _Reentry.active():
             return original_tape(*args, **kwargs)
         function = getattr(_TLS, "function", None)
+        if function is None and getattr(_TLS, "graph_call", 0):
+            _note("horovod.tensorflow.DistributedGradientTape in a tf.function called while a TF1 "
+                  "graph is built: left to Horovod (no step can be reported from a graph)")
+            return original_tape(*args, **kwargs)
         if function is None:
             _note("horovod.tensorflow.DistributedGradientTape used outside tf.function: left to "
                   "Horovod (alsgd-run wraps tapes built in a tf.function training step)")
@@ -340,21 +365,23 @@ def _patch_tensorflow(mod) -> None:
 
         call = _kwargs(original_tape, args, kwargs)
         tape = call.pop("gradtape")
-        if _TF["lsgd"] is None:
-            _TF["lsgd"] = alsgd._runtime_for(None)
-        _TF["fns"][id(function)] = function
-        _TF["sources"] = list(tape.watched_variables())
-        _TF["dirty"] = True
-        _note_use("horovod.tensorflow.DistributedGradientTape", _TF["lsgd"])
+        lsgd = alsgd._runtime_for(None, call.get("process_set"))  # one per process set
+        step = _TF["steps"].get(id(function))
+        if step is None or step.lsgd is not lsgd:
+            step = _TF["steps"][id(function)] = _TapeStep(function, lsgd)
+        step.sources = list(tape.watched_variables())
+        step.dirty = True
+        _note_use("horovod.tensorflow.DistributedGradientTape", lsgd)
         with _Reentry():
-            return alsgd.DistributedGradientTape(tape, _TF["lsgd"], **call)
+            return alsgd.DistributedGradientTape(tape, lsgd, **call)
 
     @tf.autograph.experimental.do_not_convert
     def broadcast_variables(variables, *args, **kwargs):
         variables = list(variables)
         if variables and all(hasattr(v, "ref") for v in variables):
             _TF["broadcasts"].append(variables)
-            _TF["dirty"] = True
+            for step in _TF["steps"].values():
+                step.dirty = True
         return original_broadcast(variables, *args, **kwargs)
 
     DistributedGradientTape.__doc__ = original_tape.__doc__
