@@ -122,11 +122,16 @@ class Scheduler:
     ``param_bytes`` (the bytes averaged per sync) only feeds the log and the cost model's
     link fits; ``log`` overrides ``config.log`` with a :class:`DecisionLog`; ``share`` (a
     :class:`DecisionShare`) lets ranks held in one process take each decision once.
+
+    ``check_origin``: the first sync of this scheduler first checks that every rank began the
+    local phase from the same model (:func:`adaptive_lsgd.sync.note_local_start`) and, if not,
+    is rank 0's model instead of an average (:meth:`from_rank0`), so unrelated initialisations
+    never mix. Integrations set it; every rank must give the same value.
     """
 
     def __init__(self, config: Config | dict | None, topology: Topology, rank: int,
                  param_bytes: int = 0, log: DecisionLog | None = None,
-                 share: DecisionShare | None = None):
+                 share: DecisionShare | None = None, check_origin: bool = False):
         self.config = load_config(config) if not isinstance(config, Config) else config
         self.topology = topology
         self.rank = rank
@@ -160,6 +165,11 @@ class Scheduler:
         self.model: CostModel | None = None
         self.last_decision: str | None = None
         self._own_healthy = True  # the health flag this rank gave the current sync's payload
+        # Start from one model: checked at the first sync (not saved: a resumed or rebuilt
+        # scheduler checks again). ``origin`` is this rank's fingerprint of the model it began
+        # the local phase with.
+        self.origin_pending = bool(check_origin)
+        self.origin: np.ndarray | None = None
         self.switch_step: int | None = 0 if self.phase == LOCAL else None
         if self.decision.reason == "profile":
             self.model, self.last_decision = self.seed, "profile"
@@ -235,6 +245,18 @@ class Scheduler:
             else:
                 self.time_compute += float(t)
                 self._compute.add(float(t))
+
+    def from_rank0(self, plan: SyncPlan) -> SyncPlan:
+        """``plan`` replaced by a top-level sync that gives every rank rank 0's model (weight 1
+        on rank 0, 0 elsewhere): the first sync when the ranks began from different models."""
+        level = self.num_levels - 1
+        self.log.write({"step": self.step, "event": "first_sync_from_rank0",
+                        "reason": "the ranks began the local phase from different models (no "
+                                  "broadcast from rank 0 before it): rank 0's model, not an average"})
+        self._counters = [0] * self.num_levels
+        stages = self.topology.stages(level, self.rank)
+        return SyncPlan(level, stages, 1.0 if self.rank == 0 else 0.0, True, self.step,
+                        self.size * self.cols + 2, overlap=plan.overlap and len(stages) == 1)
 
     def sync_now(self) -> SyncPlan | None:
         """A top-level sync outside the schedule (e.g. to average the model before evaluation

@@ -46,6 +46,7 @@ Example, two ranks of numpy arrays in one process::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Generator
@@ -136,6 +137,14 @@ class Backend:
 
     def to_numpy(self, buffer) -> np.ndarray:
         raise NotImplementedError
+
+    def fingerprint(self, tensors: list) -> np.ndarray:
+        """A digest of ``tensors``' values as exactly representable float32s (equal values,
+        equal digest on every rank)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for b in self.pack(tensors, 1):
+            digest.update(np.ascontiguousarray(self.to_numpy(b)).tobytes())
+        return np.frombuffer(digest.digest(), dtype=np.uint16).astype(np.float32)
 
     # -- collectives (real backends) ------------------------------------------------------------
     def run(self, collective: Collective) -> list:
@@ -266,12 +275,43 @@ def stage_collectives(plan, rank: int, backend: Backend, buffers: list
     return buffers, times
 
 
+ORIGIN_MISSING = -1.0  # a fingerprint slot of a rank that noted no local start
+
+
+def note_local_start(scheduler, backend: Backend, target: SyncTarget) -> None:
+    """Call before each local step (cheap after the first): notes, once per scheduler with
+    ``check_origin``, a fingerprint of the parameters this rank begins the local phase with."""
+    if scheduler.origin_pending and scheduler.origin is None:
+        scheduler.origin = backend.fingerprint(list(target.parameters()))
+
+
+def origin_check(plan, scheduler, backend: Backend) -> Generator[Collective, tuple, Any]:
+    """Start from one model: at the first sync of a scheduler with ``check_origin`` (every
+    rank reaches it at the same point), an allgather over all ranks of each rank's
+    fingerprint (:func:`note_local_start`). If they differ, or a rank noted none, the plan
+    becomes :meth:`~adaptive_lsgd.scheduler.Scheduler.from_rank0`. Returns the plan to run."""
+    if not scheduler.origin_pending:
+        return plan
+    scheduler.origin_pending = False
+    mine = scheduler.origin
+    if mine is None:
+        mine = np.full(4, ORIGIN_MISSING, dtype=np.float32)
+    everyone = tuple(range(scheduler.size))
+    (gathered,), _ = yield Collective("allgather", everyone, [backend.from_numpy(mine)],
+                                      "alsgd.origin")
+    rows = np.asarray(backend.to_numpy(gathered)).reshape(scheduler.size, -1)
+    if (rows == ORIGIN_MISSING).any() or not (rows == rows[0]).all():
+        return scheduler.from_rank0(plan)
+    return plan
+
+
 def sync_protocol(plan, scheduler, backend: Backend, target: SyncTarget
                   ) -> Generator[Collective, tuple, Any]:
     """The whole sync of ``plan`` on this rank, as a generator: it yields each
     :class:`Collective` and must be sent ``(result buffers, seconds)``; its return value is
     the :class:`~adaptive_lsgd.scheduler.SyncResult`. Drive it with :func:`run_sync`."""
     start = backend.clock()
+    plan = yield from origin_check(plan, scheduler, backend)
     tensors = target.averaged(scheduler.config)
     buffers, healthy, pad = _contribution(plan, scheduler, backend, tensors)
     _weigh(plan, backend, buffers, healthy)
@@ -291,6 +331,16 @@ def run_sync(plan, scheduler, backend: Backend, target: SyncTarget):
             t0 = backend.clock()
             out = backend.run(collective)
             collective = gen.send((out, backend.clock() - t0))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _run_now(gen, backend: Backend):
+    """Drive a protocol generator over ``backend``'s blocking collectives; its return value."""
+    try:
+        collective = next(gen)
+        while True:
+            collective = gen.send((backend.run(collective), 0.0))
     except StopIteration as stop:
         return stop.value
 
@@ -384,6 +434,7 @@ def start_overlapped(plan, scheduler, backend: Backend, target: SyncTarget) -> I
     """Steps 1-4 and the start of one asynchronous allreduce of the buffers (the plan has
     exactly one stage: overlap refuses chained syncs). Every rank issues one collective per
     round, as without overlap."""
+    plan = _run_now(origin_check(plan, scheduler, backend), backend)
     (stage,) = plan.stages
     tensors = target.averaged(scheduler.config)
     buffers, healthy, pad = _contribution(plan, scheduler, backend, tensors)
@@ -425,6 +476,6 @@ def sync_round(plan, scheduler, backend: Backend, target: SyncTarget,
 
 
 __all__ = ["Backend", "NumpyBackend", "SyncTarget", "Collective", "sync_protocol", "run_sync",
-           "stage_collectives", "sync_round",
+           "stage_collectives", "sync_round", "note_local_start", "origin_check",
            "run_in_process", "Deadlock", "InFlight", "start_overlapped", "finish_overlapped",
            "pieces_of", "COLLECTIVE_OF_STAGE"]

@@ -62,6 +62,9 @@ class ProcessSets:
             try:
                 self._sets[ranks] = hvd.add_process_set(list(ranks))
             except ValueError as exc:
+                if "duplicate" in str(exc):  # the script registered these ranks itself
+                    self._sets[ranks] = registered_process_set(hvd, ranks)
+                    return self._sets[ranks]
                 if "HOROVOD_DYNAMIC_PROCESS_SETS" not in str(exc):
                     raise
                 late = (f" (hvd.init() ran before {self.module} was imported)"
@@ -97,6 +100,18 @@ def torch_init_token(hvd):
     return hvd.mpi_ops._handle_map
 
 
+def registered_process_set(hvd, ranks: tuple):
+    """A process set object for ``ranks``, which Horovod already holds (it refuses to add
+    the same ranks twice; the script added them itself)."""
+    from horovod.common import process_sets
+
+    ids = process_sets._basics._get_process_set_ids_and_ranks()
+    (found,) = [i for i, members in ids.items() if tuple(members) == tuple(ranks)]
+    ps = hvd.ProcessSet(list(ranks))
+    ps.process_set_id = found
+    return ps
+
+
 def tf_tape_base(hvd):
     """``horovod.tensorflow``'s ``_DistributedGradientTape``."""
     return hvd._DistributedGradientTape
@@ -127,29 +142,56 @@ class Runtime:
     re-initialised (:attr:`current` compares it); ``exit_barrier`` is the tiny global
     collective run at exit when the topology uses process sets (:func:`install_exit_barrier`);
     ``scope`` wraps the object collectives (TensorFlow: ``tf.init_scope``).
+
+    ``process_set`` (a Horovod process set this rank belongs to; None: all ranks) is the
+    optimizer's own, as ``hvd.DistributedOptimizer(process_set=...)``: every collective of the
+    runtime and its syncs runs over it, the scheduler's ranks are positions in it
+    (``process_set.rank()``), and the topology is flat inside it (blocks of their own would
+    need process sets that every rank of the job registers, members or not). ``gather(obj,
+    name)`` allgathers a picklable object over ``process_set`` (the framework's; Horovod's
+    PyTorch ``allgather_object`` takes no process set). ``check_origin``: the scheduler's
+    (the integration calls :func:`adaptive_lsgd.sync.note_local_start` before local steps).
     """
 
     def __init__(self, hvd, sets: ProcessSets, config: Config, param_bytes: int, *,
                  exit_barrier: Callable[[], object], token: Callable[[], object] = lambda: None,
                  carry: dict | None = None, share: bool = False, world: int = 0,
-                 scope: Callable = contextlib.nullcontext):
+                 scope: Callable = contextlib.nullcontext, process_set=None,
+                 gather: Callable | None = None, check_origin: bool = False):
         self.config, self.param_bytes, self.world = config, param_bytes, world
         self._token_of = token
         self.token = token()
         sets.renew(self.token)
+        whole = process_set is None or process_set is hvd.global_process_set
+        self.process_set = hvd.global_process_set if whole else process_set
+        if not whole and config.topology not in ("auto", "flat"):
+            raise ValueError(
+                f"adaptive-lsgd: topology {config.topology!r} with process_set="
+                f"{list(process_set.ranks)}: inside a process set of its own an optimizer "
+                "averages flat over the set (its blocks would need process sets that every "
+                "rank of the job registers); use topology 'auto' or 'flat', or the global "
+                "process set for a hierarchy")
+        if gather is None:
+            def gather(obj, name):
+                return hvd.allgather_object(obj, name=name)
         with scope():
-            infos = hvd.allgather_object(agreement.rank_info(config, host_name()),
-                                         name="alsgd.rank_info")
+            infos = gather(agreement.rank_info(config, host_name()), "alsgd.rank_info")
         agreement.check_agreement(infos)
         if share:
             with scope():
                 carry, self.world = hvd.broadcast_object((carry, world), root_rank=0,
-                                                         name="alsgd.scheduler_state")
-        self.topology = topo = Topology.from_config(config.topology, [i["host"] for i in infos],
-                                                    chained=config.chained_allreduce,
-                                                    elastic=elastic_job())
-        self.process_sets = {ranks: sets.get(ranks) for ranks in topo.process_sets()}
-        own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values())
+                                                         name="alsgd.scheduler_state",
+                                                         process_set=self.process_set)
+        hosts = [i["host"] for i in infos]
+        if whole:
+            self.topology = topo = Topology.from_config(config.topology, hosts,
+                                                        chained=config.chained_allreduce,
+                                                        elastic=elastic_job())
+            self.process_sets = {ranks: sets.get(ranks) for ranks in topo.process_sets()}
+        else:
+            self.topology = topo = Topology.from_config("flat", hosts)
+            self.process_sets = {tuple(range(topo.size)): process_set}
+        own_sets = any(ps is not hvd.global_process_set for ps in self.process_sets.values()) and whole
         if own_sets:  # block-local last syncs: no rank may shut Horovod down before the others
             install_exit_barrier(exit_barrier)
         if own_sets and elastic_job():
@@ -164,8 +206,9 @@ class Runtime:
                        "operations each process enqueued, the block leaders enqueue more than "
                        "the other ranks, and an unnamed collective would wait forever (README, "
                        "'Known limits')")
-        self.rank = hvd.rank()
-        self.scheduler = Scheduler(config, topo, self.rank, param_bytes)
+        self.rank = hvd.rank() if whole else process_set.rank()
+        self.check_origin = check_origin
+        self.scheduler = Scheduler(config, topo, self.rank, param_bytes, check_origin=check_origin)
         if carry is not None:
             self.scheduler.load_state_dict(carry, strict=False)
             if share:
@@ -185,7 +228,8 @@ class Runtime:
         phase, step count and periods; statistics start afresh."""
         if state is None:
             self.scheduler.log.close()
-            self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes)
+            self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes,
+                                       check_origin=self.check_origin)
             self.scheduler.log.resume()  # append to the log of this run, do not truncate it
         else:
             self.scheduler.load_state_dict(state, strict=False)

@@ -43,6 +43,7 @@ _INIT_BEFORE_IMPORT = "HOROVOD_DYNAMIC_PROCESS_SETS" not in os.environ
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 
 import copy  # noqa: E402
+import pickle  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -60,7 +61,14 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     torch_optimizer_base,
 )
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
-from adaptive_lsgd.sync import Backend, SyncTarget, finish_overlapped, run_sync, sync_round  # noqa: E402
+from adaptive_lsgd.sync import (  # noqa: E402
+    Backend,
+    SyncTarget,
+    finish_overlapped,
+    note_local_start,
+    run_sync,
+    sync_round,
+)
 
 __all__ = ["DistributedOptimizer", "summary", "host_name", "process_set_for"]
 
@@ -86,9 +94,26 @@ def _exit_barrier() -> None:
     hvd.allreduce(torch.zeros(1), op=hvd.Sum, name="alsgd.exit")
 
 
-def _runtime(config, param_bytes: int, **kw) -> Runtime:
+def _gather_object(obj, name: str, process_set=hvd.global_process_set) -> list:
+    """``hvd.allgather_object`` over ``process_set`` (Horovod's takes none): every member's
+    ``obj``, in the set's rank order."""
+    if process_set is hvd.global_process_set:
+        return hvd.allgather_object(obj, name=name)
+    data = torch.from_numpy(np.frombuffer(pickle.dumps(obj), dtype=np.uint8).copy())
+    sizes = hvd.allgather(torch.tensor([data.numel()], dtype=torch.int64), name=f"{name}.sizes",
+                          process_set=process_set)
+    gathered = hvd.allgather(data, name=f"{name}.data", process_set=process_set).numpy()
+    out, offset = [], 0
+    for n in sizes.tolist():
+        out.append(pickle.loads(gathered[offset:offset + n].tobytes()))
+        offset += n
+    return out
+
+
+def _runtime(config, param_bytes: int, process_set=hvd.global_process_set, **kw) -> Runtime:
     return Runtime(hvd, _PROCESS_SETS, config, param_bytes, exit_barrier=_exit_barrier,
-                   token=_init_token, **kw)
+                   token=_init_token, process_set=process_set, check_origin=True,
+                   gather=lambda obj, name: _gather_object(obj, name, process_set), **kw)
 
 
 _WARNED_INFLIGHT: list = []
@@ -274,6 +299,8 @@ class _LocalSGDMixin:
         return hook
 
     def synchronize(self):
+        if not self.process_set.included():
+            return _DistributedOptimizer.synchronize(self)  # Horovod's: nothing to reduce
         if self._alsgd_runtime().scheduler.is_local:
             self._synchronized = True
             return
@@ -287,14 +314,16 @@ class _LocalSGDMixin:
         return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
+        if not self.process_set.included():  # as Horovod's: a plain local optimizer here
+            return super(self.__class__, self).step(closure)
         rt = self._alsgd_runtime()
         sched, clock = rt.scheduler, self._alsgd_clock
         if not sched.is_local:
             lr = self._alsgd_lr()
             handle = None
-            if sched.needs_shared_lr and hvd.size() > 1:
+            if sched.needs_shared_lr and self.process_set.size() > 1:
                 handle = hvd.allreduce_async(torch.tensor([lr], dtype=torch.float64), op=hvd.Min,
-                                             name="alsgd.lr")
+                                             name="alsgd.lr", process_set=self.process_set)
             loss = _DistributedOptimizer.step(self, closure)
             if handle is not None:
                 lr = float(hvd.synchronize(handle)[0])
@@ -302,6 +331,7 @@ class _LocalSGDMixin:
             if clock.due:
                 sched.record_compute(clock.drain(wait=False))
             return loss
+        note_local_start(sched, self._alsgd_backend, self._alsgd_target)
         loss = super(self.__class__, self).step(closure)
         plan = sched.step_done(clock.lap(), lr=self._alsgd_lr())
         if self._alsgd_inflight is not None:
@@ -417,6 +447,10 @@ class _LocalSGDMixin:
         rt = self._alsgd
         if rt is not None and rt.current:
             return rt
+        if not self.process_set.included():
+            raise RuntimeError(f"adaptive-lsgd: rank {hvd.rank()} is not in this optimizer's "
+                               f"process set {list(self.process_set.ranks)}: it steps as a plain "
+                               "local optimizer here and has no scheduler")
         if self._alsgd_pending is not _NOTHING:
             carry = self._alsgd_pending
         else:
@@ -424,8 +458,8 @@ class _LocalSGDMixin:
         if rt is not None:
             rt.scheduler.log.close()
         world = 1 if rt is None else rt.world + 1
-        self._alsgd = _runtime(self._alsgd_config, self._alsgd_param_bytes, carry=carry, share=True,
-                               world=world)
+        self._alsgd = _runtime(self._alsgd_config, self._alsgd_param_bytes, self.process_set,
+                               carry=carry, share=True, world=world)
         if rt is not None:
             self._alsgd.scheduler.log.resume()
         # Gradient allreduces are named per Horovod world (rank 0's count, so a worker that
@@ -455,16 +489,20 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     phase), plus ``config`` (a dict, a YAML/JSON path, or None for ``ALSGD_CONFIG`` /
     ``ALSGD_*`` / defaults) and ``model`` (whose floating buffers, e.g. BatchNorm statistics,
     are averaged with the parameters unless ``average_buffers: false``).
+
+    ``process_set``: as Horovod's, the optimizer works over that set only. Its members run the
+    mini-batch phase through Horovod's reduction over the set and average among themselves
+    (flat inside the set); on a rank outside it the optimizer is the plain local optimizer.
     """
     cfg = load_config(config)
     check_supported(cfg, "torch", elastic=elastic_job())
     if op == hvd.Adasum:
         raise ValueError("op=hvd.Adasum is not supported by adaptive-lsgd's DistributedOptimizer; "
                          "use hvd.Average or hvd.Sum")
-    if process_set is not hvd.global_process_set:
-        raise ValueError("adaptive-lsgd's DistributedOptimizer runs over all ranks: leave "
-                         "process_set as hvd.global_process_set (use the 'topology' config key "
-                         "for hierarchies)")
+    if process_set is not hvd.global_process_set and elastic_job():
+        raise ValueError("adaptive-lsgd: process_set in an elastic job is not supported (Horovod "
+                         "drops the process sets at every reset); leave process_set as "
+                         "hvd.global_process_set in elastic jobs")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if num_groups != 0:
@@ -493,12 +531,14 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     opt._alsgd_tb = None  # the TorchBackend over the current runtime's process sets
     # Elastic jobs build on first use: a worker that joins later must not run a collective
     # here, while the others are already in TorchState.sync().
-    opt._alsgd = None if elastic_job() else _runtime(cfg, param_bytes)
+    opt._alsgd = (None if elastic_job() or not process_set.included()
+                  else _runtime(cfg, param_bytes, process_set))
     return opt
 
 
 def summary(optimizer) -> dict:
-    """The job's figures, combined over ranks (a collective: call it on every rank)."""
+    """The job's figures, combined over ranks (a collective: call it on every rank of the
+    optimizer's process set)."""
     local = optimizer.alsgd.scheduler.summary()
     local["rank"] = hvd.rank()
-    return combine_summaries(hvd.allgather_object(local))
+    return combine_summaries(_gather_object(local, "alsgd.summary", optimizer.process_set))

@@ -172,3 +172,65 @@ def test_refusals_name_the_key(runner, elastic, match):
 def test_tensorflow_refuses_elastic_jobs_at_start():
     with pytest.raises(ConfigError, match="TensorFlow integration does not support elastic"):
         check_supported(cfg(), "tensorflow", elastic=True)
+
+
+def _origin_round(scheds, models, noted, steps=1):
+    """``steps`` local steps on every rank (each adds its rank + 1), noting the local start on
+    the ranks in ``noted``, then the sync the schedulers plan."""
+    from adaptive_lsgd.sync import note_local_start
+
+    backend = NumpyBackend()
+    plans = [None] * len(scheds)
+    for _ in range(steps):
+        for r, (s, m) in enumerate(zip(scheds, models)):
+            if r in noted:
+                note_local_start(s, backend, SyncTarget(lambda m=m: [m]))
+            m += r + 1
+            plans[r] = s.step_done(0.01)
+    gens = [sync_protocol(p, s, backend, SyncTarget(lambda m=m: [m]))
+            for p, s, m in zip(plans, scheds, models)]
+    return run_in_process(gens, lambda rank, col: 0.01)
+
+
+@pytest.mark.parametrize("spec, periods", [("flat", [2]), ("2x2", [1, 3])])
+def test_first_sync_is_rank0s_model_when_the_ranks_began_apart(spec, periods, tmp_path):
+    """check_origin: ranks that began the local phase from different models get rank 0's
+    model at the first sync (a top-level one, also when the schedule's first is a block
+    sync), logged; later syncs average. Ranks that began equal average at once."""
+    topo = Topology.from_config(spec, ["h"] * 4)
+    config = cfg(policy="fixed", periods=periods, log=str(tmp_path / "log.jsonl"))
+    scheds = [Scheduler(config, topo, r, check_origin=True) for r in range(4)]
+    models = [np.full(3, 10.0 * r) for r in range(4)]
+    steps = periods[0]
+    _origin_round(scheds, models, noted=range(4), steps=steps)
+    for m in models:
+        np.testing.assert_array_equal(m, np.full(3, 0.0 + steps))  # rank 0's: 0 + 1 per step
+    assert all(s.global_syncs == 1 and not s.origin_pending for s in scheds)
+    _origin_round(scheds, models, noted=range(4), steps=steps)
+    if spec == "flat":
+        np.testing.assert_allclose(models[0], steps + steps * 2.5)  # an average: mean of r + 1
+    else:  # a block sync: each block's mean
+        np.testing.assert_allclose(models[0], steps + 1.5)
+        np.testing.assert_allclose(models[2], steps + 3.5)
+    scheds[0].log.close()
+    events = [line for line in (tmp_path / "log.jsonl").read_text().splitlines()
+              if "first_sync_from_rank0" in line]
+    assert len(events) == 1
+
+    scheds = [Scheduler(cfg(policy="fixed", periods=[2]), Topology.flat(2), r, check_origin=True)
+              for r in range(2)]
+    models = [np.zeros(3), np.zeros(3)]
+    _origin_round(scheds, models, noted=range(2), steps=2)
+    np.testing.assert_allclose(models[0], 3.0)  # began equal: (2 + 4) / 2
+
+
+def test_a_rank_that_noted_no_start_makes_the_first_sync_rank0s():
+    scheds = [Scheduler(cfg(policy="fixed", periods=[1]), Topology.flat(2), r, check_origin=True)
+              for r in range(2)]
+    models = [np.zeros(2), np.zeros(2)]
+    _origin_round(scheds, models, noted={0})
+    assert models[1].tolist() == [1.0, 1.0]  # rank 0's, although the models began equal
+    unchecked = [Scheduler(cfg(policy="fixed", periods=[1]), Topology.flat(2), r) for r in range(2)]
+    models = [np.zeros(2), np.full(2, 4.0)]
+    _origin_round(unchecked, models, noted=set())
+    assert models[1].tolist() == [3.5, 3.5]  # no check asked: the plain average

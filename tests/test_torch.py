@@ -15,8 +15,12 @@ from conftest import horovodrun, results
 pytestmark = pytest.mark.torch
 WORKER = "tests/torch_workers/cases.py"
 TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
-       "optimizer_api", "first_lr_decay", "time_budget", "polite_wait", "overlap_h4_equals_reference"]
-FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise", "overlap_adaptive_noise"]
+       "optimizer_api", "first_lr_decay", "time_budget", "polite_wait", "overlap_h4_equals_reference",
+       "start_from_one_model"]
+# process_sets last: its members run more collectives than the other ranks, and the chained
+# case runs an unnamed allreduce (Horovod names it by the count of operations enqueued)
+FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise", "overlap_adaptive_noise",
+        "process_sets"]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +166,38 @@ def test_adaptive_under_random_sleeps_agrees(four_ranks):
     decisions = [rec for rec in agreed_logs(rows, 2000) if "decision" in rec]
     assert all(isinstance(rec["step"], int) and isinstance(rec["periods"], list) for rec in decisions)
     assert os.path.basename(rows[0]["log"]) == "noise.0.jsonl"
+
+
+def test_first_average_never_mixes_unrelated_initialisations(two_ranks):
+    for r in per_rank(two_ranks, "start_from_one_model", 2):
+        no_bcast, bcast = r["False"], r["True"]
+        assert no_bcast["first_equals_rank0"] and no_bcast["first_identical"]
+        assert no_bcast["second_identical"] and not no_bcast["second_equals_rank0_alone"]
+        assert bcast["first_identical"] and not bcast["first_equals_rank0"]  # an average
+        assert not no_bcast["origin_pending"] and not bcast["origin_pending"]
+
+
+def test_process_set_works_as_horovods(four_ranks):
+    """As hvd.DistributedOptimizer(process_set=...): members reduce over the set in the
+    mini-batch phase and average inside it in the local phase; non-members step locally."""
+    for r in per_rank(four_ranks, "process_sets", 4):
+        rank, member = r["rank"], r["rank"] in (0, 3)
+        assert r["member"] == member and r["reused_ids"]
+        assert r["minibatch_diff"] <= 1e-6  # equals Horovod's optimizer over the same set
+        same = {int(k): v for k, v in r["same_as"].items()}
+        if member:
+            assert r["plain_diff_minibatch"] > 1e-4  # the set's gradients were averaged
+            assert same == {0: True, 1: False, 2: False, 3: True}
+            assert r["summary_ranks"] == 2 and r["summary_steps"] == 16
+            assert r["not_member_error"] is None
+        else:
+            assert r["plain_diff_minibatch"] == 0.0  # a plain local optimizer here
+            assert same == {q: q == rank for q in range(4)}
+            assert "not in this optimizer's process set" in r["not_member_error"]
+        own = {int(k): v for k, v in r["own_same_as"].items()}
+        assert own == {q: (q in (0, 3)) == member for q in range(4)}  # each set inside itself
+        assert r["own_steps"] == 6
+        assert "process_set" in r["hierarchy_error"] and "'auto' or 'flat'" in r["hierarchy_error"]
 
 
 def test_step_clock_reads_cuda_events_only_at_a_sync(monkeypatch):

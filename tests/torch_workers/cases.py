@@ -353,6 +353,111 @@ def overlap_h4_equals_reference():
            elastic_error=elastic_error)
 
 
+def process_sets():
+    """``process_set`` as Horovod's: sets [0, 3] and [1, 2]. An optimizer over the first set
+    built on every rank: its mini-batch phase equals hvd.DistributedOptimizer's over that set,
+    the even ranks average among themselves, the odd ranks step as plain local SGD. One
+    optimizer per rank's own set: each set averages inside itself only. A hierarchy inside a
+    set is refused before any collective."""
+    even = hvd.add_process_set([0, 3])  # "even": the set the shared optimizer works over
+    odd = hvd.add_process_set([1, 2])
+    mine = even if RANK in (0, 3) else odd
+    # a hierarchy of ours over ranks the script registered itself reuses the script's set
+    reused = [alsgd.process_set_for(r).process_set_id for r in ((0, 3), (1, 2))]
+    registered = [even.process_set_id, odd.process_set_id]
+    cfg = {"policy": "fixed", "periods": [2], "warmup": 4}
+    ref, ours, plain = make_model(seed=RANK), make_model(seed=RANK), make_model(seed=RANK)
+    def names(prefix, model):
+        return [(prefix + n, p) for n, p in model.named_parameters()]
+
+    ref_opt = hvd.DistributedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1),
+                                       named_parameters=names("ps.ref.", ref), process_set=even)
+    our_opt = alsgd.DistributedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.1),
+                                         named_parameters=names("ps.ours.", ours),
+                                         process_set=even, config=cfg)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    data = list(batches(8, seed=7))
+    for x, y in data[:4]:  # the mini-batch phase
+        train_step(ref, ref_opt, x, y)
+        train_step(ours, our_opt, x, y)
+    minibatch_diff = float((flat(ref) - flat(ours)).abs().max())
+    for x, y in data[:4]:
+        train_step(plain, plain_opt, x, y)
+    plain_diff_mb = float((flat(plain) - flat(ours)).abs().max())
+    for x, y in data[4:]:
+        train_step(ours, our_opt, x, y)
+    g = gathered(flat(ours))
+    member = even.included()
+    try:
+        figures = alsgd.summary(our_opt) if member else None
+        not_member_error = None
+    except RuntimeError as exc:
+        figures, not_member_error = None, str(exc)
+    if not member:
+        try:
+            _ = our_opt.alsgd
+        except RuntimeError as exc:
+            not_member_error = str(exc)
+    own = make_model(seed=RANK)
+    own_opt = alsgd.DistributedOptimizer(torch.optim.SGD(own.parameters(), lr=0.1),
+                                         named_parameters=names("ps.own.", own), process_set=mine,
+                                         config={"policy": "fixed", "periods": [3], "warmup": 0})
+    for x, y in batches(6, seed=8):
+        train_step(own, own_opt, x, y)
+    g_own = gathered(flat(own))
+    try:
+        alsgd.DistributedOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1),
+                                   process_set=mine, config={"topology": "2x1"})
+        hierarchy_error = None
+    except ValueError as exc:
+        hierarchy_error = str(exc)
+    report("process_sets", member=member, reused_ids=reused == registered, minibatch_diff=minibatch_diff,
+           plain_diff_minibatch=plain_diff_mb,
+           same_as={r: bool((g[r] == g[RANK]).all()) for r in range(SIZE)},
+           own_same_as={r: bool((g_own[r] == g_own[RANK]).all()) for r in range(SIZE)},
+           summary_ranks=None if figures is None else figures.get("ranks"),
+           summary_steps=None if figures is None else figures.get("steps"),
+           own_steps=own_opt.alsgd.scheduler.step, own_syncs=own_opt.alsgd.scheduler.syncs,
+           not_member_error=not_member_error, hierarchy_error=hierarchy_error)
+
+
+def start_from_one_model():
+    """Ranks initialised differently and no broadcast: the first average is rank 0's model
+    (what rank 0 reached, recomputed here), not a mix of initialisations; the next ones are
+    averages. After a broadcast the first sync is an average."""
+    out = {}
+    for broadcast in (False, True):
+        model = make_model(seed=100 + RANK)
+        opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                         named_parameters=[(f"origin{broadcast}.{n}", p)
+                                                           for n, p in model.named_parameters()],
+                                         config={"policy": "fixed", "periods": [2]})
+        if broadcast:
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        rank0 = make_model(seed=100)  # rank 0's first round, recomputed on every rank
+        rank0_opt = torch.optim.SGD(rank0.parameters(), lr=0.1)
+        data, data0 = list(batches(4, seed=11)), list(batches(4, seed=11, rank=0))
+        for x, y in data0[:2]:
+            train_step(rank0, rank0_opt, x, y)
+        for x, y in data[:2]:
+            train_step(model, opt, x, y)
+        after_first = gathered(flat(model))
+        first_equals_rank0 = bool((after_first[RANK] == flat(rank0)).all())
+        for x, y in data0[2:]:  # rank 0 alone for the second round
+            train_step(rank0, rank0_opt, x, y)
+        for x, y in data[2:]:
+            train_step(model, opt, x, y)
+        after_second = gathered(flat(model))
+        out[str(broadcast)] = {
+            "first_equals_rank0": first_equals_rank0,
+            "first_identical": bool((after_first - after_first[0]).abs().max() == 0),
+            "second_identical": bool((after_second - after_second[0]).abs().max() == 0),
+            "second_equals_rank0_alone": bool((after_second[RANK] == flat(rank0)).all()),
+            "origin_pending": opt.alsgd.scheduler.origin_pending,
+        }
+    report("start_from_one_model", **out)
+
+
 def _free_port() -> int:
     import socket
 
