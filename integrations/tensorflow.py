@@ -82,12 +82,13 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
 )
 from adaptive_lsgd.scheduler import SyncPlan, SyncResult, starts_local  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
-from adaptive_lsgd.sync import Backend, SyncTarget, run_sync  # noqa: E402
+from adaptive_lsgd.sync import Backend, SyncTarget, note_local_start, run_sync  # noqa: E402
 
 # Horovod was initialised before this module could ask for dynamic process sets.
 _HVD_INIT_BEFORE_IMPORT = _HVD_INIT_BEFORE_IMPORT and hvd.is_initialized()
 
-__all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape", "LocalSGDCallback",
+__all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape",
+           "PartialDistributedGradientTape", "LocalSGDCallback",
            "step", "summary", "host_name", "process_set_for"]
 
 _PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.tensorflow",
@@ -358,7 +359,7 @@ class LocalSGD:
 
         self.runtime = Runtime(hvd, _PROCESS_SETS, self.config, self._param_bytes or 0,
                                exit_barrier=_exit_barrier, carry=carry, scope=tf.init_scope,
-                               process_set=ps, gather=gather)
+                               process_set=ps, gather=gather, check_origin=True)
         self._backend = TFBackend(self.runtime.process_sets, self._gpu)
         self._update_flag()
 
@@ -452,9 +453,19 @@ class LocalSGD:
     @contextlib.contextmanager
     def step(self):
         """Time one training step (the body of the ``with``) and report it when it ends."""
+        self.begin_step()
         start = time.perf_counter()
         yield self
         self.step_done(self._now() - start)
+
+    def begin_step(self) -> None:
+        """Call eagerly before a training step (``with lsgd.step()`` and the Keras callback
+        do): before the first local step it notes the model each rank begins from, so that
+        the first sync gives every rank rank 0's model if they differ (README, "Start from
+        one model"). Without it the first sync is rank 0's model. Not a collective."""
+        if self.runtime is not None and self._model is not None and self.scheduler.is_local:
+            note_local_start(self.scheduler, self._backend,
+                             SyncTarget(self._parameters, self._buffers))
 
     def step_done(self, compute_s: float | None = None, lr: float | None = None) -> SyncResult | None:
         """Report a finished training step; run the sync the scheduler asks for (collective
@@ -823,6 +834,24 @@ def DistributedGradientTape(tape, config=None, device_dense="", device_sparse=""
     return out
 
 
+@tf.autograph.experimental.do_not_convert
+def PartialDistributedGradientTape(tape, config=None, local_layers=None, **kwargs):
+    """``hvd.PartialDistributedGradientTape`` with adaptive local SGD: a
+    :func:`DistributedGradientTape` (``kwargs`` are its arguments) whose ``local_layers``'
+    trainable weights are rank-local sources: never allreduced, never averaged."""
+    if local_layers is None:
+        local_layers = []
+    elif isinstance(local_layers, tf.keras.layers.Layer):
+        local_layers = [local_layers]
+    elif not all(isinstance(layer, tf.keras.layers.Layer) for layer in local_layers):
+        raise ValueError("All local layers must be of tf.keras.layers.Layer type.")
+    out = DistributedGradientTape(tape, config, **kwargs)
+    for layer in local_layers:
+        for var in layer.trainable_weights:
+            out.register_local_source(var)
+    return out
+
+
 def step(model=None, optimizer=None, config=None, compute_s: float | None = None,
          lr: float | None = None, process_set=hvd.global_process_set) -> SyncResult | None:
     """Report a finished training step of a custom loop and sync if it is time (collective).
@@ -903,6 +932,7 @@ class LocalSGDCallback(tf.keras.callbacks.Callback):
             self._pending_state = None
 
     def on_train_batch_begin(self, batch, logs=None):
+        self.local_sgd.begin_step()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):

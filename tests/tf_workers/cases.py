@@ -417,6 +417,7 @@ def _local_tape() -> dict:
         opt.apply_gradients(zip(grads, model.trainable_variables))
 
     step()  # traced: the tape registered its local source
+    lsgd.step_done(0.01)  # the first sync (rank 0's model: the ranks began apart)
     _set_rank_values(model)
     step()
     lsgd.step_done(0.01)
@@ -428,9 +429,10 @@ def _local_keras() -> dict:
     opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.0), config=LOCAL_CFG)
     opt.register_local_var(local)
     model.compile(optimizer=opt, loss=LOSS)
-    _set_rank_values(model)
-    model.fit(LOCAL_X, LOCAL_Y, batch_size=2, epochs=1, verbose=0,
-              callbacks=[alsgd.LocalSGDCallback(average_at_end=False)])
+    callback = alsgd.LocalSGDCallback(average_at_end=False)
+    model.fit(LOCAL_X, LOCAL_Y, batch_size=2, epochs=1, verbose=0, callbacks=[callback])
+    _set_rank_values(model)  # after the first sync (which starts every rank from rank 0's model)
+    model.fit(LOCAL_X, LOCAL_Y, batch_size=2, epochs=1, verbose=0, callbacks=[callback])
     return {"shared": float(tf.reduce_mean(shared)), "local": float(tf.reduce_mean(local))}
 
 
