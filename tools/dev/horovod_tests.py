@@ -43,8 +43,10 @@ with ``connect ... Connection refused``; the table says ``passed (after 1 crash)
 ``not run``. A small pytest plugin (written to the work directory, loaded with ``-p``)
 records each rank's progress as it goes, so that after a hang or a crash the job is killed,
 the test in progress is marked and the run goes on with the tests not yet done
-(``--deselect``). The junit files give the outcomes and first error lines where they exist;
-the plugin's record fills in where a rank was killed before writing its junit file.
+(``--deselect``); before it kills a hung job it has each rank's pytest print every thread's
+stack into the log (``faulthandler`` on ``SIGUSR1``). The junit files give the outcomes and
+first error lines where they exist; the plugin's record fills in where a rank was killed
+before writing its junit file.
 
 Output: a markdown table test -> outcome under each mode, the tests whose outcome differs
 between ``a`` and ``b`` with the first error line from ``b``, the tests that do not pass in
@@ -147,7 +149,12 @@ def _message(report):
 
 def pytest_collection_finish(session):
     _hide_torch_optimizers()
-    _write(event="collected", nodeids=[item.nodeid for item in session.items])
+    import faulthandler
+    import signal
+
+    # the driver sends SIGUSR1 before it kills a job that hung: every thread's stack to stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _write(event="collected", nodeids=[item.nodeid for item in session.items], pid=os.getpid())
 
 
 def _hide_torch_optimizers():
@@ -257,7 +264,8 @@ def read_progress(progress_dir: str, np_: int) -> dict:
     "finished": bool, "last": t}."""
     ranks = {}
     for rank in range(np_):
-        state = {"collected": None, "started": {}, "ended": {}, "finished": False, "last": None}
+        state = {"collected": None, "started": {}, "ended": {}, "finished": False, "last": None,
+                 "pid": None}
         path = os.path.join(progress_dir, f"progress.{rank}.jsonl")
         if os.path.exists(path):
             with open(path) as f:
@@ -269,6 +277,7 @@ def read_progress(progress_dir: str, np_: int) -> dict:
                     state["last"] = ev.get("t")
                     if ev["event"] == "collected":
                         state["collected"] = ev["nodeids"]
+                        state["pid"] = ev.get("pid")
                     elif ev["event"] == "start":
                         state["started"][ev["nodeid"]] = ev["t"]
                     elif ev["event"] == "end":
@@ -319,6 +328,21 @@ def where(traceback_text: str) -> str:
         return ""
     path, line = locs[-1]
     return f" [at {os.path.basename(path)}:{line}" + (f": {src[-1][:160]}" if src else "") + "]"
+
+
+def dump_stacks(prog: dict) -> None:
+    """SIGUSR1 to each rank's pytest (the plugin's faulthandler prints every thread's stack to
+    the log), then a few seconds for the output to come through horovodrun."""
+    sent = False
+    for st in prog.values():
+        if st.get("pid") and not st["finished"]:
+            try:
+                os.kill(st["pid"], signal.SIGUSR1)
+                sent = True
+            except (ProcessLookupError, PermissionError):
+                pass
+    if sent:
+        time.sleep(5)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -408,6 +432,7 @@ def run_job(mode: str, file: str, expr, ctx) -> dict:
                 kill_group(proc)
                 raise
             if killed:
+                dump_stacks(read_progress(work, ctx.np))
                 kill_group(proc)
             rc = proc.wait()
             seconds = time.time() - start
@@ -418,7 +443,7 @@ def run_job(mode: str, file: str, expr, ctx) -> dict:
         attempts.append({"attempt": attempt, "rc": rc, "seconds": round(seconds, 1), "killed": killed,
                          "log": log_path, "deselected": list(deselect)})
         if killed:
-            print(f"[horovod-tests]   killed: {killed}", flush=True)
+            print(f"[horovod-tests]   killed: {killed} (each rank's stacks: {log_path})", flush=True)
         if collected is None:  # nothing collected (import error, launch failure)
             if not order:
                 line = first_error_line(log_path)
