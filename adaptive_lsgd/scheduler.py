@@ -165,9 +165,10 @@ class Scheduler:
         self.model: CostModel | None = None
         self.last_decision: str | None = None
         self._own_healthy = True  # the health flag this rank gave the current sync's payload
-        # Start from one model: checked at the first sync (not saved: a resumed or rebuilt
-        # scheduler checks again). ``origin`` is this rank's fingerprint of the model it began
-        # the local phase with.
+        # Start from one model: checked at the first sync of a run (a state loaded from after
+        # a sync turns it off: per-rank checkpoints of the local phase differ by design; an
+        # elastic rebuild turns it on again). ``origin`` is this rank's fingerprint of the
+        # model it began the local phase with.
         self.origin_pending = bool(check_origin)
         self.origin: np.ndarray | None = None
         self.switch_step: int | None = 0 if self.phase == LOCAL else None
@@ -529,6 +530,8 @@ class Scheduler:
         self._steps_in_round = state["steps_in_round"]
         self.global_syncs = state["global_syncs"]
         self.syncs = list(state["syncs"])
+        if any(self.syncs):  # resumed past the first sync: the ranks' models differ by design
+            self.origin_pending = False
         self._hist_compute = deque(state["hist_compute"], maxlen=self.config.history)
         self._hist_links = [deque(h, maxlen=self.config.history) for h in state["hist_links"]]
         self.shared_lr = state["shared_lr"]

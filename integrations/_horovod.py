@@ -211,7 +211,8 @@ class Runtime:
         self.scheduler = Scheduler(config, topo, self.rank, param_bytes, check_origin=check_origin)
         if carry is not None:
             self.scheduler.load_state_dict(carry, strict=False)
-            if share:
+            if share:  # an elastic rebuild: check again (the reset's broadcast should match)
+                self.scheduler.origin_pending = check_origin
                 self.scheduler.log.write({"step": self.scheduler.step, "event": "elastic_reset",
                                           "size": topo.size, "previous_size": carry["size"],
                                           "periods": list(self.scheduler.periods),

@@ -394,6 +394,7 @@ class LocalSGD:
             if model is not self._model:
                 self._param_bytes = None
             self._model = model
+            self._note_origin()
         if optimizer is not None:
             self._optimizer = optimizer
         return self
@@ -463,9 +464,21 @@ class LocalSGD:
         do): before the first local step it notes the model each rank begins from, so that
         the first sync gives every rank rank 0's model if they differ (README, "Start from
         one model"). Without it the first sync is rank 0's model. Not a collective."""
-        if self.runtime is not None and self._model is not None and self.scheduler.is_local:
-            note_local_start(self.scheduler, self._backend,
-                             SyncTarget(self._parameters, self._buffers))
+        self._note_origin()
+
+    def _note_origin(self) -> None:
+        """Before the first local step is reported, (re)note the model this rank begins from
+        (the last note before that step counts: attach, then the step's start)."""
+        rt = self.runtime
+        if rt is None or self._model is None or not rt.scheduler.origin_pending:
+            return
+        sched = rt.scheduler
+        if not sched.is_local or sched.step != sched.steps_mini_batch:
+            return  # not in the local phase yet, or a local step was already reported
+        target = SyncTarget(self._parameters, self._buffers)
+        if target.parameters():  # an unbuilt Keras model has no variables yet: nothing to note
+            sched.origin = None
+            note_local_start(sched, self._backend, target)
 
     def step_done(self, compute_s: float | None = None, lr: float | None = None) -> SyncResult | None:
         """Report a finished training step; run the sync the scheduler asks for (collective

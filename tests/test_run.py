@@ -220,4 +220,4 @@ def test_each_optimizer_averages_its_own_model_only():
     for r in rows:
         assert r["b_weight"] == pytest.approx(0.5) and r["b_running_mean"] == pytest.approx(0.5)
         assert r["a_weight"] == r["rank"] and r["a_running_mean"] == r["rank"]
-        assert r["b_syncs"] == [2]
+        assert r["b_syncs"] == [3]

@@ -44,9 +44,10 @@ INJECT = {6: (3, np.nan), 8: (1, np.inf), 10: (0, np.inf), 12: (2, np.nan)}
 def nonfinite():
     """2x2, periods [2, 2]: NaN/Inf injected into one rank's variable before level-0 (steps 6,
     10) and global (8, 12) syncs; every rank of the block must hold the healthy average."""
-    rng = np.random.default_rng(RANK)
-    w = tf.Variable(rng.normal(size=[6, 5]).astype(np.float32))
-    b = tf.Variable(rng.normal(size=[5]).astype(np.float32))
+    init = np.random.default_rng(0)  # one starting model (else the first sync is rank 0's)
+    w = tf.Variable(init.normal(size=[6, 5]).astype(np.float32))
+    b = tf.Variable(init.normal(size=[5]).astype(np.float32))
+    rng = np.random.default_rng(RANK)  # each rank's own local updates
     lsgd = alsgd.LocalSGD([w, b], config={"policy": "fixed", "periods": [2, 2], "topology": "2x2",
                                           "log": os.path.join(CASE_DIR, "tfnf.{rank}.jsonl")})
     topo = lsgd.topology
@@ -77,7 +78,7 @@ def nonfinite():
 def uneven_end():
     """2x2, fixed periods [2, 1000]: block (2, 3) is 3 s late for its last block sync while
     block (0, 1) exits at once (see torch_cases.uneven_end)."""
-    w = tf.Variable(tf.fill([6, 5], float(RANK)))
+    w = tf.Variable(tf.zeros([6, 5]))
     lsgd = alsgd.LocalSGD([w], config={"policy": "fixed", "periods": [2, 1000], "topology": "2x2",
                                        "warmup": 0})
     for step in range(1, 11):

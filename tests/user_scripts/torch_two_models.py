@@ -27,6 +27,17 @@ opt_b = hvd.DistributedOptimizer(torch.optim.SGD(b.parameters(), lr=0.0),
 hvd.broadcast_parameters(a.state_dict(), root_rank=0)
 hvd.broadcast_parameters(b.state_dict(), root_rank=0)
 
+x = torch.ones(4, 3)
+
+
+def step_b():  # only b trains (lr 0: the values change by averaging alone)
+    opt_b.zero_grad()
+    b.eval()
+    b(x).sum().backward()
+    opt_b.step()
+
+
+step_b()  # the first sync: the ranks began from rank 0's broadcast model
 rank = float(hvd.rank())
 with torch.no_grad():  # the ranks' models now differ: what a sync averages shows
     a[0].weight.fill_(rank)
@@ -36,12 +47,8 @@ with torch.no_grad():  # the ranks' models now differ: what a sync averages show
     if hvd.rank() == 1:
         a[1].running_var.fill_(float("nan"))  # a NaN in a must not trouble b's optimizer
 
-x = torch.ones(4, 3)
-for _ in range(2):  # only b trains (lr 0: the values change by averaging alone)
-    opt_b.zero_grad()
-    b.eval()
-    b(x).sum().backward()
-    opt_b.step()
+for _ in range(2):
+    step_b()
 
 print("RESULT two_models " + json.dumps({
     "rank": hvd.rank(),

@@ -122,7 +122,8 @@ def _patch_torch(mod) -> None:
         holder.optimizer = opt
         _TORCH_HOLDERS.append(holder)
         _TORCH_UNCLAIMED[:] = [e for e in _TORCH_UNCLAIMED if not holder.claim(e)]
-        _note_use("horovod.torch.DistributedOptimizer", opt.alsgd)
+        member = opt.process_set.included()  # outside its process set: a plain local optimizer
+        _note_use("horovod.torch.DistributedOptimizer", opt.alsgd if member else None)
         return opt
 
     def broadcast_parameters(params, root_rank, *args, **kwargs):
@@ -187,7 +188,7 @@ def _keras_optimizer(original, name: str, drop=()):
 
         with _Reentry():
             opt = alsgd.DistributedOptimizer(optimizer, **call)
-        _note_use(name, opt.alsgd)
+        _note_use(name, opt.alsgd if opt.alsgd.runtime is not None else None)  # None: not in its set
         return opt
 
     DistributedOptimizer.__doc__ = original.__doc__
