@@ -21,7 +21,7 @@ pytestmark = pytest.mark.tensorflow
 
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise",
-             "local_variables", "aggregation", "graph_then_eager"]
+             "local_variables", "aggregation", "graph_then_eager", "start_from_one_model"]
 GEN = """
 import sys
 import numpy as np
@@ -205,6 +205,16 @@ def test_hierarchy_after_late_init_says_what_to_do():
         assert "HOROVOD_DYNAMIC_PROCESS_SETS=1" in r["error"]
         assert "import adaptive_lsgd.integrations.tensorflow before hvd.init()" in r["error"]
         assert "hvd.init() ran before" in r["error"]
+
+
+def test_first_sync_never_mixes_unrelated_starts(np2):
+    """2 ranks adding rank + 1 per step, period 2: begun apart (0 and 10), the first sync is
+    rank 0's model (0 + 2 steps of 1 = 2), the second averages (2 + (2 + 4) / 2 = 5); begun
+    equal (0), the first sync already averages ((2 + 4) / 2 = 3)."""
+    for r in np2["start_from_one_model"]:
+        assert r["apart"]["after_first"] == 2.0 and r["apart"]["after_second"] == 5.0, r
+        assert r["equal"]["after_first"] == 3.0 and r["equal"]["after_second"] == 6.0, r
+        assert not r["apart"]["pending"] and not r["equal"]["pending"]
 
 
 def test_rank_local_variables_are_never_averaged(np2):

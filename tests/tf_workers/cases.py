@@ -661,6 +661,24 @@ def process_sets():
            outside_error=outside_error, elastic_error=elastic_error)
 
 
+def start_from_one_model():
+    """Ranks that begin apart (no broadcast) get rank 0's model at the first sync, with a
+    ``with lsgd.step()`` loop and with a model attached at construction; later syncs average.
+    Ranks that begin equal average at once."""
+    out = {}
+    for start in ("apart", "equal"):
+        w = tf.Variable(tf.fill([3], 10.0 * RANK if start == "apart" else 0.0))
+        lsgd = alsgd.LocalSGD([w], config={"policy": "fixed", "periods": [2]})
+        values = []
+        for _ in range(4):
+            with lsgd.step():
+                w.assign_add(tf.fill([3], float(RANK + 1)))
+            values.append(float(w[0]))
+        out[start] = {"after_first": values[1], "after_second": values[3],
+                      "pending": lsgd.scheduler.origin_pending}
+    report("start_from_one_model", **out)
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         start = time.perf_counter()
