@@ -45,7 +45,9 @@ class Config:
     max_period: int | list = 64
     max_global_period: int | None = None
     topology: str | list = "auto"
-    time_budget: bool = False
+    time_budget: bool | str = "auto"
+    skew_threshold: float = 1.25
+    max_step_ratio: int = 4
     log: str | None = None
     log_all_ranks: bool = False
     hysteresis: float = 0.25
@@ -58,7 +60,7 @@ class Config:
     history: int = 5
     nonfinite_guard: bool = True
     chained_allreduce: bool | str = False
-    overlap: bool = False
+    overlap: bool | str = "auto"
     profile: str | None = None
 
     def to_dict(self) -> dict:
@@ -77,7 +79,12 @@ MEANINGS = {
     "max_global_period": "adaptive: at most this many steps between global averages",
     "topology": "auto (one block per host; flat in elastic jobs), hosts, flat, '2x2' or "
                 "[[0, 1], [2, 3]]",
-    "time_budget": "mixed-speed mode: rounds are a time budget, the average is weighted by steps",
+    "time_budget": "mixed-speed rounds (a time budget, the average weighted by steps): auto (on "
+                   "while ranks' compute differs by more than skew_threshold, in loops that "
+                   "accept per-rank step counts), true or false",
+    "skew_threshold": "time_budget auto: slowest/fastest rank compute ratio that turns it on",
+    "max_step_ratio": "time-budget rounds: a rank takes at most this many times the slowest "
+                      "rank's steps per round (bounds staleness)",
     "log": "decision log (JSON lines) path, written by rank 0",
     "log_all_ranks": "write the decision log on every rank ({rank} in the path also works)",
     "hysteresis": "adaptive: keep the current periods unless the target moves them by this much",
@@ -90,7 +97,8 @@ MEANINGS = {
     "history": "timing statistics: shared history length",
     "nonfinite_guard": "a rank with NaN/Inf parameters is left out of the average and reset to it",
     "chained_allreduce": "hierarchical allreduce for upper-level syncs: true, sliced or leaders",
-    "overlap": "PyTorch: run each average in the background during the next round",
+    "overlap": "PyTorch: run each average in the background during the next round: auto (when "
+               "the target cannot be reached otherwise), true or false",
     "profile": "an alsgd-tune profile: the adaptive policy starts at its recommendation",
 }
 MOMENTUM = ("local", "average", "reset")
@@ -153,7 +161,19 @@ def _check(key: str, v: Any) -> Any:
         if isinstance(v, bool) or v in CHAINED_FORMS:
             return v
         raise ValueError(f"expected true, false or one of the forms {', '.join(CHAINED_FORMS)}")
-    if key in ("time_budget", "log_all_ranks", "average_buffers", "nonfinite_guard", "overlap"):
+    if key in ("time_budget", "overlap"):
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError("expected auto, true or false")
+    if key == "skew_threshold":
+        if _is_num(v) and v > 1:
+            return float(v)
+        raise ValueError("expected a number above 1 (the slowest rank's step time over the fastest's)")
+    if key == "max_step_ratio":
+        if _is_int(v) and v >= 1:
+            return v
+        raise ValueError("expected a positive integer")
+    if key in ("log_all_ranks", "average_buffers", "nonfinite_guard"):
         if isinstance(v, bool):
             return v
         raise ValueError("expected true or false")
@@ -315,11 +335,11 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
     if cfg.policy == "fixed" and cfg.periods is None:
         raise ConfigError("config key 'periods' is required with policy 'fixed' "
                           "(e.g. periods: [4], or [2, 8] for two levels)")
-    if cfg.overlap:
+    if cfg.overlap is True:
         # An overlapped average is one asynchronous allreduce in flight while the next round
         # runs: a multi-stage (chained) sync or per-rank round lengths do not fit that.
         for key, bad in (("chained_allreduce", cfg.chained_allreduce is not False),
-                         ("time_budget", cfg.time_budget)):
+                         ("time_budget", cfg.time_budget is True)):
             if bad:
                 raise ConfigError(f"config key 'overlap' (from {sources['overlap']}) cannot be "
                                   f"combined with {key}: {getattr(cfg, key)!r} (from "
@@ -346,9 +366,9 @@ def check_supported(cfg: Config, runner: str, elastic: bool = False) -> None:
                           "Horovod jobs yet (its scheduler state would not survive a reset): "
                           "launch without --min-np/--max-np/--host-discovery-script, or use the "
                           "PyTorch integration, which supports them (docs/elastic.md)")
-    if cfg.overlap and runner in _NO_OVERLAP:
+    if cfg.overlap is True and runner in _NO_OVERLAP:
         raise ConfigError(_NO_OVERLAP[runner])
-    if cfg.overlap and elastic:
+    if cfg.overlap is True and elastic:
         raise ConfigError("config key 'overlap' is not supported in elastic Horovod jobs (an "
                           "average in flight cannot survive a reset); set overlap: false")
 
@@ -357,7 +377,7 @@ def cautions(cfg: Config, loop: str) -> list:
     """Warnings (strings) for running ``cfg`` in a training loop of kind ``loop`` (``fit``: a
     loop with a fixed number of steps per epoch, such as Keras ``model.fit``)."""
     out = []
-    if loop == "fit" and cfg.time_budget:
+    if loop == "fit" and cfg.time_budget is True:
         out.append("time_budget mode with model.fit: ranks take different numbers of steps per "
                    "round, so a fixed number of steps per epoch ends them on different rounds")
     return out

@@ -13,9 +13,15 @@ With ``overlap`` (the average runs in the background during the next level-0 rou
 steps, see the ``overlap`` config key) a sync costs only what the round does not hide:
 ``max(0, sync_s(l) - H_0 * compute_s)``.
 
+Stragglers: with ``rank_compute_s`` (every rank's step time) the model prices what a round
+costs the *job*: with step-count rounds every rank waits for the slowest (the others idle
+``H x (t_slowest - t_rank)``); with time-budget rounds (:func:`rank_split`) each rank takes
+as many steps as fit in the slowest rank's ``H`` steps, so the idle time is only the rounding.
+:meth:`CostModel.job_steps_per_s` is the useful work per second (steps of all ranks).
+
 Example::
 
-    >>> from adaptive_lsgd.cost_model import CostModel, LinkModel
+    >>> from adaptive_lsgd.cost_model import CostModel, LinkModel, rank_split
     >>> m = CostModel(compute_s=0.05, link_s=[0.4])
     >>> round(m.comm_fraction([1]), 3), round(m.comm_fraction([8]), 3)
     (0.889, 0.5)
@@ -24,6 +30,11 @@ Example::
     >>> m = CostModel(compute_s=0.05, link_s=[0.4], overlap=True)   # 8 steps hide the 0.4 s
     >>> round(m.comm_fraction([4]), 3), m.comm_fraction([8])
     (0.5, 0.0)
+    >>> rank_split(1, [0.0204, 0.0404], max_ratio=4)    # nearest, not floor: 1.98 -> 2 steps
+    [2, 1]
+    >>> m = CostModel(0.04, [0.004], rank_compute_s=[0.02, 0.04])
+    >>> round(m.job_steps_per_s([8]), 1), round(m.job_steps_per_s([8], rank_steps=[16, 8]), 1)
+    (49.4, 74.1)
 """
 
 from __future__ import annotations
@@ -80,8 +91,10 @@ class CostModel:
     """
 
     def __init__(self, compute_s: float, link_s: Sequence[float], chained: bool = False,
-                 sliced: bool = False, overlap: bool = False):
+                 sliced: bool = False, overlap: bool = False,
+                 rank_compute_s: Sequence[float] | None = None):
         self.compute_s = float(compute_s)
+        self.rank_compute_s = None if rank_compute_s is None else [float(t) for t in rank_compute_s]
         self.link_s = [float(t) for t in link_s]
         self.chained = chained
         self.sliced = chained and sliced
@@ -90,6 +103,28 @@ class CostModel:
         self.sync_s = [sum(below * self.link_s[j] for j in range(lvl) if chained) + self.link_s[lvl]
                        for lvl in range(len(self.link_s))]
         self._fractions: dict = {}  # periods -> comm fraction (the model never changes)
+
+    def with_overlap(self, overlap: bool = True) -> CostModel:
+        """The same links and compute with (or without) overlapped averages."""
+        if overlap == self.overlap:
+            return self
+        return CostModel(self.compute_s, self.link_s, chained=self.chained, sliced=self.sliced,
+                         overlap=overlap, rank_compute_s=self.rank_compute_s)
+
+    def job_steps_per_s(self, periods: Sequence[int], rank_steps: Sequence[int] | None = None) -> float:
+        """Useful work per second: local steps of *all* ranks per second of wall time, with
+        step-count rounds (``rank_steps`` None: everyone takes ``periods[0]`` steps and waits
+        for the slowest) or time-budget rounds (``rank_steps``: level-0 steps per rank)."""
+        times = self.rank_compute_s or [self.compute_s]
+        steps, _, comm = self.round_times(periods)
+        rounds = steps / int(periods[0])
+        if rank_steps is None:
+            per_round = [int(periods[0])] * len(times)
+        else:
+            per_round = [int(n) for n in rank_steps]
+        round_s = max(n * t for n, t in zip(per_round, times))
+        wall = rounds * round_s + comm
+        return rounds * sum(per_round) / wall if wall > 0 else math.inf
 
     @property
     def num_levels(self) -> int:
@@ -156,6 +191,21 @@ class CostModel:
         if self.compute_s > 0 or (not self.overlap and self.sync_s[-1] > 0):  # periods are >= 1
             return comm / denom
         return np.divide(comm, denom, out=np.zeros_like(comm), where=denom > 0)
+
+
+def rank_split(base: int, compute: Sequence[float], max_ratio: int) -> list:
+    """Time-budget rounds: each rank's level-0 steps, as many as fit in the slowest rank's
+    ``base`` steps (the nearest whole number, at least 1, at most ``max_ratio x base``)."""
+    slowest = max(float(c) for c in compute)
+    return [int(min(max(1, math.floor(base * slowest / float(c) + 0.5)), max_ratio * base))
+            for c in compute]
+
+
+def idle_share(rank_steps: Sequence[int], compute: Sequence[float]) -> float:
+    """The share of a round's rank-seconds spent waiting for the rank that finishes last."""
+    busy = [int(n) * float(t) for n, t in zip(rank_steps, compute)]
+    longest = max(busy)
+    return 1.0 - sum(busy) / (len(busy) * longest) if longest > 0 else 0.0
 
 
 def grid_mesh(candidates: Sequence[Sequence[int]]) -> tuple:

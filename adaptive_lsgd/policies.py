@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Config, ConfigError
-from .cost_model import CostModel, candidate_periods, grid_mesh
+from .cost_model import CostModel, candidate_periods, grid_mesh, idle_share, rank_split
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,18 @@ class Decision:
     (None: every rank takes ``periods[0]``); ``cap``: the largest global period allowed
     (``max_global_period``, the quadratic synchronisation rule; None: no cap); ``reason``:
     ``measuring``, ``adapt``, ``hold``, ``fixed`` or ``profile``; ``mechanisms``: the sync
-    mechanisms in force (``{"time_budget": bool}``)."""
+    mechanisms in force (``{"time_budget": bool, "overlap": bool}``) and ``why``: one sentence
+    per mechanism saying why it is on or off."""
 
     periods: tuple
     reason: str
     rank_steps: list | None = None
     cap: int | None = None
     mechanisms: dict = field(default_factory=dict)
+    why: dict = field(default_factory=dict)
+
+
+IDLE_TARGET = 0.05  # time-budget rounds: a longer round when rounding idles ranks more than this
 
 
 class Policy:
@@ -90,21 +95,43 @@ class Policy:
         """The decision before any sync: the initial periods, or with a profile's cost model
         ``seed`` (adaptive, no configured periods) the periods it recommends."""
         periods = self.initial_periods()
+        mech = {"time_budget": self.config.time_budget is True, "overlap": self.config.overlap is True}
+        why = {k: ("configured" if getattr(self.config, k) != "auto" else "not measured yet")
+               for k in mech}
         if seed is not None and self.name == "adaptive" and self.config.periods is None:
             periods, _ = self.choose(seed, periods, None, settled=False)
-            return Decision(tuple(periods), "profile", mechanisms=self._mechanisms())
-        return Decision(tuple(periods), "initial", mechanisms=self._mechanisms())
+            return Decision(tuple(periods), "profile", mechanisms=mech, why=why)
+        return Decision(tuple(periods), "initial", mechanisms=mech, why=why)
 
     def decide(self, model: CostModel | None, current: tuple, settled: bool,
-               compute: np.ndarray, lr: float | None, rank_steps: list | None = None) -> Decision:
+               compute: np.ndarray, lr: float | None, rank_steps: list | None = None, *,
+               previous: Decision | None = None, uneven_ok: bool = True,
+               can_overlap: bool = False, timing_ready: bool = True) -> Decision:
         """The decision at a top-level sync. ``compute``: every rank's median step time (the
         shared table's column; negative where not measured yet); ``lr``: the shared learning
         rate (None if unknown); ``rank_steps``: the split in force, kept while some rank has
-        no compute time yet."""
+        no compute time yet; ``previous``: the decision in force (the mechanisms' hysteresis);
+        ``uneven_ok``: every rank's loop accepts per-rank step counts (``time_budget: auto``
+        needs it); ``can_overlap``: the integration can run an average in the background;
+        ``timing_ready``: every rank's timing window is full enough for ``time_budget: auto``
+        to switch."""
         cap = self.cap(lr)
+        before = previous.mechanisms if previous is not None else {}
+        time_budget, why_tb = self._time_budget(compute if timing_ready else -np.abs(compute),
+                                                uneven_ok, before.get("time_budget", False))
         periods, reason = self.choose(model, current, cap, settled=settled)
-        return Decision(tuple(periods), reason, self.split(periods[0], compute, rank_steps), cap,
-                        self._mechanisms())
+        overlap, why_ov = self._overlap(model, periods, current, cap, settled, can_overlap,
+                                        time_budget, before.get("overlap", False))
+        if overlap and self.config.overlap is not True:
+            periods, reason = self.choose(model.with_overlap(), current, cap, settled=settled)
+        split = rank_steps
+        if time_budget and np.all(compute > 0):
+            periods, split = self._round_for_split(tuple(periods), compute, cap)
+        elif not time_budget:
+            split = None
+        return Decision(tuple(periods), reason, split, cap,
+                        {"time_budget": time_budget, "overlap": overlap},
+                        {"time_budget": why_tb, "overlap": why_ov})
 
     def cap(self, lr: float | None) -> int | None:
         """The largest global period allowed now: ``max_global_period`` and the quadratic
@@ -115,17 +142,75 @@ class Policy:
             caps.append(max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / lr) ** 2))))
         return min(caps) if caps else None
 
-    def split(self, base: int, compute: np.ndarray, current: list | None) -> list | None:
+    def split(self, base: int, compute: np.ndarray) -> list:
         """Time-budget rounds: each rank takes as many steps as fit in the slowest rank's
-        ``base`` steps (at least 1, at most 8x ``base``); None without ``time_budget``."""
-        if not self.config.time_budget or not np.all(compute > 0):
-            return current
-        slowest = float(compute.max())
-        return [int(min(max(1, math.floor(base * slowest / c + 1e-6)), 8 * base))
-                for c in compute.tolist()]
+        ``base`` steps (the nearest count, at least 1, at most ``max_step_ratio x base``)."""
+        return rank_split(base, compute.tolist(), self.config.max_step_ratio)
 
-    def _mechanisms(self) -> dict:
-        return {"time_budget": bool(self.config.time_budget)}
+    # -- the mechanisms (each a function of shared values only) ------------------------------------
+    def _time_budget(self, compute: np.ndarray, uneven_ok: bool, was_on: bool) -> tuple:
+        cfg = self.config
+        if cfg.time_budget != "auto":
+            return bool(cfg.time_budget), "configured"
+        if not uneven_ok:
+            return False, ("the training loop takes the same number of steps on every rank "
+                           "(declare a stream loop with allow_uneven_steps to let faster ranks "
+                           "take more)")
+        if not np.all(compute > 0):
+            return was_on, "not every rank measured yet"
+        skew = float(compute.max() / compute.min())
+        off_below = 1.0 + (cfg.skew_threshold - 1.0) / 2.0
+        on = skew > cfg.skew_threshold or (was_on and skew >= off_below)
+        bound = cfg.skew_threshold if not was_on else off_below
+        return on, (f"slowest/fastest compute {skew:.2f} {'>' if on else '<='} {bound:.3g} "
+                    f"(skew_threshold {cfg.skew_threshold:g})")
+
+    def _overlap(self, model, periods, current, cap, settled, can_overlap, time_budget,
+                 was_on) -> tuple:
+        cfg = self.config
+        if cfg.overlap != "auto":
+            return bool(cfg.overlap), "configured"
+        if not can_overlap:
+            return False, ("not available here (TensorFlow, elastic jobs, chained syncs and the "
+                           "simulator block on averages)")
+        if time_budget:
+            return False, "time-budget rounds are in force (per-rank round lengths)"
+        if model is None:
+            return False, "not measured yet"
+        target = cfg.target_comm_fraction
+        plain = model.comm_fraction(periods)
+        hidden_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
+        hidden = model.with_overlap().comm_fraction(hidden_periods)
+        limit = target if not was_on else target * (1 - cfg.hysteresis)
+        on = plain > limit and hidden < plain
+        return on, (f"blocking averages at their best periods {list(periods)} spend "
+                    f"{plain:.1%} in communication ({'>' if plain > limit else '<='} "
+                    f"{limit:.1%}); overlapped: {hidden:.1%} at {list(hidden_periods)}")
+
+    def _round_for_split(self, periods: tuple, compute: np.ndarray, cap: int | None) -> tuple:
+        """The periods and split of time-budget rounds: where rounding the per-rank steps idles
+        ranks more than IDLE_TARGET (short rounds, a skew that is not a whole ratio), the
+        smallest longer level-0 period (at most 4x the chosen one, within ``max_period`` and the
+        cap) that does not, or the one that idles least."""
+        times = compute.tolist()
+        split = self.split(periods[0], compute)
+        if idle_share(split, times) <= IDLE_TARGET or self.name != "adaptive":
+            return periods, split
+        rest = math.prod(periods[1:])
+        limit = min(self.max_period[0], 4 * periods[0])  # a longer round, not a different regime
+        if cap is not None:
+            limit = min(limit, max(periods[0], cap // rest))
+        best = (idle_share(split, times), periods[0], split)
+        for h0 in candidate_periods(limit):
+            if h0 <= periods[0]:
+                continue
+            cand = self.split(h0, compute)
+            idle = idle_share(cand, times)
+            if idle < best[0] - 1e-12:
+                best = (idle, h0, cand)
+            if idle <= IDLE_TARGET:
+                break
+        return (best[1],) + tuple(periods[1:]), best[2]
 
 
 class FixedPolicy(Policy):

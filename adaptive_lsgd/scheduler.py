@@ -42,7 +42,7 @@ import numpy as np
 from .config import Config, load_config
 from .cost_model import CostModel
 from .decision_log import DecisionLog
-from .policies import make_policy
+from .policies import Decision, make_policy
 from .profile import level_kinds, load_profile
 from .timing import WindowStat
 from .topology import Stage, Topology
@@ -52,8 +52,9 @@ MINI_BATCH = "mini-batch"
 LOCAL = "local"
 
 # Columns of a rank's row in the top-level payload; link medians follow.
-COL_COMPUTE, COL_STEPS, COL_LR, COL_HEALTHY, COL_SYNC = range(5)
-BASE_COLS = 5
+COL_COMPUTE, COL_STEPS, COL_LR, COL_HEALTHY, COL_SYNC, COL_UNEVEN, COL_SAMPLES = range(7)
+BASE_COLS = 7
+SPLIT_SAMPLES = 8  # time_budget: auto switches once every rank's window holds this many samples
 STATE_VERSION = 1
 
 
@@ -112,7 +113,8 @@ class DecisionShare:
 
 
 # The scheduler state one top-level decision writes (what a DecisionShare hands on).
-_DECISION_STATE = ("_hist_compute", "_hist_links", "shared_lr", "model", "periods", "rank_steps",
+_DECISION_STATE = ("_hist_compute", "_hist_rank", "_hist_links", "shared_lr", "model", "periods",
+                   "rank_steps",
                    "last_decision", "decision")
 
 
@@ -127,11 +129,18 @@ class Scheduler:
     local phase from the same model (:func:`adaptive_lsgd.sync.note_local_start`) and, if not,
     is rank 0's model instead of an average (:meth:`from_rank0`), so unrelated initialisations
     never mix. Integrations set it; every rank must give the same value.
+
+    ``can_overlap``: the integration can run an average in the background (``overlap: auto``
+    may then pick it); ``uneven_steps``: this rank's training loop accepts per-rank step
+    counts (a stream of batches, no collectives of its own between syncs), which
+    ``time_budget: auto`` needs on *every* rank (the flag travels in the shared table; set it
+    later with :attr:`uneven_steps`).
     """
 
     def __init__(self, config: Config | dict | None, topology: Topology, rank: int,
                  param_bytes: int = 0, log: DecisionLog | None = None,
-                 share: DecisionShare | None = None, check_origin: bool = False):
+                 share: DecisionShare | None = None, check_origin: bool = False,
+                 can_overlap: bool = False, uneven_steps: bool = False):
         self.config = load_config(config) if not isinstance(config, Config) else config
         self.topology = topology
         self.rank = rank
@@ -150,6 +159,9 @@ class Scheduler:
         self.decision = self.policy.first(self.seed)
         self.periods = self.decision.periods
         self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
+        self._hist_rank: deque = deque(maxlen=cfg.history)  # every rank's compute, per decision
+        self.can_overlap = bool(can_overlap) and not (topology.chained and topology.num_levels > 1)
+        self.uneven_steps = bool(uneven_steps)
         self._counters = [0] * self.num_levels
         self._compute = WindowStat(cfg.window, skip=cfg.timing_warmup)
         self._links = [WindowStat(cfg.window) for _ in range(self.num_levels)]
@@ -230,13 +242,23 @@ class Scheduler:
                 break
             self._counters[lvl] = 0
             level = lvl
-        weight = float(self._steps_in_round) if self.config.time_budget else 1.0
+        weight = float(self._steps_in_round) if self.weighs_by_steps else 1.0
         self._steps_in_round = 0
         is_global = level == self.num_levels - 1
         stages = self.topology.stages(level, self.rank)
         return SyncPlan(level, stages, weight, is_global, self.step,
                         (self.size * self.cols if is_global else 0) + 2,
-                        overlap=self.config.overlap and len(stages) == 1)
+                        overlap=self.overlapping and len(stages) == 1)
+
+    @property
+    def weighs_by_steps(self) -> bool:
+        """Time-budget rounds in force: the average is weighted by each rank's steps."""
+        return self.rank_steps is not None or self.config.time_budget is True
+
+    @property
+    def overlapping(self) -> bool:
+        """Averages run in the background during the next round (``overlap`` in force)."""
+        return bool(self.decision.mechanisms.get("overlap"))
 
     def record_compute(self, times) -> None:
         """The compute times of steps reported with ``compute_s=None``, in step order."""
@@ -265,7 +287,7 @@ class Scheduler:
         Returns None in the mini-batch phase, where the models are already identical."""
         if self.phase != LOCAL:
             return None
-        weight = float(max(self._steps_in_round, 1)) if self.config.time_budget else 1.0
+        weight = float(max(self._steps_in_round, 1)) if self.weighs_by_steps else 1.0
         self._steps_in_round = 0
         self._counters = [0] * self.num_levels
         level = self.num_levels - 1
@@ -314,6 +336,8 @@ class Scheduler:
         row[COL_LR] = self._lr
         row[COL_HEALTHY] = 1.0 if healthy else 0.0
         row[COL_SYNC] = self.global_syncs
+        row[COL_UNEVEN] = 1.0 if self.uneven_steps else 0.0
+        row[COL_SAMPLES] = len(self._compute)
         for lvl, stat in enumerate(self._links):
             row[BASE_COLS + lvl] = stat.median()
         return row
@@ -375,7 +399,13 @@ class Scheduler:
             table = reduced[:self.size * self.cols].reshape(self.size, self.cols)
             if healthy < self.size:  # O(world): only when some rank was unhealthy
                 result.excluded_ranks = [int(r) for r in np.flatnonzero(table[:, COL_HEALTHY] == 0)]
+            before = self.decision.mechanisms
             result.decision = self._decide(table)
+            if self.decision.mechanisms != before:  # a mechanism switched: say why in the log
+                record["mechanism_reason"] = dict(self.decision.why)
+                _LOG.info("adaptive-lsgd: step %d: mechanisms %s (%s)", plan.step,
+                          self.decision.mechanisms, "; ".join(
+                              f"{k}: {v}" for k, v in self.decision.why.items()))
             result.periods = self.periods
             self.global_syncs += 1
             self._steps_since_global = 0
@@ -415,14 +445,30 @@ class Scheduler:
         lrs = table[:, COL_LR]
         if np.any(lrs >= 0):
             self.shared_lr = float(lrs[lrs >= 0].min())
-        self.model = self._build_model()
+        if np.all(compute > 0):
+            self._hist_rank.append([float(c) for c in compute])
+            # the mechanisms and the split see each rank's median over the shared history:
+            # one noisy window neither flips time-budget rounds nor moves the split
+            compute = np.asarray(self._rank_compute)
+        # a window of a few samples is noise: time_budget: auto waits for fuller ones
+        ready = bool(np.all(table[:, COL_SAMPLES] >= min(self.config.window, SPLIT_SAMPLES)))
+        self.model = self._build_model(self._rank_compute)
         self.decision = d = self.policy.decide(
             self.model, self.periods, settled=self.last_decision not in (None, "measuring"),
-            compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps)
+            compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps,
+            previous=self.decision, uneven_ok=bool(np.all(table[:, COL_UNEVEN] > 0)),
+            can_overlap=self.can_overlap, timing_ready=ready)
         self.periods, self.rank_steps, self.last_decision = d.periods, d.rank_steps, d.reason
         if share is not None:
             share.sync, share.state = self.global_syncs, tuple(getattr(self, n) for n in _DECISION_STATE)
         return d.reason
+
+    @property
+    def _rank_compute(self) -> list | None:
+        """Each rank's median step time over the shared history (None before any)."""
+        if not self._hist_rank:
+            return None
+        return [float(c) for c in np.median(np.asarray(self._hist_rank), axis=0)]
 
     def _link_estimate(self, level: int, values: np.ndarray) -> float | None:
         """Transfer time of the level's link: the min over each link's members (the one that
@@ -451,6 +497,7 @@ class Scheduler:
                 not self._hist_compute or not all(self._hist_links)),
             "lr": self.shared_lr,
             "rank_steps": self.rank_steps,
+            "mechanism": dict(self.decision.mechanisms),
         }
 
     # -- summaries and state ------------------------------------------------------------------
@@ -490,10 +537,13 @@ class Scheduler:
             "global_syncs": self.global_syncs,
             "syncs": list(self.syncs),
             "hist_compute": list(self._hist_compute),
+            "hist_rank_compute": [list(c) for c in self._hist_rank],
             "hist_links": [list(h) for h in self._hist_links],
             "shared_lr": self.shared_lr,
             "switch_step": self.switch_step,
             "last_decision": self.last_decision,
+            "mechanisms": dict(self.decision.mechanisms),
+            "why": dict(self.decision.why),
             "accounting": [self.time_compute, self.time_comm, self.time_mini_batch,
                            self.steps_mini_batch],
         }
@@ -533,13 +583,17 @@ class Scheduler:
         if any(self.syncs):  # resumed past the first sync: the ranks' models differ by design
             self.origin_pending = False
         self._hist_compute = deque(state["hist_compute"], maxlen=self.config.history)
+        self._hist_rank = deque(state.get("hist_rank_compute") or [], maxlen=self.config.history)
         self._hist_links = [deque(h, maxlen=self.config.history) for h in state["hist_links"]]
         self.shared_lr = state["shared_lr"]
         self.switch_step = state["switch_step"]
         self.last_decision = state["last_decision"]
+        self.decision = Decision(self.periods, self.last_decision or "initial", self.rank_steps,
+                                 None, dict(state.get("mechanisms", self.decision.mechanisms)),
+                                 dict(state.get("why", self.decision.why)))
         (self.time_compute, self.time_comm, self.time_mini_batch,
          self.steps_mini_batch) = state["accounting"]
-        self.model = self._build_model()
+        self.model = self._build_model(self._rank_compute)
         self.log.resume()
 
     def _seed_model(self) -> CostModel | None:
@@ -552,9 +606,9 @@ class Scheduler:
         levels = [(kind, topo.link_ranks(lvl)) for lvl, kind in enumerate(kinds)]
         return prof.cost_model(levels, nbytes=self.param_bytes or None, chained=topo.chained,
                                shares=[topo.model_share(lvl) for lvl in range(self.num_levels)],
-                               sliced=topo.sliced, overlap=self.config.overlap)
+                               sliced=topo.sliced, overlap=self.config.overlap is True)
 
-    def _build_model(self) -> CostModel | None:
+    def _build_model(self, rank_compute: list | None = None) -> CostModel | None:
         """The shared cost model, once compute and the top link were measured. A lower level
         not measured yet (its syncs may all have been subsumed by higher ones) takes the
         nearest measured level above it: an upper bound, since lower links are the cheap ones.
@@ -564,7 +618,7 @@ class Scheduler:
             compute = statistics.median(self._hist_compute) if self._hist_compute else seed.compute_s
             links = [statistics.median(h) if h else s for h, s in zip(self._hist_links, seed.link_s)]
             return CostModel(compute, links, chained=self.topology.chained, sliced=self.topology.sliced,
-                             overlap=self.config.overlap)
+                             overlap=self.config.overlap is True, rank_compute_s=rank_compute)
         if not self._hist_compute or not self._hist_links[-1]:
             return None
         links = [statistics.median(h) if h else None for h in self._hist_links]
@@ -573,7 +627,7 @@ class Scheduler:
                 links[lvl] = links[lvl + 1]
         return CostModel(statistics.median(self._hist_compute), links,
                          chained=self.topology.chained, sliced=self.topology.sliced,
-                         overlap=self.config.overlap)
+                         overlap=self.config.overlap is True, rank_compute_s=rank_compute)
 
 
 __all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",

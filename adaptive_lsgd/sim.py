@@ -104,7 +104,8 @@ class ClusterSim:
 
     def __init__(self, config, hosts: int, workers_per_host: int, compute_ms: float, params: int,
                  inter_gbps: float, intra_gbps: float = 100.0, latency_us: float = 50.0,
-                 intra_latency_us: float = 5.0, slow_host_factor: float = 1.0, jitter: float = 0.0,
+                 intra_latency_us: float = 5.0, slow_host_factor: float = 1.0,
+                 slow_from_step: int = 0, jitter: float = 0.0,
                  seed: int = 0, batch_size: int = 32, decisions: str = "auto",
                  check_agreement: bool = False):
         self.config = config = (config if isinstance(config, Config)
@@ -123,7 +124,9 @@ class ClusterSim:
         self._noise = np.ones((0, world))
         host = np.arange(world) // workers_per_host
         self.base = np.full(world, self.compute_s)
-        self.base[host == 0] *= slow_host_factor
+        # Host 0 computes slow_host_factor x slower from its step slow_from_step on.
+        self.slow = host == 0
+        self.slow_factor, self.slow_from = float(slow_host_factor), int(slow_from_step)
         # Links and their times, per level.
         self.levels = []
         self.link_s = []
@@ -159,8 +162,10 @@ class ClusterSim:
         self.checked = 0
         self.scheds = []
         for r in range(world):
+            # A simulated loop is a stream of batches: time_budget: auto may give ranks
+            # different step counts.
             self.scheds.append(Scheduler(config, self.topology, r, param_bytes=int(self.nbytes),
-                                         share=self.share))
+                                         share=self.share, uneven_steps=True))
         self.periods_over_time = [[0, list(self.scheds[0].periods)]]
 
     # -- the model ----------------------------------------------------------------------------
@@ -215,7 +220,6 @@ class ClusterSim:
         started = time.perf_counter()
         world, scheds = self.world, self.scheds
         top = self.topology.num_levels - 1
-        time_budget = self.config.time_budget
         clocks, free = self.clocks, self.free_clocks
         compute, comm, done = self.compute_total, self.comm_total, self.done
         cols = np.arange(world)
@@ -232,13 +236,16 @@ class ClusterSim:
                     k = np.ones(world, dtype=np.int64)
                 else:
                     k = np.array([s.steps_to_sync() for s in scheds], dtype=np.int64)
-                if not time_budget:
-                    k = np.minimum(k, steps - done)
+                if s0.rank_steps is None:  # step-count rounds: stop at ``steps`` (every rank
+                    k = np.minimum(k, max(1, steps - int(done.min())))  # the same count)
                 kmax = int(k.max())
                 noise = self._noise_rows(int(done.max()) + kmax)
                 idx = done[:, None] + np.arange(kmax)[None, :]
                 mask = np.arange(kmax)[None, :] < k[:, None]
                 step_s = noise[np.minimum(idx, len(noise) - 1), cols[:, None]] * self.base[:, None]
+                if self.slow_factor != 1.0:
+                    step_s = np.where(self.slow[:, None] & (idx >= self.slow_from),
+                                      step_s * self.slow_factor, step_s)
                 step_s = np.where(mask, step_s, 0.0)
                 spent = step_s.sum(axis=1)
                 clocks += spent
@@ -302,6 +309,7 @@ class ClusterSim:
             "syncs_per_level": list(s0.syncs),
             "switch_step": s0.switch_step,
             "rank_steps": s0.rank_steps,
+            "mechanisms": dict(s0.decision.mechanisms),
             "link_s": list(self.link_s),
             "model": None if model is None else {
                 "compute_s": model.compute_s, "link_s": list(model.link_s),

@@ -151,14 +151,21 @@ class Runtime:
     name)`` allgathers a picklable object over ``process_set`` (the framework's; Horovod's
     PyTorch ``allgather_object`` takes no process set). ``check_origin``: the scheduler's
     (the integration calls :func:`adaptive_lsgd.sync.note_local_start` before local steps).
+    ``can_overlap``: the integration can run averages in the background (``overlap: auto``;
+    never in elastic jobs); ``uneven_steps``: the loop accepts per-rank step counts
+    (``time_budget: auto``; :meth:`allow_uneven_steps` sets it later).
     """
 
     def __init__(self, hvd, sets: ProcessSets, config: Config, param_bytes: int, *,
                  exit_barrier: Callable[[], object], token: Callable[[], object] = lambda: None,
                  carry: dict | None = None, share: bool = False, world: int = 0,
                  scope: Callable = contextlib.nullcontext, process_set=None,
-                 gather: Callable | None = None, check_origin: bool = False):
+                 gather: Callable | None = None, check_origin: bool = False,
+                 can_overlap: bool = False, uneven_steps: bool = False):
         self.config, self.param_bytes, self.world = config, param_bytes, world
+        # overlap: auto needs an asynchronous collective and no elastic reset mid-average
+        self.can_overlap = can_overlap and not elastic_job()
+        self.uneven_steps = uneven_steps
         self._token_of = token
         self.token = token()
         sets.renew(self.token)
@@ -208,7 +215,8 @@ class Runtime:
                        "'Known limits')")
         self.rank = hvd.rank() if whole else process_set.rank()
         self.check_origin = check_origin
-        self.scheduler = Scheduler(config, topo, self.rank, param_bytes, check_origin=check_origin)
+        self.scheduler = Scheduler(config, topo, self.rank, param_bytes, check_origin=check_origin,
+                                   can_overlap=self.can_overlap, uneven_steps=uneven_steps)
         if carry is not None:
             self.scheduler.load_state_dict(carry, strict=False)
             if share:  # an elastic rebuild: check again (the reset's broadcast should match)
@@ -217,6 +225,12 @@ class Runtime:
                                           "size": topo.size, "previous_size": carry["size"],
                                           "periods": list(self.scheduler.periods),
                                           "phase": self.scheduler.phase})
+
+    def allow_uneven_steps(self, allow: bool = True) -> None:
+        """Declare that the training loop accepts per-rank step counts (not a collective; the
+        flag reaches the other ranks in the next top-level sync's table)."""
+        self.uneven_steps = bool(allow)
+        self.scheduler.uneven_steps = bool(allow)
 
     @property
     def current(self) -> bool:
@@ -230,7 +244,9 @@ class Runtime:
         if state is None:
             self.scheduler.log.close()
             self.scheduler = Scheduler(self.config, self.topology, self.rank, self.param_bytes,
-                                       check_origin=self.check_origin)
+                                       check_origin=self.check_origin,
+                                       can_overlap=self.can_overlap,
+                                       uneven_steps=self.uneven_steps)
             self.scheduler.log.resume()  # append to the log of this run, do not truncate it
         else:
             self.scheduler.load_state_dict(state, strict=False)

@@ -89,7 +89,7 @@ _HVD_INIT_BEFORE_IMPORT = _HVD_INIT_BEFORE_IMPORT and hvd.is_initialized()
 
 __all__ = ["LocalSGD", "DistributedOptimizer", "DistributedGradientTape",
            "PartialDistributedGradientTape", "LocalSGDCallback",
-           "step", "summary", "host_name", "process_set_for"]
+           "step", "summary", "allow_uneven_steps", "host_name", "process_set_for"]
 
 _PROCESS_SETS = ProcessSets(hvd, "adaptive_lsgd.integrations.tensorflow",
                             init_before_import=_HVD_INIT_BEFORE_IMPORT)
@@ -988,3 +988,17 @@ def summary(obj, combine: bool = True) -> dict:
     if lsgd is None:
         raise TypeError(f"{type(obj).__name__} carries no adaptive-lsgd state")
     return lsgd.summary(combine)
+
+
+def allow_uneven_steps(obj, allow: bool = True) -> None:
+    """Declare that the training loop of ``obj`` (an adaptive-lsgd optimizer, tape or
+    :class:`LocalSGD`) accepts a different number of steps on each rank: it draws batches from
+    a stream and issues no Horovod collectives of its own between syncs, so ``time_budget:
+    auto`` may give faster ranks more steps per round. Not for Keras ``fit`` (a fixed number
+    of steps per epoch). Call it on every rank; not a collective."""
+    lsgd = _local_sgd_of(obj)
+    if lsgd is None:
+        raise TypeError(f"allow_uneven_steps expects an adaptive-lsgd optimizer, tape or "
+                        f"LocalSGD, got {type(obj).__name__}")
+    if lsgd.runtime is not None:
+        lsgd.runtime.allow_uneven_steps(allow)

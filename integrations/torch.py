@@ -70,7 +70,7 @@ from adaptive_lsgd.sync import (  # noqa: E402
     sync_round,
 )
 
-__all__ = ["DistributedOptimizer", "summary", "host_name", "process_set_for"]
+__all__ = ["DistributedOptimizer", "summary", "allow_uneven_steps", "host_name", "process_set_for"]
 
 _INIT_BEFORE_IMPORT = _INIT_BEFORE_IMPORT and hvd.is_initialized()
 _DistributedOptimizer = torch_optimizer_base()
@@ -112,7 +112,7 @@ def _gather_object(obj, name: str, process_set=hvd.global_process_set) -> list:
 
 def _runtime(config, param_bytes: int, process_set=hvd.global_process_set, **kw) -> Runtime:
     return Runtime(hvd, _PROCESS_SETS, config, param_bytes, exit_barrier=_exit_barrier,
-                   token=_init_token, process_set=process_set, check_origin=True,
+                   token=_init_token, process_set=process_set, check_origin=True, can_overlap=True,
                    gather=lambda obj, name: _gather_object(obj, name, process_set), **kw)
 
 
@@ -459,7 +459,8 @@ class _LocalSGDMixin:
             rt.scheduler.log.close()
         world = 1 if rt is None else rt.world + 1
         self._alsgd = _runtime(self._alsgd_config, self._alsgd_param_bytes, self.process_set,
-                               carry=carry, share=True, world=world)
+                               carry=carry, share=True, world=world,
+                               uneven_steps=self._alsgd_uneven)
         if rt is not None:
             self._alsgd.scheduler.log.resume()
         # Gradient allreduces are named per Horovod world (rank 0's count, so a worker that
@@ -529,6 +530,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, config=None, model=No
     opt._alsgd_config, opt._alsgd_param_bytes, opt._alsgd_pending = cfg, param_bytes, _NOTHING
     opt._alsgd_inflight = None  # overlap: the average started at the end of the last round
     opt._alsgd_tb = None  # the TorchBackend over the current runtime's process sets
+    opt._alsgd_uneven = False  # allow_uneven_steps: time_budget: auto may engage
     # Elastic jobs build on first use: a worker that joins later must not run a collective
     # here, while the others are already in TorchState.sync().
     opt._alsgd = (None if elastic_job() or not process_set.included()
@@ -542,3 +544,29 @@ def summary(optimizer) -> dict:
     local = optimizer.alsgd.scheduler.summary()
     local["rank"] = hvd.rank()
     return combine_summaries(_gather_object(local, "alsgd.summary", optimizer.process_set))
+
+
+def allow_uneven_steps(optimizer, allow: bool = True) -> None:
+    """Declare that this training loop accepts a different number of steps on each rank: it
+    draws batches from a stream (not a fixed number per rank and epoch) and issues no Horovod
+    collectives of its own between the optimizer's syncs. ``time_budget: auto`` (the default)
+    then gives faster ranks more steps per round on a mixed cluster; without it every rank
+    takes the same steps (a loop over a fixed shard would otherwise reach its epoch's end, and
+    the collectives after it, on different rounds). Call it on every rank; not a collective.
+
+    Example::
+
+        opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                         named_parameters=model.named_parameters())
+        alsgd.allow_uneven_steps(opt)
+        while time.monotonic() < deadline:        # a stream: every rank trains until the deadline
+            loss_fn(model(next(batches))).backward(); opt.step(); opt.zero_grad()
+        opt.average_now()
+    """
+    if not hasattr(optimizer, "_alsgd_runtime"):
+        raise TypeError(f"allow_uneven_steps expects an adaptive-lsgd DistributedOptimizer, got "
+                        f"{type(optimizer).__name__}")
+    optimizer._alsgd_uneven = bool(allow)
+    rt = optimizer._alsgd
+    if rt is not None and rt.current:  # else the next build (elastic) takes it from the optimizer
+        rt.allow_uneven_steps(allow)

@@ -84,17 +84,19 @@ class _FakeAsync(NumpyBackend):
 class FakeCluster:
     """``size`` ranks, each with its own Scheduler, a model vector and an in-memory log.
 
+    ``scheduler_kw`` go to every rank's Scheduler (``uneven_steps``, ``can_overlap``, ...).
     ``stage_time(rank, stage, plan)`` gives the wall time a rank measured for a stage
     (default: ``link_s[stage.link_level]``, half of it for the sliced sync's reduce-scatters
     and allgathers).
     """
 
     def __init__(self, config, topology, link_s=None, stage_time=None, param_len: int = 3,
-                 models=None):
+                 models=None, **scheduler_kw):
         self.topology = topology
         self.size = topology.size
         self.logs = [MemoryLog() for _ in range(self.size)]
-        self.scheds = [Scheduler(config, topology, r, param_bytes=4 * param_len, log=self.logs[r])
+        self.scheds = [Scheduler(config, topology, r, param_bytes=4 * param_len, log=self.logs[r],
+                                 **scheduler_kw)
                        for r in range(self.size)]
         self.link_s = list(link_s) if link_s is not None else [0.01] * topology.num_levels
         self.stage_time = stage_time or self._default_stage_time

@@ -20,11 +20,12 @@ def cfg(**kw):
 
 
 # -- config -----------------------------------------------------------------------------------
-def test_overlap_is_off_by_default_and_read_from_every_source():
-    assert cfg().overlap is False
+def test_overlap_is_auto_by_default_and_read_from_every_source():
+    assert cfg().overlap == "auto"
+    assert load_config(None, env={"ALSGD_OVERLAP": "no"}).overlap is False
     assert load_config(None, env={"ALSGD_OVERLAP": "yes"}).overlap is True
     assert load_config(None, env={"ALSGD_OVERLAP": "true"}).overlap is True
-    with pytest.raises(ConfigError, match="'overlap'.*expected true or false, got 'sometimes'"):
+    with pytest.raises(ConfigError, match="'overlap'.*expected auto, true or false, got 'sometimes'"):
         load_config({"overlap": "sometimes"}, env={})
 
 

@@ -124,7 +124,7 @@ def test_policy_decision_holds_cap_split_and_reason():
     assert d.cap == 4  # QSR: (0.2 / 0.1)^2 = 4 < 16
     assert d.periods == (4,) and d.reason == "adapt"
     assert d.rank_steps == [4, 8, 16]
-    assert d.mechanisms == {"time_budget": True}
+    assert d.mechanisms == {"time_budget": True, "overlap": False}
     # an unmeasured rank keeps the split in force
     keep = policy.decide(CostModel(0.01, [0.5]), d.periods, settled=True,
                          compute=np.array([0.02, -1.0, 0.005]), lr=0.1, rank_steps=[1, 2, 3])

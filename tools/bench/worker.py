@@ -72,6 +72,7 @@ class Variant:
         elif self.kind == "alsgd":
             self.opt = alsgd.DistributedOptimizer(sgd, named_parameters=named, model=self.model,
                                                   config=dict(spec["config"]))
+            alsgd.allow_uneven_steps(self.opt)  # segments are whole rounds of a batch stream
             self.sched = self.opt.alsgd.scheduler
         elif self.kind == "peer":
             self._peer(sgd, spec.get("warmup", 0))
@@ -153,25 +154,26 @@ class Variant:
         if self.sched is not None:
             self.opt.reset_step_timer()  # time away from this variant is not compute
         start, steps0 = time.perf_counter(), self.steps
-        if self.spec.get("config", {}).get("time_budget"):
+        if self.kind == "alsgd" and self.spec["config"].get("time_budget", "auto") is not False:
             # Whole rounds until the slowest rank has taken ``steps`` steps (as in every other
-            # variant's segment); faster ranks take more. Decided from shared state only.
+            # variant's segment); in time-budget rounds faster ranks take more. Decided from
+            # shared state only (the split in force at each round's start).
             slow_steps = 0
             while slow_steps < steps:
                 if not self.sched.is_local:
                     self._traced_step(loss_fn, slowdown, t_job)
                     slow_steps += 1
                     continue
-                per_round = min(self.sched.rank_steps or [self.sched.periods[0]])
-                goal = sum(self.sched.syncs) + 1
-                while sum(self.sched.syncs) < goal:
+                per_round = min(self.sched.rank_steps or [self.sched.level_steps()])
+                left = self.sched.steps_to_sync()
+                for _ in range(left):
                     self._traced_step(loss_fn, slowdown, t_job)
                 slow_steps += per_round
         else:
             for _ in range(steps):
                 self._traced_step(loss_fn, slowdown, t_job)
         hidden = 0.0
-        if self.kind == "alsgd" and self.sched.is_local and self.sched.config.overlap:
+        if self.kind == "alsgd" and self.sched.is_local and self.opt._alsgd_inflight is not None:
             # The average in flight completes here, before the other variants run. In an
             # unbroken run the rest of the current round would have computed meanwhile: the
             # segment is charged only the wait that rest would not have hidden.
@@ -252,7 +254,8 @@ def main() -> int:
             say(f"[bench] link rate dropped before round {r + 1} (t={drop_t:.1f}s)")
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:  # rotating order
-            rate = v.segment(steps, r / rounds, loss_fn, slowdown, t_job)
+            slow = slowdown if r >= s.get("throttle_from_round", 0) else 1.0
+            rate = v.segment(steps, r / rounds, loss_fn, slow, t_job)
             line = f"[bench] round {r + 1}/{rounds} {v.name:22s} {rate:9.0f} samples/s"
             if s.get("eval_every_round"):
                 v.accs.append([v.samples, v.accuracy(x_test, y_test)])

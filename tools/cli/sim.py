@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-hop latency of links inside a host, us (default 5)")
     c.add_argument("--slow-host-factor", type=number(0, True), default=1.0,
                    help="compute-time multiplier of host 0 (a mixed cluster; default 1)")
+    c.add_argument("--slow-from-step", type=int, default=0,
+                   help="host 0 is slow from this step on (a rank that throttles mid-run; default 0)")
     c.add_argument("--jitter", type=number(0, False), default=0.0,
                    help="relative std of per-step compute noise, e.g. 0.1 (default 0)")
     r = p.add_argument_group("run")
@@ -67,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-period", type=_int_list, help="cap per level: 64 or 8,64 (default 64)")
     s.add_argument("--warmup", type=int, help="mini-batch SGD steps before local SGD (default 0)")
     s.add_argument("--hysteresis", type=float, help="default 0.25")
-    s.add_argument("--time-budget", action="store_true", default=None,
-                   help="mixed-speed mode: faster ranks take more steps per round")
+    s.add_argument("--time-budget", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed-speed rounds, faster ranks take more steps per round (default: "
+                        "auto, on while the ranks' compute differs by more than skew_threshold)")
     s.add_argument("--chained-allreduce", action="store_true", default=None,
                    help="chained (hierarchical) allreduce, sliced: reduce-scatter up, an allreduce "
                         "of the slices across, allgather down (default: one allreduce over each "
@@ -101,8 +104,9 @@ def simulate(args) -> dict:
     config = config_from_args(args)
     sim = ClusterSim(config, args.hosts, args.workers_per_host, args.compute_ms, int(args.params),
                      args.inter_gbps, args.intra_gbps, args.latency_us, args.intra_latency_us,
-                     args.slow_host_factor, args.jitter, args.seed, args.batch_size,
-                     args.decisions, args.check_agreement)
+                     slow_host_factor=args.slow_host_factor, slow_from_step=args.slow_from_step,
+                     jitter=args.jitter, seed=args.seed, batch_size=args.batch_size,
+                     decisions=args.decisions, check_agreement=args.check_agreement)
     return sim.run(args.steps)
 
 
@@ -110,6 +114,7 @@ def _summary(out: dict) -> str:
     lines = [
         f"{out['ranks']} ranks ({out['hosts']} hosts x {out['workers_per_host']}), "
         f"{out['levels']} level(s), {out['steps']} steps",
+        f"mechanisms {out['mechanisms']}, rank steps per round {out['rank_steps']}",
         f"periods {out['periods']} after {out['global_syncs']} global syncs "
         f"(syncs per level {out['syncs_per_level']})",
         f"throughput {out['samples_per_s']:.1f} samples/s, compute-only "
