@@ -152,6 +152,8 @@ class Policy:
         cfg = self.config
         if cfg.time_budget != "auto":
             return bool(cfg.time_budget), "configured"
+        if self.name != "adaptive":
+            return False, "auto is the adaptive policy's (policy: fixed keeps step-count rounds)"
         if not uneven_ok:
             return False, ("the training loop takes the same number of steps on every rank "
                            "(declare a stream loop with allow_uneven_steps to let faster ranks "
@@ -170,6 +172,8 @@ class Policy:
         cfg = self.config
         if cfg.overlap != "auto":
             return bool(cfg.overlap), "configured"
+        if self.name != "adaptive":
+            return False, "auto is the adaptive policy's (policy: fixed keeps blocking averages)"
         if not can_overlap:
             return False, ("not available here (TensorFlow, elastic jobs, chained syncs and the "
                            "simulator block on averages)")

@@ -514,6 +514,8 @@ class Scheduler:
             "comm_fraction": self.time_comm / busy if busy > 0 else 0.0,
             "mini_batch_s": self.time_mini_batch,
             "mini_batch_steps": self.steps_mini_batch,
+            "mechanisms": dict(self.decision.mechanisms),
+            "rank_steps": self.rank_steps,
             "model": None if self.model is None else {
                 "compute_s": self.model.compute_s, "link_s": self.model.link_s},
         }

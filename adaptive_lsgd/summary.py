@@ -36,4 +36,6 @@ def combine_summaries(per_rank: list) -> dict:
         "local_steps_per_s": n * local_steps / (compute + comm) if compute + comm > 0 else None,
         "mini_batch_steps_per_s": n * mb_steps / mb_time if mb_time > 0 else None,
         "model": per_rank[0].get("model"),
+        "mechanisms": per_rank[0].get("mechanisms"),
+        "rank_steps": per_rank[0].get("rank_steps"),
     }

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.torch
 WORKER = "tests/torch_workers/cases.py"
 TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
        "optimizer_api", "first_lr_decay", "time_budget", "polite_wait", "overlap_h4_equals_reference",
-       "start_from_one_model"]
+       "start_from_one_model", "overlap_auto"]
 # process_sets last: its members run more collectives than the other ranks, and the chained
 # case runs an unnamed allreduce (Horovod names it by the count of operations enqueued)
 FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise", "overlap_adaptive_noise",
-        "process_sets"]
+        "auto_mechanisms", "process_sets"]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,36 @@ def test_time_budget_gives_the_fast_rank_more_steps(two_ranks):
     assert fast["rank_steps"][0] > 2 * fast["rank_steps"][1]  # rank 1 sleeps 8x longer
     assert fast["steps"] > 2 * slow["steps"]  # same number of rounds, more local steps
     assert fast["identical"] and slow["identical"]
+
+
+def test_time_budget_auto_engages_when_a_rank_slows_down(four_ranks):
+    """Default config, a stream loop: the last rank computes 2.5x slower from round 30 on, and
+    time-budget rounds engage by themselves; every rank took the same decisions (their logs
+    are equal but for the clock and the per-rank step counts) and ends on the same model."""
+    rows = per_rank(four_ranks, "auto_mechanisms", 4)
+    logs = []
+    for r in rows:
+        assert r["final_identical"]
+        with open(r["log"]) as fh:
+            logs.append([{k: v for k, v in json.loads(line).items() if k not in ("time", "step")}
+                         for line in fh])
+    assert all(log == logs[0] for log in logs[1:]), "decision logs differ between ranks"
+    switches = [rec for rec in logs[0] if "mechanism_reason" in rec]
+    assert switches and switches[0]["mechanism"]["time_budget"] is True
+    assert "slowest/fastest compute" in switches[0]["mechanism_reason"]["time_budget"]
+    split = rows[0]["rank_steps"]
+    assert all(row["rank_steps"] == split for row in rows)
+    assert min(split[:3]) >= 2 * split[3] - 1  # the slow rank takes fewer steps per round
+    assert rows[0]["steps"] > rows[3]["steps"]
+    assert rows[0]["summary"]["mechanisms"]["time_budget"] is True
+
+
+def test_overlap_auto_engages_when_averages_cost_more_than_the_steps(two_ranks):
+    for r in per_rank(two_ranks, "overlap_auto", 2):
+        assert r["mechanisms"]["overlap"] is True, r["why"]
+        assert r["seen_inflight"] > 10 and r["final_identical"]
+    switch = per_rank(two_ranks, "overlap_auto", 2)[0]["switches"][0]
+    assert switch["mechanism"]["overlap"] is True and "overlapped" in switch["mechanism_reason"]["overlap"]
 
 
 def test_waiting_in_an_average_sleeps_instead_of_spinning(two_ranks):

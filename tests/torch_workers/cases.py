@@ -458,6 +458,61 @@ def start_from_one_model():
     report("start_from_one_model", **out)
 
 
+def auto_mechanisms():
+    """The default config (time_budget: auto) in a stream loop (allow_uneven_steps), every
+    rank's step time noisy, the last rank 2.5x slower from round 30 on: time-budget rounds
+    engage by themselves, the same on every rank, and the log says why."""
+    path = os.path.join(os.environ["CASE_DIR"], "auto.{rank}.jsonl")
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
+                                     named_parameters=model.named_parameters(),
+                                     config={"log": path})
+    alsgd.allow_uneven_steps(opt)
+    sched = opt.alsgd.scheduler
+    rng = random.Random(RANK)
+    data = batches(100000, seed=21)
+    rounds = steps = 0
+    while rounds < 70:
+        slow = 2.5 if RANK == SIZE - 1 and rounds >= 30 else 1.0
+        time.sleep(0.004 * slow * rng.uniform(0.8, 1.2))
+        before = sum(sched.syncs)
+        train_step(model, opt, *next(data))
+        steps += 1
+        rounds += sum(sched.syncs) - before
+    opt.average_now()
+    g = gathered(flat(model))
+    report("auto_mechanisms", steps=steps, rank_steps=sched.rank_steps,
+           mechanisms=sched.decision.mechanisms, log=path.replace("{rank}", str(RANK)),
+           final_identical=bool((g - g[0]).abs().max() == 0), summary=alsgd.summary(opt))
+
+
+def overlap_auto():
+    """The default config (overlap: auto) with a model whose average costs far more than its
+    steps (4M parameters, tiny steps): overlapped averages engage by themselves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 2000), nn.ReLU(), nn.Linear(2000, 2000), nn.ReLU(),
+                          nn.Linear(2000, 3))
+    path = os.path.join(tempfile.mkdtemp(), "overlap_auto.jsonl")
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                     named_parameters=model.named_parameters(),
+                                     config={"log": path, "max_period": 8})
+    sched = opt.alsgd.scheduler
+    seen_inflight = 0
+    for x, y in batches(160, seed=22):
+        train_step(model, opt, x, y)
+        seen_inflight += opt._alsgd_inflight is not None
+    opt.average_now()
+    g = gathered(flat(model))
+    records = []
+    if RANK == 0:
+        with open(path) as fh:
+            records = [json.loads(line) for line in fh]
+    report("overlap_auto", mechanisms=sched.decision.mechanisms, why=sched.decision.why,
+           seen_inflight=seen_inflight, periods=list(sched.periods),
+           switches=[r for r in records if "mechanism_reason" in r],
+           final_identical=bool((g - g[0]).abs().max() == 0))
+
+
 def _free_port() -> int:
     import socket
 

@@ -154,24 +154,19 @@ class Variant:
         if self.sched is not None:
             self.opt.reset_step_timer()  # time away from this variant is not compute
         start, steps0 = time.perf_counter(), self.steps
-        if self.kind == "alsgd" and self.spec["config"].get("time_budget", "auto") is not False:
-            # Whole rounds until the slowest rank has taken ``steps`` steps (as in every other
-            # variant's segment); in time-budget rounds faster ranks take more. Decided from
-            # shared state only (the split in force at each round's start).
-            slow_steps = 0
-            while slow_steps < steps:
-                if not self.sched.is_local:
-                    self._traced_step(loss_fn, slowdown, t_job)
-                    slow_steps += 1
-                    continue
+        # ``steps`` steps of the slowest rank. In time-budget rounds (faster ranks take more
+        # steps per round) whole rounds: their split is read at each round's start, and they
+        # switch on or off only at a sync, at the same step on every rank (shared state only).
+        slow_steps = 0
+        while slow_steps < steps:
+            if self.sched is not None and self.sched.is_local and self.sched.weighs_by_steps:
                 per_round = min(self.sched.rank_steps or [self.sched.level_steps()])
-                left = self.sched.steps_to_sync()
-                for _ in range(left):
+                for _ in range(self.sched.steps_to_sync()):
                     self._traced_step(loss_fn, slowdown, t_job)
                 slow_steps += per_round
-        else:
-            for _ in range(steps):
+            else:
                 self._traced_step(loss_fn, slowdown, t_job)
+                slow_steps += 1
         hidden = 0.0
         if self.kind == "alsgd" and self.sched.is_local and self.opt._alsgd_inflight is not None:
             # The average in flight completes here, before the other variants run. In an

@@ -323,6 +323,13 @@ def _figures(per_rank: list, batch, log_path: str | None) -> list:
         lines.append("  periods over time    " + " -> ".join(
             "..." if p is None else f"step {st}: {p}" for st, p in changes))
     lines.append(f"  final periods        {s['periods']}")
+    mech = s.get("mechanisms") or {}
+    if mech:
+        on = [k for k, v in mech.items() if v]
+        text = ", ".join(on) if on else "none (step-count rounds, blocking averages)"
+        if mech.get("time_budget") and s.get("rank_steps"):
+            text += f"; steps per round by rank {s['rank_steps']}"
+        lines.append(f"  mechanisms           {text}")
     if local_steps:
         lines.append(f"  communication share  {s['comm_fraction']:.1%} of compute + collective time "
                      f"(local phase)")
