@@ -103,8 +103,14 @@ def test_recommend_caps_the_global_period_and_predicts_the_chained_sync(torch_pr
 def test_recommend_with_overlap_hides_the_allreduce_behind_the_next_round(torch_profile, tmp_path):
     path, _ = torch_profile
     ask = ("recommend", "--profile", path, "--inter-gbps", 0.05, "--max-period", 512, "--json")
-    plain = json.loads(run_tune(*ask).stdout)
+    plain = json.loads(run_tune(*ask, "--no-overlap").stdout)
     over = json.loads(run_tune(*ask, "--overlap", "--out", tmp_path / "o.yaml").stdout.splitlines()[0])
+    # the default config's overlap: auto: blocking reaches the target within H <= 512, not 64
+    assert json.loads(run_tune(*ask).stdout)["mechanisms"]["overlap"] is False
+    capped = ("recommend", "--profile", path, "--inter-gbps", 0.05, "--json")
+    auto = json.loads(run_tune(*capped).stdout)
+    assert auto["mechanisms"]["overlap"] is True and "overlapped" in auto["why"]["overlap"]
+    assert auto["periods"] == json.loads(run_tune(*capped, "--overlap").stdout)["periods"]
     # overlapped, only what the next round does not cover counts: a smaller H meets the target
     assert over["periods"][0] < plain["periods"][0]
     assert over["predicted_comm_fraction"] <= 0.1 + 1e-9
@@ -117,6 +123,19 @@ def test_recommend_with_overlap_hides_the_allreduce_behind_the_next_round(torch_
     rc, _, err = tune_main("recommend", "--profile", path, "--hosts", 2, "--workers-per-host", 2,
                            "--overlap", "--chained-allreduce", "sliced")
     assert_clean_error(rc, err, "--overlap cannot be combined with --chained-allreduce")
+
+
+def test_recommend_predicts_time_budget_rounds_on_a_mixed_cluster(torch_profile):
+    path, _ = torch_profile
+    ask = ("recommend", "--profile", path, "--hosts", 2, "--workers-per-host", 1, "--json")
+    even = json.loads(run_tune(*ask, "--uneven-steps").stdout)
+    mixed = json.loads(run_tune(*ask, "--uneven-steps", "--slow-host-factor", 2).stdout)
+    fixed_loop = json.loads(run_tune(*ask, "--slow-host-factor", 2).stdout)
+    assert even["mechanisms"]["time_budget"] is False
+    assert mixed["mechanisms"]["time_budget"] is True and "slowest/fastest" in mixed["why"]["time_budget"]
+    n_slow, n_fast = mixed["rank_steps"]  # host 0 is the slow one
+    assert n_fast == 2 * n_slow
+    assert fixed_loop["mechanisms"]["time_budget"] is False  # a loop with fixed step counts
 
 
 def test_recommend_slow_network_gives_h_above_1_and_fast_gives_1(torch_profile):

@@ -43,6 +43,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from adaptive_lsgd.config import CHAINED_FORMS, ConfigError, load_config
 from adaptive_lsgd.cost_model import CostModel, LinkModel
 from adaptive_lsgd.decision_log import read_log
@@ -421,6 +423,22 @@ def recommendation(model: CostModel, target: float, max_period: int,
     return policy.best(model, target, cap=max_global_period)
 
 
+def online_mechanisms(model: CostModel, args, workers: int, wph: int, chained) -> dict:
+    """The mechanisms the online policy (the default config's ``auto``) would pick on this
+    cluster: the scheduler's own decision, from the profile's cost model and per-rank compute
+    (host 0 ``--slow-host-factor`` x slower)."""
+    compute = np.full(workers, model.compute_s)
+    compute[:wph] *= args.slow_host_factor
+    cfg = load_config({"target_comm_fraction": args.target_comm_fraction,
+                       "max_period": args.max_period}, env={})
+    policy = make_policy(cfg, model.num_levels)
+    slowest = CostModel(float(compute.max()), model.link_s, chained=model.chained,
+                        sliced=model.sliced, rank_compute_s=compute.tolist())
+    d = policy.decide(slowest, policy.initial_periods(), settled=False, compute=compute, lr=None,
+                      uneven_ok=args.uneven_steps, can_overlap=args.framework == "torch" and not chained)
+    return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps}
+
+
 def predict(model: CostModel, periods, workers: int, batch_size: int) -> dict:
     steps_per_s = model.steps_per_s(periods)
     base = model.steps_per_s([1] * model.num_levels)
@@ -464,15 +482,21 @@ def cmd_recommend(args) -> int:
         raise TuneError("--overlap cannot be combined with --chained-allreduce (an overlapped "
                         "average is one allreduce; config key overlap)")
     model = profile.cost_model(levels, chained=bool(chained), shares=shares,
-                               sliced=chained == "sliced", overlap=args.overlap)
-    rec = recommendation(model, args.target_comm_fraction, args.max_period, args.max_global_period)
+                               sliced=chained == "sliced", overlap=bool(args.overlap))
     workers = hosts * wph
+    mech = online_mechanisms(model, args, workers, wph, chained)
+    if args.overlap is None and mech["mechanisms"]["overlap"]:  # what overlap: auto would run
+        model = model.with_overlap()
+    elif args.overlap is not None:
+        mech["mechanisms"]["overlap"] = bool(args.overlap)
+        mech["why"]["overlap"] = "given (--overlap / --no-overlap)"
+    rec = recommendation(model, args.target_comm_fraction, args.max_period, args.max_global_period)
     result = {**predict(model, rec, workers, profile.batch_size),
               "hosts": hosts, "workers_per_host": wph,
               "levels": [{"kind": k, "ranks": r, "allreduce_s": t}
                          for (k, r), t in zip(levels, model.link_s)],
               "compute_s": model.compute_s, "batch_size": profile.batch_size,
-              "target_comm_fraction": args.target_comm_fraction}
+              "target_comm_fraction": args.target_comm_fraction, **mech}
     rows = [predict(model, p, workers, profile.batch_size) | {"level": lvl}
             for lvl, p in candidate_rows(model, rec, args.max_period)]
     if args.json:
@@ -487,13 +511,17 @@ def cmd_recommend(args) -> int:
             mark = "  <- recommended" if r["periods"] == list(rec) else ""
             print(f"{r['level']:>5} {str(r['periods']):>14} {r['predicted_samples_per_s']:>12.1f} "
                   f"{r['predicted_comm_fraction'] * 100:>10.1f}% {r['speedup_vs_h1']:>7.2f}x{mark}")
+        for key, on in mech["mechanisms"].items():
+            print(f"mechanism {key}: {'on' if on else 'off'} ({mech['why'][key]})")
         print(f"recommended periods {list(rec)}: {result['predicted_samples_per_s']:.1f} samples/s, "
               f"communication {result['predicted_comm_fraction'] * 100:.1f}%, "
               f"{result['speedup_vs_h1']:.2f}x over H=1")
     if args.out:
         extra = {k: v for k, v in (("chained_allreduce", chained),
                                    ("max_global_period", args.max_global_period),
-                                   ("overlap", args.overlap)) if v}
+                                   ("overlap", args.overlap if args.overlap is not None
+                                    else mech["mechanisms"]["overlap"]),
+                                   ("time_budget", mech["mechanisms"]["time_budget"])) if v}
         write_config(args.out, rec, f"alsgd-tune recommend --profile {args.profile}: predicted "
                      f"{result['predicted_samples_per_s']:.1f} samples/s, comm "
                      f"{result['predicted_comm_fraction'] * 100:.1f}%", extra)
@@ -647,9 +675,17 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--chained-allreduce", choices=CHAINED_FORMS, default=None,
                     help="predict the chained sync (config key chained_allreduce) for the "
                          "cross-host level")
-    rc.add_argument("--overlap", action="store_true",
-                    help="predict overlapped averaging (config key overlap: each average runs "
+    rc.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                    help="predict overlapped averaging, or (--no-overlap) blocking averages "
+                         "(default: what overlap: auto would pick) (config key overlap: each average runs "
                          "during the next round)")
+    rc.add_argument("--slow-host-factor", type=number(0, lo_open=True), default=1.0,
+                    help="host 0 computes this many times slower (a mixed cluster; default 1)")
+    rc.add_argument("--uneven-steps", action="store_true",
+                    help="the training loop accepts per-rank step counts (allow_uneven_steps): "
+                         "time_budget: auto may engage")
+    rc.add_argument("--framework", choices=("torch", "tensorflow"), default="torch",
+                    help="where overlap: auto is available (PyTorch; default torch)")
     rc.add_argument("--json", action="store_true", help="print one JSON object")
     rc.add_argument("--out", metavar="CFG.yaml", help="write the recommended config")
     rc.add_argument("--plot", metavar="OUT.png", help="plot throughput and comm share against H")
