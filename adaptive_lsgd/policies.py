@@ -91,15 +91,22 @@ class Policy:
         return current, "fixed"
 
     # -- the whole decision ---------------------------------------------------------------------
-    def first(self, seed: CostModel | None = None) -> Decision:
+    def first(self, seed: CostModel | None = None, can_overlap: bool = False) -> Decision:
         """The decision before any sync: the initial periods, or with a profile's cost model
-        ``seed`` (adaptive, no configured periods) the periods it recommends."""
+        ``seed`` (adaptive, no configured periods) the periods it recommends, overlapped where
+        ``overlap: auto`` would overlap them (as ``alsgd-tune recommend`` predicts)."""
         periods = self.initial_periods()
         mech = {"time_budget": self.config.time_budget is True, "overlap": self.config.overlap is True}
         why = {k: ("configured" if getattr(self.config, k) != "auto" else "not measured yet")
                for k in mech}
         if seed is not None and self.name == "adaptive" and self.config.periods is None:
-            periods, _ = self.choose(seed, periods, None, settled=False)
+            start = periods
+            periods, _ = self.choose(seed, start, None, settled=False)
+            if self.config.overlap == "auto":
+                mech["overlap"], why["overlap"] = self._overlap(seed, periods, start, None, False,
+                                                                can_overlap, False, False)
+                if mech["overlap"]:
+                    periods, _ = self.choose(seed.with_overlap(), start, None, settled=False)
             return Decision(tuple(periods), "profile", mechanisms=mech, why=why)
         return Decision(tuple(periods), "initial", mechanisms=mech, why=why)
 
@@ -182,11 +189,14 @@ class Policy:
         if model is None:
             return False, "not measured yet"
         target = cfg.target_comm_fraction
-        plain = model.comm_fraction(periods)
+        # the blocking averages' best (no hysteresis hold: a held period may sit above target)
+        limit = target if not was_on else target * (1 - cfg.hysteresis)
+        best = self.best(model, limit, cap)
+        plain = model.comm_fraction(best)
         hidden_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
         hidden = model.with_overlap().comm_fraction(hidden_periods)
-        limit = target if not was_on else target * (1 - cfg.hysteresis)
-        on = plain > limit and hidden < plain
+        on = plain > limit * (1 + 1e-9) and hidden < plain
+        periods = best
         return on, (f"blocking averages at their best periods {list(periods)} spend "
                     f"{plain:.1%} in communication ({'>' if plain > limit else '<='} "
                     f"{limit:.1%}); overlapped: {hidden:.1%} at {list(hidden_periods)}")

@@ -156,11 +156,11 @@ class Scheduler:
         self.step = 0
         # A tuning-tool profile seeds the cost model until the levels are measured here.
         self.seed = self._seed_model()
-        self.decision = self.policy.first(self.seed)
+        self.can_overlap = bool(can_overlap) and not (topology.chained and topology.num_levels > 1)
+        self.decision = self.policy.first(self.seed, can_overlap=self.can_overlap)
         self.periods = self.decision.periods
         self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
         self._hist_rank: deque = deque(maxlen=cfg.history)  # every rank's compute, per decision
-        self.can_overlap = bool(can_overlap) and not (topology.chained and topology.num_levels > 1)
         self.uneven_steps = bool(uneven_steps)
         self._counters = [0] * self.num_levels
         self._compute = WindowStat(cfg.window, skip=cfg.timing_warmup)

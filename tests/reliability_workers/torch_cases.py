@@ -222,8 +222,10 @@ def _ckpt_config(name: str, run: str, policy: str) -> dict:
     if policy == "fixed":
         return {"policy": "fixed", "periods": [2, 3], "topology": "2x2",
                 "warmup": "first_lr_decay", "log": path}
+    # overlap: false: the twin below replays step/sync calls in their blocking order (at the
+    # max_period 4 cap, overlap: auto would otherwise overlap this loopback job's averages)
     return {"policy": "adaptive", "topology": "2x2", "warmup": 5, "timing_warmup": 0, "window": 4,
-            "max_period": 4, "log": path}
+            "max_period": 4, "log": path, "overlap": False}
 
 
 FIXED_N, FIXED_SAVES, FIXED_MILESTONES = 40, (8, 23), (12, 30)
@@ -278,7 +280,8 @@ def ckpt_resume():
     model, opt, restored, calls = _ckpt_run("adaptive", cfg, ADAPT_N, resume_from=ADAPT_SAVE, spy=True)
     saved = torch.load(_ckpt_path("adaptive", ADAPT_SAVE), weights_only=False)["optimizer"]["alsgd"]
     real = opt.alsgd.scheduler
-    twin = Scheduler(load_config({**cfg, "log": None}), opt.alsgd.topology, RANK, real.param_bytes)
+    twin = Scheduler(load_config({**cfg, "log": None}), opt.alsgd.topology, RANK, real.param_bytes,
+                     can_overlap=real.can_overlap, uneven_steps=real.uneven_steps)
     twin.load_state_dict(saved)
     twin_decisions, plan, same_plans = [], None, True
     for call in calls:
