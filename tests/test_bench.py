@@ -111,6 +111,25 @@ def test_time_budget_segments_count_the_slowest_ranks_steps(tmp_path):
     assert budget["samples"] > fixed["samples"] * 1.2, (budget["samples"], fixed["samples"])
 
 
+def test_default_config_takes_time_budget_rounds_on_a_mixed_cluster(tmp_path):
+    """heterogeneous with the default config (``adaptive``): time-budget rounds engage by
+    themselves, so the fast rank takes more steps and the job processes more samples than
+    Horovod in the same rounds."""
+    path = tmp_path / "het.json"
+    proc = _bench("heterogeneous", "--json", str(path), "--rounds", "3", "--steps", "24",
+                  "--variants", "horovod,adaptive")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(path.read_text())["results"]
+    assert res["adaptive"]["samples"] > 1.25 * res["horovod"]["samples"], res["adaptive"]["samples"]
+    assert res["adaptive"]["steps"] > 3 * 24 * 1.3  # rank 0's steps: more than the slow rank's
+
+
+def test_stalled_rounds_are_the_ones_far_above_the_median():
+    assert bench.stalled_rounds([1.0, 1.1, 0.9, 3.5, 1.0]) == [3]
+    assert bench.stalled_rounds([1.0, 1.1, 2.9]) == []
+    assert bench.stalled_rounds([5.0, 1.0]) == []  # too few rounds to tell
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     r = {"a": {"rates": [100.0, 300.0, 90.0, 100.0]}, "b": {"rates": [50.0, 100.0, 100.0, 100.0]}}
     assert bench.paired_ratio(r, "a", "b") == pytest.approx((1.0 + 2.0) / 2)  # ratios 2, 3, .9, 1

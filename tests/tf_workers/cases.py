@@ -170,16 +170,7 @@ def custom_loop():
     htf.broadcast_variables(model.variables, root_rank=0)
     opt = tf.keras.optimizers.SGD(LR0, momentum=0.9)
     data = tf.data.Dataset.from_tensor_slices((X_MINE, Y_MINE))
-
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y, model(x, training=True))
-        tape = alsgd.DistributedGradientTape(tape, cfg)
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
+    train_step = _tape_step(model, opt, cfg)
     rows = []
     start = time.perf_counter()
     for epoch in range(EPOCHS):

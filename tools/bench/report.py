@@ -12,7 +12,8 @@ import json
 import os
 import statistics
 
-ORDER = ["comm-bound", "accuracy", "overhead", "hierarchical", "heterogeneous", "changing-network"]
+ORDER = ["comm-bound", "accuracy", "overhead", "hierarchical", "heterogeneous", "throttle",
+         "changing-network"]
 
 COMMAND = "sudo make bench            # = .venv/bin/alsgd-bench all --quick --out docs/bench " \
           "--doc docs/benchmarks.md"
@@ -28,7 +29,8 @@ METHOD = """\
   `samples_per_s` is the **median over rounds** of (samples taken by all ranks in the segment) /
   (segment wall time on rank 0). A segment starts and ends with a one-float allreduce, so its
   time includes waiting for the slowest rank. Before round 1 a throw-away model takes a few
-  untimed steps. In `changing-network` (the link drops half-way) `samples_per_s` is the whole
+  untimed steps. In `changing-network` (the link drops half-way) and `throttle` (a host slows
+  down half-way) `samples_per_s` is the whole
   run's samples / segment time instead of a median.
 * **Overlap.** Horovod's gradient allreduce, started by the backward hooks, runs while the rest of
   the step (the emulated device time) passes, as it would overlap a GPU's backward pass; model
@@ -45,10 +47,12 @@ METHOD = """\
   (the large-batch alternative: one allreduce per H micro-batches, one update per H).
   `local-hH`: our local SGD with the fixed period H (`policy: fixed`). `torch-peer`: PyTorch's
   `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=H)` over `torch.distributed` (Gloo),
-  with DDP and `post_localSGD_hook` for its warm-up. `adaptive`: our default policy (periods
-  chosen online, `target_comm_fraction` 0.1, `max_period` 64; in `hierarchical` the chained sync
-  and `max_global_period: 16`, see there; `adaptive-leaders` the same with the leaders' form of
-  the chained sync; `adaptive-overlap` the same with `overlap: true`, each average running in the
+  with DDP and `post_localSGD_hook` for its warm-up. `adaptive`: the default config, no key set
+  (periods chosen online, `target_comm_fraction` 0.1, `max_period` 64, `time_budget: auto` and
+  `overlap: auto`; the worker's loop streams batches and calls `allow_uneven_steps`);
+  `adaptive-chained` in `hierarchical` the chained sync and `max_global_period: 16`, see there;
+  `adaptive-leaders` the same with the leaders' form of the chained sync;
+  `adaptive-overlap` with `overlap: true`, each average running in the
   background during the next round; at a segment's end it waits for the one in flight, so the
   other variants never run beside it, and the segment is charged only the part of that wait
   that the rest of the round, in an unbroken run, would not have hidden).
@@ -162,6 +166,16 @@ def _table(doc: dict) -> list:
                      if base and limit else f"| `{name}` | {sps:.0f} | | | {r['comm_fraction']:.1%} | "
                      f"{100 * r['test_acc']:.2f}% | {r['global_syncs']} |")
     return lines
+
+
+def _stalls(doc: dict) -> list:
+    """One line naming the rounds that stalled (over 3x their variant's median), if any."""
+    found = [f"`{name}` round(s) {', '.join(str(i + 1) for i in r['stalls'])}"
+             for name, r in doc["results"].items() if r.get("stalls")]
+    if not found:
+        return ["", "No stalled round (none took over 3x its variant's median segment time)."]
+    return ["", "Stalled rounds (over 3x their variant's median segment time; medians and "
+            "per-round pairs do not rest on them): " + "; ".join(found) + "."]
 
 
 def _goals(doc: dict) -> list:
@@ -382,7 +396,7 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
                   f"{'unshaped (loopback)' if cl['rate_mbit'] is None else str(cl['rate_mbit']) + ' Mbit/s'}"
                   f"{', slowdown ' + str(cl['slowdown']) if cl.get('slowdown') else ''}. "
                   f"compute-only: {doc['compute_only_samples_per_s']:.0f} samples/s.", ""]
-        lines += _table(doc) + _goals(doc) + _notes(name, doc) + [""]
+        lines += _table(doc) + _goals(doc) + _stalls(doc) + _notes(name, doc) + [""]
         if name == "hierarchical":
             lines += _sync_note(out_dir)
         if name == "accuracy":

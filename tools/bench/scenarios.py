@@ -291,7 +291,8 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
             comm = max(0.0, 1.0 - v["samples_per_s"] / limit)
         row = {"samples_per_s": v["samples_per_s"], "comm_fraction": comm, "test_acc": v["test_acc"],
                "global_syncs": v["global_syncs"], "H": v["H"], "steps": v["steps"],
-               "samples": v["samples"], "rates": v["rates"], "walls": v["walls"], "accs": v["accs"]}
+               "samples": v["samples"], "rates": v["rates"], "walls": v["walls"], "accs": v["accs"],
+               "stalls": stalled_rounds(v["walls"])}
         for key in ("periods", "syncs_per_level", "switch_step", "trace"):
             if key in v and v[key] not in (None, []):
                 row[key] = v[key]
@@ -323,6 +324,19 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}"
+
+
+STALL_FACTOR = 3.0  # a segment this many times its variant's median wall time is a stall
+
+
+def stalled_rounds(walls: list) -> list:
+    """Rounds (0-based) whose segment took over STALL_FACTOR x the variant's median: a stalled
+    transfer or the machine, not the method. Medians and per-round pairs shrug them off; the
+    results page lists them so that no figure rests on one."""
+    if len(walls) < 3:
+        return []
+    med = statistics.median(walls)
+    return [i for i, w in enumerate(walls) if med > 0 and w > STALL_FACTOR * med]
 
 
 def _ratio(a, b):
@@ -398,6 +412,13 @@ def goals(name: str, doc: dict) -> list:
             add(f"{v} >= horovod - 0.3 points (difference, points)", x, x >= -0.3)
             x = _ratio(r["horovod"]["global_syncs"], r[v]["global_syncs"])
             add(f"{v} >= 8x fewer global syncs than horovod", x, x and x >= 8)
+    if "adaptive" in r and "torch-peer" in r and name != "accuracy":
+        x = paired_ratio(r, "adaptive", "torch-peer")
+        add("adaptive (default config) >= torch-peer samples/s (median of per-round ratios)", x,
+            x and x >= 1.0)
+    if name == "accuracy" and "adaptive" in r and "torch-peer" in r:
+        x = paired_ratio(r, "adaptive", "torch-peer")
+        add("adaptive >= torch-peer samples/s (median of per-round ratios)", x, x and x >= 1.0)
     if name == "overhead" and "local-h1" in r and "horovod" in r:
         # step-time ratios, paired per round (horovod's samples/s over ours)
         x = paired_ratio(r, "horovod", "local-h1")
