@@ -128,7 +128,10 @@ class Policy:
                                                 uneven_ok, before.get("time_budget", False))
         periods, reason = self.choose(model, current, cap, settled=settled)
         overlap, why_ov = self._overlap(model, periods, current, cap, settled, can_overlap,
-                                        time_budget, before.get("overlap", False))
+                                        False, before.get("overlap", False))
+        if time_budget and overlap:  # one or the other: the one the cost model prices faster
+            time_budget, why_tb, overlap, why_ov = self._faster_of_two(
+                model, periods, current, cap, settled, compute, why_tb, why_ov)
         if overlap and self.config.overlap is not True:
             periods, reason = self.choose(model.with_overlap(), current, cap, settled=settled)
         split = rank_steps
@@ -186,7 +189,7 @@ class Policy:
                            "simulator block on averages)")
         if time_budget:
             return False, "time-budget rounds are in force (per-rank round lengths)"
-        if model is None:
+        if model is None or not hasattr(self, "best"):
             return False, "not measured yet"
         target = cfg.target_comm_fraction
         # the blocking averages' best (no hysteresis hold: a held period may sit above target)
@@ -200,6 +203,29 @@ class Policy:
         return on, (f"blocking averages at their best periods {list(periods)} spend "
                     f"{plain:.1%} in communication ({'>' if plain > limit else '<='} "
                     f"{limit:.1%}); overlapped: {hidden:.1%} at {list(hidden_periods)}")
+
+    def _faster_of_two(self, model, periods, current, cap, settled, compute, why_tb, why_ov):
+        """Time-budget rounds and overlapped averages do not combine (per-rank round lengths,
+        one average in flight): a configured one wins, else the one with more useful work per
+        second (steps of all ranks) in the cost model, stragglers priced."""
+        cfg = self.config
+        if cfg.time_budget is True or cfg.overlap is not True and not np.all(compute > 0):
+            return True, why_tb, False, "time-budget rounds are in force (per-rank round lengths)"
+        if cfg.overlap is True:
+            return False, "overlap: true is configured (per-rank round lengths do not fit it)", \
+                True, why_ov
+        times = compute.tolist()
+        priced = CostModel(max(times), model.link_s, chained=model.chained, sliced=model.sliced,
+                           rank_compute_s=times)
+        tb_periods, split = self._round_for_split(tuple(periods), compute, cap)
+        tb_rate = priced.job_steps_per_s(tb_periods, rank_steps=split)
+        ov_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
+        ov_rate = priced.with_overlap().job_steps_per_s(ov_periods)
+        said = (f"cost model: time-budget rounds {tb_rate:.1f} steps/s at {list(tb_periods)}, "
+                f"overlapped averages {ov_rate:.1f} steps/s at {list(ov_periods)}")
+        if tb_rate > ov_rate:
+            return True, f"{why_tb}; {said}", False, f"{said}: time-budget rounds"
+        return False, f"{why_tb}; {said}: overlap", True, f"{why_ov}; {said}"
 
     def _round_for_split(self, periods: tuple, compute: np.ndarray, cap: int | None) -> tuple:
         """The periods and split of time-budget rounds: where rounding the per-rank steps idles

@@ -177,9 +177,21 @@ def test_overlap_auto_engages_only_when_blocking_averages_miss_the_target():
     cheap = policy.decide(CostModel(0.05, [0.01]), (1,), settled=True,
                           compute=np.array([0.05, 0.05]), lr=None, can_overlap=True)
     assert cheap.mechanisms["overlap"] is False  # the target is reachable blocking
-    tb = policy.decide(slow_link, (1,), settled=True, compute=np.array([0.004, 0.008]), lr=None,
-                       can_overlap=True, uneven_ok=True)
-    assert tb.mechanisms == {"time_budget": True, "overlap": False}
+    # a mixed cluster on a slow link: overlap hides 0.37 s of 0.88 s per round, time-budget
+    # rounds gain the fast rank's idle 0.26 s: the cost model takes overlap
+    both = policy.decide(slow_link, (1,), settled=True, compute=np.array([0.006, 0.008]), lr=None,
+                         can_overlap=True, uneven_ok=True)
+    assert both.mechanisms == {"time_budget": False, "overlap": True}, both.why
+    assert "overlapped averages" in both.why["time_budget"]
+    # a cheap link and a 4x straggler: time-budget rounds are worth more than hiding the link
+    cheap = CostModel(0.02, [0.05])
+    tb = policy.decide(cheap, (1,), settled=True, compute=np.array([0.005, 0.02]), lr=None,
+                       can_overlap=True, uneven_ok=True, previous=None)
+    assert tb.mechanisms["time_budget"] is True
+    forced = make_policy(cfg(time_budget=True), 1).decide(
+        slow_link, (1,), settled=True, compute=np.array([0.006, 0.008]), lr=None,
+        can_overlap=True, uneven_ok=True)
+    assert forced.mechanisms == {"time_budget": True, "overlap": False}
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -168,6 +168,18 @@ def _table(doc: dict) -> list:
     return lines
 
 
+def _mechanisms(doc: dict) -> list:
+    """What the default config's auto mechanisms were at the end of the run."""
+    r = doc["results"].get("adaptive", {})
+    mech = r.get("mechanisms")
+    if not mech:
+        return []
+    on = [k for k, v in mech.items() if v] or ["none (step-count rounds, blocking averages)"]
+    split = f", steps per round by rank {r['rank_steps']}" if r.get("rank_steps") else ""
+    return ["", f"`adaptive` (the default config) ended with periods {r.get('periods')}, "
+            f"mechanisms: {', '.join(on)}{split}."]
+
+
 def _stalls(doc: dict) -> list:
     """One line naming the rounds that stalled (over 3x their variant's median), if any."""
     found = [f"`{name}` round(s) {', '.join(str(i + 1) for i in r['stalls'])}"
@@ -396,7 +408,8 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
                   f"{'unshaped (loopback)' if cl['rate_mbit'] is None else str(cl['rate_mbit']) + ' Mbit/s'}"
                   f"{', slowdown ' + str(cl['slowdown']) if cl.get('slowdown') else ''}. "
                   f"compute-only: {doc['compute_only_samples_per_s']:.0f} samples/s.", ""]
-        lines += _table(doc) + _goals(doc) + _stalls(doc) + _notes(name, doc) + [""]
+        lines += (_table(doc) + _goals(doc) + _mechanisms(doc) + _stalls(doc) + _notes(name, doc)
+                  + [""])
         if name == "hierarchical":
             lines += _sync_note(out_dir)
         if name == "accuracy":

@@ -214,6 +214,7 @@ class Variant:
             summ = alsgd.summary(self.opt)
             self.opt.average_now()
             out.update(comm_fraction_summary=summ["comm_fraction"], periods=summ["periods"],
+                       mechanisms=summ["mechanisms"], rank_steps=summ["rank_steps"],
                        syncs_per_level=summ["syncs_per_level"], switch_step=summ["switch_step"])
         return out
 
