@@ -446,13 +446,16 @@ class Scheduler:
         if np.any(lrs >= 0):
             self.shared_lr = float(lrs[lrs >= 0].min())
         if np.all(compute > 0):
-            self._hist_rank.append([float(c) for c in compute])
+            self._hist_rank.append(compute.tolist())
             # the mechanisms and the split see each rank's median over the shared history:
             # one noisy window neither flips time-budget rounds nor moves the split
-            compute = np.asarray(self._rank_compute)
+            rank_compute = self._rank_compute
+            compute = np.asarray(rank_compute)
+        else:
+            rank_compute = self._rank_compute
         # a window of a few samples is noise: time_budget: auto waits for fuller ones
         ready = bool(np.all(table[:, COL_SAMPLES] >= min(self.config.window, SPLIT_SAMPLES)))
-        self.model = self._build_model(self._rank_compute)
+        self.model = self._build_model(rank_compute)
         self.decision = d = self.policy.decide(
             self.model, self.periods, settled=self.last_decision not in (None, "measuring"),
             compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps,
@@ -468,7 +471,9 @@ class Scheduler:
         """Each rank's median step time over the shared history (None before any)."""
         if not self._hist_rank:
             return None
-        return [float(c) for c in np.median(np.asarray(self._hist_rank), axis=0)]
+        if len(self._hist_rank) == 1:
+            return [float(c) for c in self._hist_rank[0]]
+        return np.median(np.asarray(self._hist_rank), axis=0).tolist()
 
     def _link_estimate(self, level: int, values: np.ndarray) -> float | None:
         """Transfer time of the level's link: the min over each link's members (the one that
