@@ -103,8 +103,8 @@ class Policy:
             start = periods
             periods, _ = self.choose(seed, start, None, settled=False)
             if self.config.overlap == "auto":
-                mech["overlap"], why["overlap"] = self._overlap(seed, periods, start, None, False,
-                                                                can_overlap, False, False)
+                mech["overlap"], why["overlap"] = self._overlap(seed, start, None, False,
+                                                                can_overlap, False)
                 if mech["overlap"]:
                     periods, _ = self.choose(seed.with_overlap(), start, None, settled=False)
             return Decision(tuple(periods), "profile", mechanisms=mech, why=why)
@@ -127,8 +127,8 @@ class Policy:
         time_budget, why_tb = self._time_budget(compute if timing_ready else -np.abs(compute),
                                                 uneven_ok, before.get("time_budget", False))
         periods, reason = self.choose(model, current, cap, settled=settled)
-        overlap, why_ov = self._overlap(model, periods, current, cap, settled, can_overlap,
-                                        False, before.get("overlap", False))
+        overlap, why_ov = self._overlap(model, current, cap, settled, can_overlap,
+                                        before.get("overlap", False))
         if time_budget and overlap:  # one or the other: the one the cost model prices faster
             time_budget, why_tb, overlap, why_ov = self._faster_of_two(
                 model, periods, current, cap, settled, compute, why_tb, why_ov)
@@ -177,8 +177,7 @@ class Policy:
         return on, (f"slowest/fastest compute {skew:.2f} {'>' if on else '<='} {bound:.3g} "
                     f"(skew_threshold {cfg.skew_threshold:g})")
 
-    def _overlap(self, model, periods, current, cap, settled, can_overlap, time_budget,
-                 was_on) -> tuple:
+    def _overlap(self, model, current, cap, settled, can_overlap, was_on) -> tuple:
         cfg = self.config
         if cfg.overlap != "auto":
             return bool(cfg.overlap), "configured"
@@ -187,8 +186,6 @@ class Policy:
         if not can_overlap:
             return False, ("not available here (TensorFlow, elastic jobs, chained syncs and the "
                            "simulator block on averages)")
-        if time_budget:
-            return False, "time-budget rounds are in force (per-rank round lengths)"
         if model is None or not hasattr(self, "best"):
             return False, "not measured yet"
         target = cfg.target_comm_fraction
@@ -199,8 +196,7 @@ class Policy:
         hidden_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
         hidden = model.with_overlap().comm_fraction(hidden_periods)
         on = plain > limit * (1 + 1e-9) and hidden < plain
-        periods = best
-        return on, (f"blocking averages at their best periods {list(periods)} spend "
+        return on, (f"blocking averages at their best periods {list(best)} spend "
                     f"{plain:.1%} in communication ({'>' if plain > limit else '<='} "
                     f"{limit:.1%}); overlapped: {hidden:.1%} at {list(hidden_periods)}")
 
