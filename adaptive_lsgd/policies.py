@@ -205,7 +205,8 @@ class Policy:
         one average in flight): a configured one wins, else the one with more useful work per
         second (steps of all ranks) in the cost model, stragglers priced."""
         cfg = self.config
-        if cfg.time_budget is True or cfg.overlap is not True and not np.all(compute > 0):
+        if cfg.time_budget is True or (cfg.overlap is not True and not np.all(compute > 0)):
+            # configured, or not every rank priced yet: keep the time-budget rounds in force
             return True, why_tb, False, "time-budget rounds are in force (per-rank round lengths)"
         if cfg.overlap is True:
             return False, "overlap: true is configured (per-rank round lengths do not fit it)", \
