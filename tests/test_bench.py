@@ -47,7 +47,10 @@ def test_overhead_tiny_run_writes_sane_json(tmp_path):
     assert set(res) == {"compute-only", "horovod", "horovod-accumulate", "local-h1", "alsgd-minibatch",
                         "local-h4", "torch-peer", "adaptive"}
     steps = 2 * 8
-    assert all(r["steps"] == steps and len(r["rates"]) == 2 for r in res.values())
+    # a variant in time-budget rounds (the default's auto, when the two ranks' step times differ
+    # on a busy machine) runs whole rounds: at least the segment's steps on rank 0
+    assert all((r["steps"] >= steps if (r.get("mechanisms") or {}).get("time_budget")
+                else r["steps"] == steps) and len(r["rates"]) == 2 for r in res.values())
     assert res["horovod"]["global_syncs"] == steps
     assert res["horovod-accumulate"]["global_syncs"] == steps // 4
     assert res["local-h1"]["global_syncs"] == steps
