@@ -374,3 +374,45 @@ def test_tf_step_taking_the_batch_by_keyword_reports_samples(tmp_path):
     assert lines["steps"] == "20 over all ranks (10 per rank; mini-batch phase 2 steps)", proc.stdout
     assert "samples/s in the local phase" in lines["throughput"], lines["throughput"]
     assert "steps/s" not in lines["throughput"]
+
+
+def test_summary_names_where_the_ranks_ran_and_the_blocks_of_each_level():
+    levels = [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+    reports = [dict(_report(r, [_sched(100, syncs=(12, 3), periods=(4, 2))]), levels=levels,
+                    host="hostA" if r < 2 else "hostB") for r in range(4)]
+    lines = _lines(reports)
+    assert lines["topology"] == ("hosts hostA: ranks [0, 1], hostB: ranks [2, 3]; levels "
+                                 "[[0, 1], [2, 3]] -> [[0, 1, 2, 3]]")
+    assert "topology" not in _lines([_report(r, [_sched(100)]) for r in (0, 1)])  # older reports
+
+
+def test_host_check_reads_the_hosts_of_every_horovodrun_form(tmp_path):
+    pytest.importorskip("horovod")
+    from adaptive_lsgd.tools.cli import host_check
+
+    parser = run_mod._horovod_parser()
+    args = parser.parse_args(["-np", "4", "-H", "a:2,b:2", "python", "x.py"])
+    assert host_check.job_hosts(args) == ["a", "b"]
+    (tmp_path / "hostfile").write_text("c slots=2\nd slots=2\n")
+    args = parser.parse_args(["-np", "4", "--hostfile", str(tmp_path / "hostfile"), "python", "x.py"])
+    assert host_check.job_hosts(args) == ["c", "d"]
+    script = tmp_path / "discover.sh"
+    script.write_text("#!/bin/sh\necho e:2\necho f:2\n")
+    script.chmod(0o755)
+    args = parser.parse_args(["-np", "4", "--host-discovery-script", str(script), "python", "x.py"])
+    assert host_check.job_hosts(args) == ["e", "f"]
+    assert host_check.job_hosts(parser.parse_args(["-np", "2", "python", "x.py"])) == []
+    assert host_check.remote_hosts(["localhost", "127.0.0.1"]) == []  # this machine: no ssh
+
+
+def test_host_check_lists_the_files_every_host_must_see(tmp_path):
+    from adaptive_lsgd.tools.cli import host_check
+
+    (tmp_path / "train.py").write_text("")
+    paths = host_check.needed_paths(["python3", "-u", str(tmp_path / "train.py")],
+                                    {"ALSGD_PROFILE": "/data/profile.json"}, "/inject")
+    assert paths == [("adaptive-lsgd's injected sitecustomize", "/inject/sitecustomize.py"),
+                     ("the script", str(tmp_path / "train.py")),
+                     ("the profile (ALSGD_PROFILE)", "/data/profile.json")]
+    assert host_check.needed_paths(["./run.sh"], {}, "/inject") == [
+        ("adaptive-lsgd's injected sitecustomize", "/inject/sitecustomize.py")]

@@ -3,9 +3,10 @@
 Settings come from ``EL_*`` environment variables (horovodrun swallows worker flags):
 ``EL_DIR`` (output folder), ``EL_STEPS``, ``EL_COMMIT`` (commit every k steps), ``EL_KILL_STEP``
 and ``EL_KILL_HOST`` (the worker on that host SIGKILLs itself once, on its first life, when
-``state.batch`` reaches the step), or ``EL_REMOVE_STEP`` (rank 0 then drops the last host from
-``EL_DIR/hosts``, which the discovery script prints: a graceful removal), or ``EL_ADD_STEP``
-and ``EL_ADD_HOST`` (rank 0 adds that ``host:slots`` line: a new worker joins), ``EL_CONFIG``
+``state.batch`` reaches the step), or ``EL_REMOVE_STEP`` (rank 0 then drops the last one-slot
+host, or ``EL_REMOVE_HOST``, from ``EL_DIR/hosts``, which the discovery script prints: a
+graceful removal), and/or ``EL_ADD_STEP`` and ``EL_ADD_HOST`` (rank 0 adds that ``host:slots``
+line: new workers join; after a removal, the host comes back), ``EL_CONFIG``
 (the adaptive-lsgd config, JSON). With ``EL_PLAIN=1`` it is an unmodified Horovod script
 (``hvd.DistributedOptimizer``; ``alsgd-run`` swaps in adaptive-lsgd's and sets the config).
 Every survivor prints ``RESULT elastic <json>``: its commits, resets, the scheduler right after
@@ -37,6 +38,7 @@ OUT = os.environ["EL_DIR"]
 STEPS, COMMIT = int(os.environ["EL_STEPS"]), int(os.environ["EL_COMMIT"])
 KILL_STEP, KILL_HOST = int(os.environ.get("EL_KILL_STEP", -1)), os.environ.get("EL_KILL_HOST")
 REMOVE_STEP = int(os.environ.get("EL_REMOVE_STEP", -1))
+REMOVE_HOST = os.environ.get("EL_REMOVE_HOST")
 ADD_STEP = int(os.environ.get("EL_ADD_STEP", -1))
 HOST = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
 ME = f"{HOST}.{os.getpid()}"
@@ -88,7 +90,7 @@ def remove_host(rank_hosts: list) -> None:
     one slot (the other blocks then keep their rank tuples: the same process sets must be
     made anew in the new Horovod world)."""
     single = [h for h in rank_hosts if rank_hosts.count(h) == 1]
-    gone = rank_hosts[-1] if rank_hosts[-1] in single else single[-1]
+    gone = REMOVE_HOST or (rank_hosts[-1] if rank_hosts[-1] in single else single[-1])
     with open(f"{OUT}/hosts", encoding="utf-8") as fh:
         lines = [line for line in fh.read().split() if line.split(":")[0] != gone]
     with open(f"{OUT}/hosts.new", "w", encoding="utf-8") as fh:
@@ -144,8 +146,8 @@ def train(state):
             open(f"{OUT}/added", "w").close()
             print(f"ADDING {os.environ['EL_ADD_HOST']} at batch {state.batch}", flush=True)
         started_here = not record["rows"] or record["rows"][0]["batch"] == 1
-        if max(REMOVE_STEP, ADD_STEP) >= 0 and state.batch > max(REMOVE_STEP, ADD_STEP) \
-                and started_here and not record["resets"]:
+        changes = sum(1 for s in (REMOVE_STEP, ADD_STEP) if 0 <= s < state.batch)
+        if started_here and len(record["resets"]) < changes:
             time.sleep(0.2)  # give Horovod's discovery (polled every second) time to notice
         before = crc()
         x, y = batch(state.batch)

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from adaptive_lsgd.tools.bench.scenarios import PROG, SCENARIOS, _log, run_scenario
+from adaptive_lsgd.tools.bench.scenarios import LAUNCHERS, PROG, SCENARIOS, _log, run_scenario
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of variants (compute-only always runs)")
     p.add_argument("--timeout", type=float, default=3600, help="per scenario, seconds")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="emulator",
+                   help="who starts the workers: the emulator itself (default), or horovodrun / "
+                        "alsgd-run from the root namespace over ssh to the emulated hosts")
     args = p.parse_args(argv)
     for flag in ("rounds", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
     for name in names:
         start = time.monotonic()
         try:
-            doc = run_scenario(name, args.quick, args.rounds, args.steps, variants, args.timeout)
+            doc = run_scenario(name, args.quick, args.rounds, args.steps, variants, args.timeout,
+                               launcher=args.launcher)
         except (ClusterError, ValueError, RuntimeError) as e:
             print(f"{PROG}: error: {name}: {e}", file=sys.stderr)
             failed.append(name)

@@ -160,6 +160,9 @@ def _accuracy_variants(warmup: int) -> list:
             _ours("adaptive-qsr", 32, warmup=warmup, qsr_alpha=0.05 * 8 ** 0.5)]
 
 
+LAUNCHERS = ("emulator", "horovodrun", "alsgd-run")
+
+
 def settings_for(name: str, quick: bool, rounds: int | None, steps: int | None) -> dict:
     sc = SCENARIOS[name]
     s = {k: v for k, v in sc.items() if k not in ("rounds", "steps", "hosts", "workers", "rate",
@@ -183,8 +186,15 @@ def _log(msg: str) -> None:
 
 
 def run_scenario(name: str, quick: bool = False, rounds: int | None = None, steps: int | None = None,
-                 variants: list | None = None, timeout: float = 3600) -> dict:
-    """Run one scenario on an emulated cluster; return its JSON document."""
+                 variants: list | None = None, timeout: float = 3600,
+                 launcher: str = "emulator") -> dict:
+    """Run one scenario on an emulated cluster; return its JSON document.
+
+    ``launcher``: ``emulator`` starts each worker itself (``ip netns exec`` with horovodrun's
+    rank variables); ``horovodrun`` and ``alsgd-run`` launch the job from the root namespace
+    over ssh to the emulated hosts (``-H ADDRESS:N,...``), as users do."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     from adaptive_lsgd.tools import cluster as emu
     from adaptive_lsgd.tools.demo.datasets import load_mnist1d
 
@@ -198,15 +208,19 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
                              f"allowed: {', '.join(known)}")
         s["variants"] = [v for v in s["variants"] if v["name"] in variants or v["kind"] == "compute"]
     load_mnist1d()  # generate the data once, before the workers start
+    run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(4))
     tmp = tempfile.mkdtemp(prefix="alsgd-bench-")
     s["drop_marker"] = os.path.join(tmp, "drop")
     s["result_path"] = os.path.join(tmp, "result.json")
     s["master_port"] = 29500 + secrets.randbelow(2000)
-    s["iface"] = emu.HOST_IFACE
+    ssh = launcher != "emulator"
+    iface = f"{emu.PREFIX}{run_id}br" if ssh else emu.HOST_IFACE  # the hosts' interface
+    s["iface"] = iface
+    s["launcher"] = launcher
     # A transfer over a shaped 5 Mbit/s link can stall for a while (tbf drops, TCP backs off):
     # a stall shows in the figures; Gloo's default 30 s timeout would end the whole run instead.
     env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "GLOO_SOCKET_IFNAME": emu.HOST_IFACE, "HOROVOD_GLOO_TIMEOUT_SECONDS": "300"}
+           "GLOO_SOCKET_IFNAME": iface, "HOROVOD_GLOO_TIMEOUT_SECONDS": "300"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALSGD_")}, **env}
     stop = threading.Event()
     try:
@@ -215,15 +229,28 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
         else:
             with emu.EmulatedCluster(hosts=sc["hosts"], workers_per_host=sc["workers"],
                                      rate_mbit=sc["rate"], slowdown=sc.get("slowdown"),
-                                     echo=True) as cluster:
+                                     echo=True, ssh=ssh, run_id=run_id) as cluster:
                 s["master_addr"] = cluster.host_address(0)
                 env[SETTINGS_ENV] = json.dumps(s)
                 if sc.get("drop_to"):
                     threading.Thread(target=_drop_link, daemon=True,
                                      args=(cluster, s["drop_marker"], sc["drop_to"], stop)).start()
                 _log(f"{name}: {sc['about']}; {s['rounds']} rounds x {s['segment_steps']} steps")
-                result = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.bench.worker"],
-                                     env=env, timeout=timeout)
+                worker = [sys.executable, "-m", "adaptive_lsgd.tools.bench.worker"]
+                if not ssh:
+                    result = cluster.run(worker, env=env, timeout=timeout)
+                else:
+                    front = ([shutil.which("horovodrun", path=os.path.dirname(sys.executable))
+                              or "horovodrun"] if launcher == "horovodrun"
+                             else [sys.executable, "-m", "adaptive_lsgd.tools.cli.run"])
+                    launched = cluster.launch([*front, "-np", str(cluster.size), "-H",
+                                               cluster.hosts_arg(), *worker], env=env,
+                                              timeout=timeout)
+                    result = emu.RunResult([launched.returncode], [launched.stdout],
+                                           [launched.stderr], lines=[
+                                               (0, "stdout", ln) for ln in
+                                               (launched.stdout + launched.stderr).splitlines()],
+                                           elapsed=launched.elapsed, timed_out=launched.timed_out)
         if result.ok:
             with open(s["result_path"]) as f:
                 raw = json.load(f)
@@ -298,7 +325,7 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
                 row[key] = v[key]
         results[vname] = row
     doc = {
-        "scenario": name, "about": sc["about"], "quick": quick,
+        "scenario": name, "about": sc["about"], "quick": quick, "launcher": s.get("launcher", "emulator"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "cluster": {"hosts": sc["hosts"], "workers_per_host": sc["workers"], "rate_mbit": sc["rate"],

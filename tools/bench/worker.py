@@ -25,6 +25,7 @@ import time
 import horovod.torch as hvd  # noqa: I001
 import torch
 import torch.distributed as dist
+from horovod.torch.optimizer import DistributedOptimizer as horovod_optimizer
 
 import adaptive_lsgd.integrations.torch as alsgd  # before hvd.init(): dynamic process sets
 from adaptive_lsgd.tools.cluster import emulated_slowdown
@@ -67,8 +68,9 @@ class Variant:
         if self.kind == "compute":
             self.opt = sgd
         elif self.kind == "horovod":
-            self.opt = hvd.DistributedOptimizer(sgd, named_parameters=named,
-                                                backward_passes_per_step=self.H)
+            # Horovod's own, also under alsgd-run (which swaps hvd.DistributedOptimizer)
+            self.opt = horovod_optimizer(sgd, named_parameters=named,
+                                         backward_passes_per_step=self.H)
         elif self.kind == "alsgd":
             self.opt = alsgd.DistributedOptimizer(sgd, named_parameters=named, model=self.model,
                                                   config=dict(spec["config"]))

@@ -42,6 +42,7 @@ from adaptive_lsgd.config import (
 )
 from adaptive_lsgd.decision_log import read_log
 from adaptive_lsgd.summary import combine_summaries
+from adaptive_lsgd.tools.cli.host_check import check_hosts, job_hosts, remote_hosts
 
 # tools/inject/ (package data of adaptive_lsgd.tools): sitecustomize.py and _alsgd_inject.py
 INJECT_DIR = os.path.join(os.path.dirname(os.path.abspath(adaptive_lsgd.tools.__file__)), "inject")
@@ -145,12 +146,12 @@ def split_argv(argv: list, parser) -> tuple:
     return ours, hvd_args, []
 
 
-def check_horovod_args(parser, hvd_args: list, command: list) -> None:
+def check_horovod_args(parser, hvd_args: list, command: list) -> argparse.Namespace:
     """Let horovodrun's parser judge its options now; its complaint becomes one line."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parser.parse_args(hvd_args + command)
+            return parser.parse_args(hvd_args + command)
     except SystemExit as exc:
         if exc.code:
             lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
@@ -357,6 +358,24 @@ def _figures(per_rank: list, batch, log_path: str | None) -> list:
     return lines
 
 
+def topology_line(by_rank: dict) -> str | None:
+    """``topology  hosts A: ranks [0, 1], B: ranks [2, 3]; levels [[0, 1], [2, 3]] -> [[0, 1, 2, 3]]``:
+    where the ranks ran and the blocks each level averages (rank 0's runtime)."""
+    levels = next((r.get("levels") for _, r in sorted(by_rank.items()) if r.get("levels")), None)
+    hosts: dict = {}
+    for rank, r in sorted(by_rank.items()):
+        if r.get("host"):
+            hosts.setdefault(r["host"], []).append(rank)
+    if not levels and not hosts:
+        return None
+    parts = []
+    if hosts:
+        parts.append("hosts " + ", ".join(f"{h}: ranks {ranks}" for h, ranks in hosts.items()))
+    if levels:
+        parts.append("levels " + " -> ".join(str(lv) for lv in levels))
+    return "  topology             " + "; ".join(parts)
+
+
 def summarise(reports: list, log_path: str | None, show_log: bool = True) -> list:
     """The lines alsgd-run prints after the job (empty when nothing was wrapped).
 
@@ -379,6 +398,9 @@ def summarise(reports: list, log_path: str | None, show_log: bool = True) -> lis
     used = sorted({u for r in reports for u in r["used"]})
     batch = next((r["batch_size"] for r in wrapped if r.get("batch_size")), None)
     lines = [f"summary ({len(by_rank)} ranks; wrapped: {', '.join(used)})"]
+    topo = topology_line(by_rank)
+    if topo:
+        lines.append(topo)
     if count > 1:
         def name(i):
             return groups[i][0].get("wrapped") or "optimizer"
@@ -498,7 +520,7 @@ def main(argv=None) -> int:
         ours, hvd_args, command = split_argv(argv, parser)
         if not command:
             raise UsageError("no command to run (e.g. alsgd-run -np 2 python train.py)")
-        check_horovod_args(parser, hvd_args, command)
+        hvd_ns = check_horovod_args(parser, hvd_args, command)
         check_script(command)
         if ours["config"] is not None and not os.path.isfile(ours["config"]):
             raise UsageError(f"--alsgd-config {ours['config']!r}: no such file")
@@ -523,6 +545,17 @@ def main(argv=None) -> int:
     if ours["dry_run"]:
         dry_run(cmd, env, cfg)
         return 0
+    errors, warnings = check_hosts(remote_hosts(job_hosts(hvd_ns)), command, env, INJECT_DIR,
+                                   run_dir, hvd_ns.ssh_port, hvd_ns.ssh_identity_file)
+    for line in warnings:
+        print(f"alsgd-run: warning: {line}", file=sys.stderr, flush=True)
+    if errors:
+        for line in errors:
+            print(f"alsgd-run: error: {line}", file=sys.stderr)
+        print("alsgd-run: nothing was launched", file=sys.stderr, flush=True)
+        if own_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
     try:
         rc = subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

@@ -34,15 +34,26 @@ Command line::
 
 ``--schedule 10:0:10`` sets host 0's link to 10 Mbit/s 10 s after the workers start.
 
+With ``ssh=True`` (``--ssh``) every host also runs its own sshd (:mod:`.ssh`) and a launcher
+in the root namespace (``horovodrun -H``, ``alsgd-run -H``) reaches the hosts over ssh, as on a
+real cluster; the hosts' interface is then named like the bridge, so horovodrun's interface
+discovery finds one name on every host and on the launching side::
+
+    python -m adaptive_lsgd.tools.cluster --hosts 2 --workers-per-host 2 --ssh -- \\
+        alsgd-run -np 4 -H {hosts} python train.py
+
 Modules: :mod:`.network` (resource names, ``ip``/``tc`` helpers, run state, clean-up),
-:mod:`.emulator` (:class:`EmulatedCluster` and the worker-side helpers), :mod:`.cli` (the
+:mod:`.emulator` (:class:`EmulatedCluster` and the worker-side helpers), :mod:`.ssh`
+(:class:`SshAccess`), :mod:`.cli` (the
 command line; ``__main__`` runs it). Everything public is importable from this package.
 """
 
 from adaptive_lsgd.tools.cluster.emulator import (
                        ENV_HOST,
                        ENV_SLOWDOWN,
+                       ENV_SLOWDOWNS,
                        EmulatedCluster,
+                       LaunchResult,
                        RunResult,
                        Terminated,
                        emulated_host,
@@ -57,7 +68,9 @@ from adaptive_lsgd.tools.cluster.network import (
                        cleanup_stale,
                        require_root,
 )
+from adaptive_lsgd.tools.cluster.ssh import SshAccess, require_ssh
 
-__all__ = ["EmulatedCluster", "RunResult", "ClusterError", "NotRootError", "Terminated", "cleanup_stale",
+__all__ = ["EmulatedCluster", "RunResult", "LaunchResult", "SshAccess", "require_ssh",
+           "ENV_SLOWDOWNS", "ClusterError", "NotRootError", "Terminated", "cleanup_stale",
            "require_root", "emulated_slowdown", "emulated_host", "ENV_SLOWDOWN", "ENV_HOST", "PREFIX",
            "ETC_NETNS", "HOST_IFACE"]

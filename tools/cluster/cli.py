@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rate changes during the run: SECONDS:HOST:MBIT,... (e.g. 10:0:10,30:0:none)")
     p.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
     p.add_argument("--run-id", default=None, help="name of the run's resources ([a-z0-9]{1,6})")
+    p.add_argument("--ssh", action="store_true",
+                   help="give every host an sshd and run COMMAND in the root namespace as the "
+                        "launcher, the way users launch: {hosts} in it becomes horovodrun's -H "
+                        "value (ADDRESS:SLOTS,...), e.g. -- horovodrun -np 4 -H {hosts} python train.py")
     p.add_argument("--quiet", action="store_true", help="do not echo worker output")
     p.add_argument("--cleanup", action="store_true",
                    help="remove namespaces/veths/bridges (prefix alsgd) left by crashed runs and exit")
@@ -85,8 +89,13 @@ def main(argv=None) -> int:
         cluster = EmulatedCluster(
             hosts=args.hosts, workers_per_host=_one_or_list(args.workers_per_host),
             rate_mbit=_one_or_list(args.rate_mbit), slowdown=_one_or_list(args.slowdown),
-            schedule=args.schedule, run_id=args.run_id, echo=not args.quiet)
+            schedule=args.schedule, run_id=args.run_id, echo=not args.quiet, ssh=args.ssh)
         with cluster:
+            if args.ssh:
+                command = [c.replace("{hosts}", cluster.hosts_arg()) for c in args.command]
+                launched = cluster.launch(command, timeout=args.timeout)
+                rc = launched.returncode
+                return 124 if launched.timed_out else (rc if rc >= 0 else 128 - rc)
             result = cluster.run(args.command, timeout=args.timeout)
     except (ClusterError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

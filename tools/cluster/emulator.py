@@ -42,9 +42,12 @@ from adaptive_lsgd.tools.cluster.network import (
     _state_path,
     require_root,
 )
+from adaptive_lsgd.tools.cluster.ssh import SshAccess
 
 ENV_SLOWDOWN = "_ALSGD_EMU_SLOWDOWN"
 ENV_HOST = "_ALSGD_EMU_HOST"
+ENV_SLOWDOWNS = "_ALSGD_EMU_SLOWDOWNS"  # every host's, for workers a launcher started over ssh
+_HOSTNAME_RE = re.compile(r"^" + PREFIX + r"[a-z0-9]+?h(\d+)$")
 MAX_HOSTS = 200
 _RUN_ID_RE = re.compile(r"^[a-z0-9]{1,6}$")
 _TBF_LATENCY = "100ms"
@@ -63,13 +66,37 @@ class Terminated(BaseException):
 def emulated_slowdown(default: float = 1.0) -> float:
     """The compute slowdown factor of this worker's emulated host (1.0 outside a cluster)."""
     value = os.environ.get(ENV_SLOWDOWN)
-    return float(value) if value else default
+    if value:
+        return float(value)
+    host, every = emulated_host(), os.environ.get(ENV_SLOWDOWNS)
+    if host is not None and every:
+        return float(every.split(",")[host])
+    return default
 
 
 def emulated_host() -> Optional[int]:
-    """The index of this worker's emulated host, or ``None`` outside an emulated cluster."""
+    """The index of this worker's emulated host, or ``None`` outside an emulated cluster (a
+    worker started over ssh knows it by its host name, ``alsgd<run>h<i>``)."""
     value = os.environ.get(ENV_HOST)
-    return int(value) if value else None
+    if value:
+        return int(value)
+    m = _HOSTNAME_RE.match(socket.gethostname())
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class LaunchResult:
+    """What :meth:`EmulatedCluster.launch` returns: the launcher's exit code and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float = 0.0
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and self.returncode == 0
 
 
 @dataclass
@@ -155,6 +182,11 @@ class EmulatedCluster:
         schedule: rate changes during :meth:`run`, ``[(t_seconds, host, rate_mbit), ...]``, with
             ``t`` counted from the start of each run and ``rate_mbit=None`` for unshaped.
         run_id: 1-6 characters ``[a-z0-9]`` naming the resources (random by default).
+        ssh: give every host an sshd reachable at its address (:mod:`.ssh`), so that real
+            launchers (``horovodrun -H``, ``alsgd-run -H``) started in the root namespace with
+            :meth:`launcher_env` reach the hosts over ssh (:meth:`launch`). The hosts' interface
+            is then named like the bridge, as the cluster interface of every machine of a real
+            cluster has one name, so horovodrun's interface discovery finds it.
         echo: print worker output as it arrives (``[rank]<stdout>:...``) and progress lines.
 
     Example (as root)::
@@ -171,12 +203,19 @@ class EmulatedCluster:
 
     On leaving the ``with`` block (also by exception, Ctrl-C or SIGTERM) the workers are killed
     and the namespaces, veths and the bridge are deleted.
+
+    Launched the way users launch (as root)::
+
+        with EmulatedCluster(hosts=2, workers_per_host=2, rate_mbit=100, ssh=True) as cluster:
+            result = cluster.launch(["alsgd-run", "-np", "4", "-H", cluster.hosts_arg(),
+                                     "python", "train.py"], timeout=600)
+        print(result.returncode, result.stdout)
     """
 
     def __init__(self, hosts: int = 2, workers_per_host: Union[int, Sequence[int]] = 1,
                  rate_mbit=None, slowdown=None, schedule: Optional[Sequence] = None,
                  run_id: Optional[str] = None, echo: bool = True,
-                 out: Optional[IO] = None, err: Optional[IO] = None):
+                 out: Optional[IO] = None, err: Optional[IO] = None, ssh: bool = False):
         if not 1 <= int(hosts) <= MAX_HOSTS:
             raise ValueError(f"hosts must be in 1..{MAX_HOSTS}, got {hosts}")
         self.hosts = int(hosts)
@@ -194,6 +233,8 @@ class EmulatedCluster:
         if not _RUN_ID_RE.match(run_id):
             raise ValueError(f"run_id must match [a-z0-9]{{1,6}}, got {run_id!r}")
         self.run_id = run_id
+        self.iface = self.bridge if ssh else HOST_IFACE  # the hosts' interface
+        self.ssh = SshAccess(self) if ssh else None
         self.echo = echo
         self._out = out
         self._err = err
@@ -225,7 +266,7 @@ class EmulatedCluster:
         return f"{self._need_subnet()}.1"
 
     def host_address(self, host: int) -> str:
-        """The IPv4 address of ``host`` (its ``eth0``)."""
+        """The IPv4 address of ``host`` (its :attr:`iface`)."""
         return f"{self._need_subnet()}.{10 + self._host(host)}"
 
     @property
@@ -284,13 +325,15 @@ class EmulatedCluster:
         try:
             self._setup_network()
             self._start_rendezvous()
+            if self.ssh is not None:
+                self.ssh.start()
         except BaseException:
             self.close()
             raise
         rates = ["-" if r is None else f"{r:g}" for r in self._rates]
         self._log(f"{self.hosts} hosts x {self.workers_per_host} workers, {self.subnet}.0/24, "
                   f"rendezvous {self.bridge_address}:{self._port()}, rates Mbit/s {rates}, "
-                  f"slowdown {self.slowdown}")
+                  f"slowdown {self.slowdown}" + (f", sshd on {self.hosts_arg()}" if self.ssh else ""))
         return self
 
     def _setup_network(self) -> None:
@@ -311,10 +354,10 @@ class EmulatedCluster:
             _cmd(["ip", "netns", "add", ns])
             _cmd(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer])
             _cmd(["ip", "link", "set", peer, "netns", ns])
-            _cmd(["ip", "-n", ns, "link", "set", peer, "name", HOST_IFACE])
-            _cmd(["ip", "-n", ns, "addr", "add", f"{self.host_address(h)}/24", "dev", HOST_IFACE])
+            _cmd(["ip", "-n", ns, "link", "set", peer, "name", self.iface])
+            _cmd(["ip", "-n", ns, "addr", "add", f"{self.host_address(h)}/24", "dev", self.iface])
             _cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _cmd(["ip", "-n", ns, "link", "set", HOST_IFACE, "up"])
+            _cmd(["ip", "-n", ns, "link", "set", self.iface, "up"])
             _cmd(["ip", "link", "set", veth, "master", self.bridge])
             _cmd(["ip", "link", "set", veth, "up"])
             self._apply_rate(h, self._rates[h])
@@ -374,7 +417,8 @@ class EmulatedCluster:
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         errors, took, t_start = [], [], time.monotonic()
         try:
-            for step in (self._kill_workers, self._stop_rendezvous, self._delete_network):
+            for step in (self._kill_workers, self._close_ssh, self._stop_rendezvous,
+                         self._delete_network):
                 t0 = time.monotonic()
                 try:
                     step()
@@ -392,6 +436,10 @@ class EmulatedCluster:
         else:
             slow = time.monotonic() - t_start > 2.0
             self._log("torn down" + (f" (slow: {', '.join(took)})" if slow else ""))
+
+    def _close_ssh(self) -> None:
+        if self.ssh is not None:
+            self.ssh.close()
 
     def _stop_rendezvous(self) -> None:
         if self._httpd is not None:
@@ -435,7 +483,7 @@ class EmulatedCluster:
 
     def _apply_rate(self, host: int, rate: Rate) -> None:
         devices = [[], ["-n", self.namespace(host)]]  # bridge-side veth, host's eth0
-        names = [self.veth(host), HOST_IFACE]
+        names = [self.veth(host), self.iface]
         with self._tc_lock:
             for netns, dev in zip(devices, names):
                 if rate is None:
@@ -522,8 +570,8 @@ class EmulatedCluster:
                         "HOROVOD_GLOO_RENDEZVOUS_PORT": str(self._port()),
                         "HOROVOD_CONTROLLER": "gloo",
                         "HOROVOD_CPU_OPERATIONS": "gloo",
-                        "HOROVOD_GLOO_IFACE": HOST_IFACE,
-                        "NCCL_SOCKET_IFNAME": HOST_IFACE,
+                        "HOROVOD_GLOO_IFACE": self.iface,
+                        "NCCL_SOCKET_IFNAME": self.iface,
                     })
                 out.append((h, env))
                 rank += 1
@@ -613,6 +661,95 @@ class EmulatedCluster:
                            lines=list(lines), elapsed=time.monotonic() - t0, timed_out=timed_out)
         self._log(f"exit codes {result.returncodes} after {result.elapsed:.1f}s")
         return result
+
+    # -- launching the way users do (ssh=True) -------------------------------------------------
+    def hosts_arg(self) -> str:
+        """horovodrun's ``-H`` for this cluster: ``ADDRESS:SLOTS,...`` (needs ``ssh=True``)."""
+        return ",".join(f"{self.host_address(h)}:{w}" for h, w in enumerate(self.workers_per_host))
+
+    def launcher_env(self, env: Optional[dict] = None) -> dict:
+        """The environment for a launcher in the root namespace: this process's, ``env`` on top,
+        the run's ``ssh`` first on PATH, a HOME of the run's own (horovodrun's cache) and
+        every host's slowdown (``_ALSGD_EMU_SLOWDOWNS``,
+        which a worker reads by its host name, as horovodrun gives every host one environment)."""
+        if self.ssh is None:
+            raise ClusterError("launching over ssh needs EmulatedCluster(..., ssh=True)")
+        base = dict(os.environ)
+        base.update({k: str(v) for k, v in (env or {}).items()})
+        base[ENV_SLOWDOWNS] = ",".join(repr(float(s)) for s in self.slowdown)
+        # horovodrun caches its ssh checks and the interfaces it found in ~/.horovod for an hour,
+        # keyed by -np and -H: another run on the same addresses has another interface name.
+        base["HOME"] = self.ssh.home_dir
+        base["PYTHONUNBUFFERED"] = "1"
+        return self.ssh.env(base)
+
+    def launch(self, command: Sequence[str], env: Optional[dict] = None,
+               timeout: Optional[float] = None, cwd: Optional[str] = None,
+               schedule: Optional[Sequence] = None) -> LaunchResult:
+        """Run a launcher (``horovodrun``, ``alsgd-run``, ...) in the root namespace, where it
+        reaches the hosts over ssh, and wait; its output is echoed and captured. After
+        ``timeout`` seconds it is killed (its workers with the cluster's sweep) and the result
+        says ``timed_out``. ``schedule`` as in :meth:`run`."""
+        if self.subnet is None or self._closed:
+            raise ClusterError("the cluster is not running")
+        full_env = self.launcher_env(env)
+        sched = self._check_schedule(schedule) if schedule is not None else self.schedule
+        out: list = []
+        err: list = []
+        lines: list = []
+        stop = threading.Event()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(list(command), env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        pumps = [threading.Thread(target=self._pump_launcher, args=(name, stream, sink, lines),
+                                  daemon=True)
+                 for stream, sink, name in ((proc.stdout, out, "stdout"), (proc.stderr, err, "stderr"))]
+        for t in pumps:
+            t.start()
+        self._log(f"launched: {' '.join(command)}")
+        if sched:
+            threading.Thread(target=self._schedule_loop, args=(sched, t0, stop),
+                             name=f"alsgd-schedule-{self.run_id}", daemon=True).start()
+        timed_out = False
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self._log(f"timeout after {timeout:g}s; killing the launcher and the workers")
+        finally:
+            stop.set()
+            self._kill_workers([proc])
+            if timed_out:
+                for h in range(self.hosts):  # what the launcher left on the hosts, not the sshds
+                    self._kill_host_sessions(h)
+            for t in pumps:
+                t.join(timeout=2.0)
+        result = LaunchResult(returncode=proc.returncode, stdout="".join(out), stderr="".join(err),
+                              elapsed=time.monotonic() - t0, timed_out=timed_out)
+        self._log(f"launcher exited with {result.returncode} after {result.elapsed:.1f}s")
+        return result
+
+    def _kill_host_sessions(self, host: int) -> None:
+        keep = {p.pid for p in (self.ssh._procs if self.ssh else [])}
+        out = _cmd(["ip", "netns", "pids", self.namespace(host)], check=False).stdout
+        for tok in out.split():
+            if tok.isdigit() and int(tok) not in keep:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(tok), signal.SIGKILL)
+
+    def _pump_launcher(self, name: str, stream, sink: list, lines: list) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                text = raw.decode("utf-8", "replace")
+                sink.append(text)
+                with self._print_lock:
+                    lines.append((name, text.rstrip("\n")))
+                    if self.echo:
+                        target = (self._out or sys.stdout) if name == "stdout" else (
+                            self._err or sys.stderr)
+                        target.write(text)
+                        target.flush()
 
     def _pump(self, rank: int, name: str, stream, sink: list, lines: list) -> None:
         with stream:

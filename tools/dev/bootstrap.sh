@@ -38,6 +38,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# 1b. The multi-host tests (tests/test_multihost.py: horovodrun/alsgd-run over ssh to emulated
+# hosts) need an ssh server and client. As root they are installed here; the system's ssh
+# service is kept from starting (policy-rc.d): each test starts its own sshds in namespaces.
+# Not fatal: without them those tests are skipped with the reason.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+   { [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null; }; then
+  say "installing openssh-server and openssh-client (its service stays off)"
+  made_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
+  fi
+  apt_ssh() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server openssh-client; }
+  apt_ssh || { DEBIAN_FRONTEND=noninteractive apt-get update -q && apt_ssh; } || \
+    say "could not install openssh-server: the multi-host tests will be skipped"
+  if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 # 2. The virtual environment and the Python stack.
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)

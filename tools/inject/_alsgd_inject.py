@@ -20,13 +20,14 @@ import importlib.abc
 import inspect
 import json
 import os
+import socket
 import sys
 import threading
 
 TARGETS = ("horovod.torch", "horovod.tensorflow", "horovod.tensorflow.keras", "horovod.keras")
 USED: list = []      # names of the Horovod symbols whose replacement ran
 NOTES: list = []     # why a use was left to Horovod
-RUNTIMES: list = []  # objects with .scheduler (one per wrapped optimizer / tape runtime)
+RUNTIMES: list = []  # objects with .scheduler, or _Built (one per wrapped optimizer / tape runtime)
 RUNTIME_NAMES: list = []  # the Horovod symbol that created each of RUNTIMES
 INFO: dict = {"batch_size": None}
 _TLS = threading.local()
@@ -38,6 +39,31 @@ def _note_use(name: str, runtime) -> None:
     if runtime is not None and all(r is not runtime for r in RUNTIMES):
         RUNTIMES.append(runtime)
         RUNTIME_NAMES.append(name)
+
+
+class _Built:
+    """A PyTorch optimizer's runtime as it is when asked (None until its first step builds it).
+
+    Not ``opt.alsgd`` at wrap time: building the runtime is a collective, and a worker that
+    joins a running elastic job wraps its optimizer before ``state.sync()``, while the workers
+    already there rebuild theirs after it; an early collective on the newcomer deadlocks the
+    job. Asked at report time, it is also the runtime of the current Horovod world."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def get(self):
+        return getattr(self.optimizer, "_alsgd", None)
+
+
+def _runtimes() -> list:
+    """``[(runtime, name), ...]`` of the runtimes built so far, in creation order."""
+    out = []
+    for runtime, name in zip(RUNTIMES, RUNTIME_NAMES):
+        runtime = runtime.get() if isinstance(runtime, _Built) else runtime
+        if runtime is not None:
+            out.append((runtime, name))
+    return out
 
 
 def _note(text: str) -> None:
@@ -123,7 +149,7 @@ def _patch_torch(mod) -> None:
         _TORCH_HOLDERS.append(holder)
         _TORCH_UNCLAIMED[:] = [e for e in _TORCH_UNCLAIMED if not holder.claim(e)]
         member = opt.process_set.included()  # outside its process set: a plain local optimizer
-        _note_use("horovod.torch.DistributedOptimizer", opt.alsgd if member else None)
+        _note_use("horovod.torch.DistributedOptimizer", _Built(opt) if member else None)
         return opt
 
     def broadcast_parameters(params, root_rank, *args, **kwargs):
@@ -447,18 +473,24 @@ def _rank() -> int:
 def report() -> dict:
     """What this worker wrapped and its schedulers' local figures (no collective)."""
     summaries = []  # one per runtime, in creation order (alsgd-run shows those that stepped)
-    for runtime, name in zip(RUNTIMES, RUNTIME_NAMES):
+    built = _runtimes()
+    for runtime, name in built:
         try:
             summaries.append(dict(runtime.scheduler.summary(), wrapped=name))
         except Exception as exc:  # a runtime half-built when the script failed
             NOTES.append(f"no summary: {exc}")
-    log = None
-    if RUNTIMES:
-        log = RUNTIMES[0].config.log
+    log = levels = None
+    if built:
+        log = built[0][0].config.log
+        try:
+            levels = built[0][0].topology.describe()["levels"]
+        except Exception:  # a runtime half-built when the script failed
+            levels = None
     direct = [m for m in ("adaptive_lsgd.integrations.torch", "adaptive_lsgd.integrations.tensorflow")
               if m in sys.modules and not USED]  # imported by the script itself, not by us
     return {"rank": _rank(), "pid": os.getpid(), "used": USED, "notes": NOTES, "direct": direct,
-            "summaries": summaries, "batch_size": INFO["batch_size"], "log": log}
+            "summaries": summaries, "batch_size": INFO["batch_size"], "log": log,
+            "levels": levels, "host": os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()}
 
 
 def _write_report() -> None:
