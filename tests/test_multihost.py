@@ -259,3 +259,26 @@ def test_ssh_cluster_leaves_nothing_behind_on_failure():
     assert c.namespace(0) not in names and c.namespace(1) not in names
     assert not os.path.exists(os.path.expanduser("~/.ssh/known_hosts")) or c.host_address(0) not in open(
         os.path.expanduser("~/.ssh/known_hosts")).read()
+
+
+# -- the benchmark launched through alsgd-run ----------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.torch
+def test_hierarchical_bench_launched_through_alsgd_run(tmp_path):
+    """``alsgd-bench hierarchical --launcher alsgd-run`` at a tiny size: the workers come from
+    alsgd-run over ssh, the ``horovod`` variant stays Horovod's own optimizer (an allreduce
+    every step, though alsgd-run swaps ``hvd.DistributedOptimizer``), and the default
+    ``adaptive`` finds the two hosts (two levels)."""
+    out = tmp_path / "hier.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALSGD_", "_ALSGD_"))}
+    proc = subprocess.run([PY, "-m", "adaptive_lsgd.tools.bench", "hierarchical", "--launcher",
+                           "alsgd-run", "--rounds", "1", "--steps", "8", "--variants",
+                           "horovod,adaptive", "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    doc = json.loads(out.read_text())
+    res = doc["results"]
+    assert doc["launcher"] == "alsgd-run" and doc["ranks"] == 4
+    # the worker refuses to run a horovod baseline that is not Horovod's optimizer
+    assert res["horovod"]["global_syncs"] == 8 and res["horovod"]["samples_per_s"] > 0
+    assert len(res["adaptive"]["periods"]) == 2 and res["adaptive"]["samples_per_s"] > 0

@@ -8,6 +8,7 @@ Example (after ``alsgd-bench all --quick --out docs/bench``)::
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import statistics
@@ -370,6 +371,35 @@ def _sync_note(out_dir: str) -> list:
             f"(`{SYNC_COMMAND}`): " + ", ".join(parts) + ".", ""]
 
 
+def _launch_note(out_dir: str) -> list:
+    """The same scenario started by the emulator and by the real launchers over ssh
+    (``launch/<scenario>-<launcher>.json``, from ``alsgd-bench SCENARIO --launcher L``)."""
+    from adaptive_lsgd.tools.bench.scenarios import paired_ratio
+
+    paths = sorted(glob.glob(os.path.join(out_dir, "launch", "*.json")))
+    if not paths:
+        return []
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    names = [n for n in ("horovod", "local-h16", "torch-peer", "adaptive", "adaptive-chained")
+             if all(n in d["results"] for d in runs)]
+    lines = ["### Launched as users launch", "",
+             "The same scenario, its workers started by the emulator (`ip netns exec` with "
+             "horovodrun's rank variables) and by `alsgd-run -np 4 -H ADDRESS:2,ADDRESS:2` from the "
+             "root namespace over ssh to the emulated hosts (`--launcher`), samples/s:", "",
+             "| launcher | date | " + " | ".join(f"`{n}`" for n in names) + " | adaptive / local-h16 |",
+             "|---|---|" + "---:|" * (len(names) + 1)]
+    for d in runs:
+        r = d["results"]
+        ratio = paired_ratio(r, "adaptive", "local-h16") if "local-h16" in r else None
+        lines.append(f"| {d.get('launcher', 'emulator')} ({d['scenario']}{', quick' if d['quick'] else ''})"
+                     f" | {d['date']} | " + " | ".join(f"{r[n]['samples_per_s']:.0f}" for n in names)
+                     + f" | {'n/a' if ratio is None else f'{ratio:.2f}x'} |")
+    return lines + [""]
+
+
 def report(out_dir: str, doc_path: str | None = None) -> str:
     """Write the PNGs into ``out_dir`` and (if ``doc_path``) the markdown page; return the page."""
     docs = _load(out_dir)
@@ -411,7 +441,7 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
         lines += (_table(doc) + _goals(doc) + _mechanisms(doc) + _stalls(doc) + _notes(name, doc)
                   + [""])
         if name == "hierarchical":
-            lines += _sync_note(out_dir)
+            lines += _sync_note(out_dir) + _launch_note(out_dir)
         if name == "accuracy":
             lines += [f"![accuracy vs samples]({rel}/accuracy.png)", ""]
         if name == "changing-network":

@@ -71,6 +71,8 @@ class Variant:
             # Horovod's own, also under alsgd-run (which swaps hvd.DistributedOptimizer)
             self.opt = horovod_optimizer(sgd, named_parameters=named,
                                          backward_passes_per_step=self.H)
+            if hasattr(self.opt, "alsgd"):
+                raise RuntimeError("the horovod baseline got adaptive-lsgd's optimizer")
         elif self.kind == "alsgd":
             self.opt = alsgd.DistributedOptimizer(sgd, named_parameters=named, model=self.model,
                                                   config=dict(spec["config"]))
