@@ -20,10 +20,21 @@ class WindowStat:
     """Median of the last ``window`` samples, after discarding the first ``skip`` ones.
 
     The median shrugs off single outliers (a GC pause, a page fault) that an average would
-    carry for many steps; the window lets it follow a real change within ``window/2`` samples.
+    carry for many steps; the window lets it follow a real change within ``window/2`` samples,
+    and a step change faster: when the last ``CHANGE_RUN`` samples all lie more than
+    ``CHANGE_RATIO`` times above (or below) the median of the samples before them, the older
+    ones are dropped (a link that slowed down, a throttled device).
+
+    >>> s = WindowStat(window=16)
+    >>> for v in [1.0] * 10 + [5.0] * 3:
+    ...     s.add(v)
+    >>> s.median()
+    5.0
     """
 
     __slots__ = ("_buf", "_skip", "count")
+    CHANGE_RUN = 3
+    CHANGE_RATIO = 2.0
 
     def __init__(self, window: int = 16, skip: int = 0):
         if window < 1:
@@ -38,6 +49,15 @@ class WindowStat:
             return
         self._buf.append(value)
         self.count += 1
+        k = self.CHANGE_RUN
+        if len(self._buf) >= 2 * k:
+            values = list(self._buf)
+            before = statistics.median(values[:-k])
+            last = values[-k:]
+            if before > 0 and (min(last) > self.CHANGE_RATIO * before
+                               or max(last) * self.CHANGE_RATIO < before):
+                for _ in range(len(values) - k):
+                    self._buf.popleft()
 
     def median(self, default: float = -1.0) -> float:
         return statistics.median(self._buf) if self._buf else default

@@ -151,6 +151,11 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     if _netns_usable():
         assert "unknown variant(s) nope" in proc.stderr
+    proc = _bench("changing-network", "--out", str(tmp_path), "--variants", "local-h-start",
+                  timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    if _netns_usable():
+        assert "variant local-h-start copies the period of adaptive: select both" in proc.stderr
     proc = _bench("no-such-scenario", "--json", "x.json", timeout=60)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
     proc = _bench("report", "--out", str(tmp_path / "empty"), timeout=60)

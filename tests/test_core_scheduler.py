@@ -412,3 +412,18 @@ def test_window_stat_ignores_a_single_outlier():
     for v in [0.1, 0.1, 9.0, 0.1, 0.1]:
         s.add(v)
     assert s.median() == 0.1
+
+
+def test_window_stat_follows_a_step_change_within_three_samples():
+    s = WindowStat(window=16)
+    for v in [0.1] * 12 + [0.5, 0.1, 0.6, 0.1]:  # isolated slow samples: no change
+        s.add(v)
+    assert s.median() == 0.1 and len(s) == 16
+    for v in [0.7, 0.8]:  # two in a row: not yet
+        s.add(v)
+    assert s.median() == 0.1
+    s.add(0.9)  # the third: the link is slower now
+    assert s.median() == 0.8 and len(s) == 3
+    for v in [0.1, 0.1, 0.1]:  # and back (below half the median, three times)
+        s.add(v)
+    assert s.median() == 0.1 and len(s) == 3

@@ -270,15 +270,21 @@ def _notes(name: str, doc: dict) -> list:
         before = [p for t, _, p in trace if drop is None or t < drop]
         from adaptive_lsgd.tools.bench.scenarios import reference_h
 
-        out.append(f"The reference is `{reference_h(doc)}`: the smallest fixed H at or above the period "
-                   f"the adaptive policy chose for the starting link (a larger fixed H loses less "
-                   f"after the drop, so this is the conservative pick). "
+        ref = reference_h(doc)
+        why = ("fixed, from its second segment on, at the global period the adaptive variant "
+               "chose in its first segment on the starting link; the grid's conservative pick "
+               f"`{reference_h(doc, grid_only=True)}` (the smallest grid H at or above it) is "
+               "given too") if ref == "local-h-start" else (
+               "the smallest fixed H at or above the period the adaptive policy chose for the "
+               "starting link (a larger fixed H loses less after the drop, so this is the "
+               "conservative pick)")
+        out.append(f"The reference is `{ref}`: {why}. "
                    f"The adaptive variant used H = {before[-1] if before else '?'} before the drop "
                    f"and H = {trace[-1][2]} at the end (`bench/changing_network_h.png`). "
                    f"Each variant spends about half its segments on each link, so the gain is bounded "
                    f"by how much the fixed H loses after the drop; and the policy raises H over "
-                   f"several syncs (window medians, a shared history of 5 link estimates, "
-                   f"hysteresis), so with a few syncs per segment it reaches its new H late.")
+                   f"a few syncs (the timing window restarts after 3 samples beyond 2x its median, "
+                   f"then a shared history of 5 link estimates and the hysteresis).")
     if name == "heterogeneous":
         out.append("compute-only is the sum of each rank's own rate, so with one host 2x slower the "
                    "fixed-step variants (the fast rank waits at every average) can reach at most "

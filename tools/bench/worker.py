@@ -73,11 +73,11 @@ class Variant:
                                          backward_passes_per_step=self.H)
             if hasattr(self.opt, "alsgd"):
                 raise RuntimeError("the horovod baseline got adaptive-lsgd's optimizer")
+        elif self.kind == "alsgd" and spec.get("H_from"):
+            self.opt = None  # built at its first segment: build_from(the variant it copies)
+            self._sgd, self._named = sgd, named
         elif self.kind == "alsgd":
-            self.opt = alsgd.DistributedOptimizer(sgd, named_parameters=named, model=self.model,
-                                                  config=dict(spec["config"]))
-            alsgd.allow_uneven_steps(self.opt)  # segments are whole rounds of a batch stream
-            self.sched = self.opt.alsgd.scheduler
+            self._build_alsgd(sgd, named, dict(spec["config"]))
         elif self.kind == "peer":
             self._peer(sgd, spec.get("warmup", 0))
         else:
@@ -138,6 +138,23 @@ class Variant:
             return  # accumulate: Horovod allreduces on the H-th backward pass, step() after it
         self.opt.step()
         self.opt.zero_grad()
+
+    def _build_alsgd(self, sgd, named, config: dict) -> None:
+        self.opt = alsgd.DistributedOptimizer(sgd, named_parameters=named, model=self.model,
+                                              config=config)
+        alsgd.allow_uneven_steps(self.opt)  # segments are whole rounds of a batch stream
+        self.sched = self.opt.alsgd.scheduler
+
+    def build_from(self, other: Variant) -> None:
+        """A fixed period: the global period ``other`` (the adaptive policy) runs with now,
+        i.e. the H it chose for the link as it is (changing-network: the starting link).
+        Shared state only (every rank's scheduler decided the same), so every rank builds the
+        same optimizer at the same point."""
+        h = 1
+        for p in other.sched.periods:
+            h *= p
+        self.H = h
+        self._build_alsgd(self._sgd, self._named, {**self.spec["config"], "periods": [h]})
 
     def syncs(self) -> int:
         """Global synchronisations so far (mini-batch allreduces count as syncs)."""
@@ -254,6 +271,8 @@ def main() -> int:
             say(f"[bench] link rate dropped before round {r + 1} (t={drop_t:.1f}s)")
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:  # rotating order
+            if v.kind == "alsgd" and v.opt is None:  # round 1, after the variant it copies
+                v.build_from(next(o for o in variants if o.name == v.spec["H_from"]))
             slow = slowdown if r >= s.get("throttle_from_round", 0) else 1.0
             rate = v.segment(steps, r / rounds, loss_fn, slow, t_job)
             line = f"[bench] round {r + 1}/{rounds} {v.name:22s} {rate:9.0f} samples/s"
