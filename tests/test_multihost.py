@@ -251,7 +251,7 @@ def test_ssh_cluster_leaves_nothing_behind_on_failure():
     c = emu.EmulatedCluster(hosts=2, workers_per_host=1, ssh=True, echo=False)
     with pytest.raises(RuntimeError, match="boom"), c:
         ssh_dir = c.ssh.dir
-        sshd = [p.pid for p in c.ssh._procs]
+        sshd = c.ssh.server_pids
         assert c.ssh.ssh(c.host_address(1), ["hostname"]).stdout.strip() == c.namespace(1)
         raise RuntimeError("boom")
     assert not os.path.exists(ssh_dir)

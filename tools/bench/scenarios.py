@@ -220,19 +220,16 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
                 raise ValueError(f"variant {v['name']} copies the period of {v['H_from']}: "
                                  f"select both")
     load_mnist1d()  # generate the data once, before the workers start
-    run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(4))
     tmp = tempfile.mkdtemp(prefix="alsgd-bench-")
     s["drop_marker"] = os.path.join(tmp, "drop")
     s["result_path"] = os.path.join(tmp, "result.json")
     s["master_port"] = 29500 + secrets.randbelow(2000)
     ssh = launcher != "emulator"
-    iface = f"{emu.PREFIX}{run_id}br" if ssh else emu.HOST_IFACE  # the hosts' interface
-    s["iface"] = iface
     s["launcher"] = launcher
     # A transfer over a shaped 5 Mbit/s link can stall for a while (tbf drops, TCP backs off):
     # a stall shows in the figures; Gloo's default 30 s timeout would end the whole run instead.
     env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "GLOO_SOCKET_IFNAME": iface, "HOROVOD_GLOO_TIMEOUT_SECONDS": "300"}
+           "HOROVOD_GLOO_TIMEOUT_SECONDS": "300"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALSGD_")}, **env}
     stop = threading.Event()
     try:
@@ -241,8 +238,9 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
         else:
             with emu.EmulatedCluster(hosts=sc["hosts"], workers_per_host=sc["workers"],
                                      rate_mbit=sc["rate"], slowdown=sc.get("slowdown"),
-                                     echo=True, ssh=ssh, run_id=run_id) as cluster:
+                                     echo=True, ssh=ssh) as cluster:
                 s["master_addr"] = cluster.host_address(0)
+                s["iface"] = env["GLOO_SOCKET_IFNAME"] = cluster.iface  # the hosts' interface
                 env[SETTINGS_ENV] = json.dumps(s)
                 if sc.get("drop_to"):
                     threading.Thread(target=_drop_link, daemon=True,

@@ -731,7 +731,7 @@ class EmulatedCluster:
         return result
 
     def _kill_host_sessions(self, host: int) -> None:
-        keep = {p.pid for p in (self.ssh._procs if self.ssh else [])}
+        keep = set(self.ssh.server_pids) if self.ssh else set()
         out = _cmd(["ip", "netns", "pids", self.namespace(host)], check=False).stdout
         for tok in out.split():
             if tok.isdigit() and int(tok) not in keep:

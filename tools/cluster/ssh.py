@@ -82,6 +82,11 @@ class SshAccess:
     def identity_file(self) -> str:
         return os.path.join(self._need_dir(), "id_ed25519")
 
+    @property
+    def server_pids(self) -> list:
+        """The pids of the hosts' sshds (a sweep of a host's sessions spares them)."""
+        return [p.pid for p in self._procs]
+
     def _need_dir(self) -> str:
         if self.dir is None:
             raise ClusterError("ssh access is not started")
