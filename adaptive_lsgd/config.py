@@ -62,6 +62,11 @@ class Config:
     chained_allreduce: bool | str = False
     overlap: bool | str = "auto"
     profile: str | None = None
+    outer_optimizer: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "none"
+    outer_state_on_cpu: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,7 +105,17 @@ MEANINGS = {
     "overlap": "PyTorch: run each average in the background during the next round: auto (when "
                "the target cannot be reached otherwise), true or false",
     "profile": "an alsgd-tune profile: the adaptive policy starts at its recommendation",
+    "outer_optimizer": "global syncs: none (plain averaging), sgd or nesterov (DiLoCo): an outer "
+                       "step on the averaged update, outer state kept on every rank",
+    "outer_lr": "outer optimizer: learning rate of the outer step (1 with momentum 0 = averaging)",
+    "outer_momentum": "outer optimizer: momentum of the outer step (0 to 1)",
+    "compression": "global syncs send the update since the last global model as none, fp16 or "
+                   "bf16 (half the bytes); never the raw parameters",
+    "outer_state_on_cpu": "PyTorch: keep the outer state (last global model, momentum) in CPU "
+                          "memory instead of the model's device",
 }
+OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
+COMPRESSIONS = ("none", "fp16", "bf16")
 MOMENTUM = ("local", "average", "reset")
 CHAINED_FORMS = ("sliced", "leaders")  # chained_allreduce: true picks sliced where it can
 
@@ -173,7 +188,23 @@ def _check(key: str, v: Any) -> Any:
         if _is_int(v) and v >= 1:
             return v
         raise ValueError("expected a positive integer")
-    if key in ("log_all_ranks", "average_buffers", "nonfinite_guard"):
+    if key == "outer_optimizer":
+        if v in OUTER_OPTIMIZERS:
+            return v
+        raise ValueError(f"expected one of {', '.join(OUTER_OPTIMIZERS)}")
+    if key == "compression":
+        if v in COMPRESSIONS:
+            return v
+        raise ValueError(f"expected one of {', '.join(COMPRESSIONS)}")
+    if key == "outer_lr":
+        if _is_num(v) and 0 < v <= 10:
+            return float(v)
+        raise ValueError("expected a number in (0, 10]")
+    if key == "outer_momentum":
+        if _is_num(v) and 0 <= v < 1:
+            return float(v)
+        raise ValueError("expected a number in [0, 1)")
+    if key in ("log_all_ranks", "average_buffers", "nonfinite_guard", "outer_state_on_cpu"):
         if isinstance(v, bool):
             return v
         raise ValueError("expected true or false")
@@ -339,11 +370,13 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
         # An overlapped average is one asynchronous allreduce in flight while the next round
         # runs: a multi-stage (chained) sync or per-rank round lengths do not fit that.
         for key, bad in (("chained_allreduce", cfg.chained_allreduce is not False),
-                         ("time_budget", cfg.time_budget is True)):
+                         ("time_budget", cfg.time_budget is True),
+                         ("compression", cfg.compression != "none")):
             if bad:
                 raise ConfigError(f"config key 'overlap' (from {sources['overlap']}) cannot be "
                                   f"combined with {key}: {getattr(cfg, key)!r} (from "
-                                  f"{sources[key]}); set {key}: false or overlap: false")
+                                  f"{sources[key]}); set {key}: {'none' if key == 'compression' else 'false'}"
+                                  " or overlap: false")
     return cfg
 
 

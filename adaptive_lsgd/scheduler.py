@@ -42,6 +42,7 @@ import numpy as np
 from .config import Config, load_config
 from .cost_model import CostModel
 from .decision_log import DecisionLog
+from .outer import OuterState, uses_reference
 from .policies import Decision, make_policy
 from .profile import level_kinds, load_profile
 from .timing import WindowStat
@@ -156,7 +157,11 @@ class Scheduler:
         self.step = 0
         # A tuning-tool profile seeds the cost model until the levels are measured here.
         self.seed = self._seed_model()
-        self.can_overlap = bool(can_overlap) and not (topology.chained and topology.num_levels > 1)
+        # Compressed syncs are two dependent collectives: never in the background.
+        self.can_overlap = bool(can_overlap) and not (topology.chained and topology.num_levels > 1) \
+            and cfg.compression == "none"
+        # The outer step / compression reference (adaptive_lsgd.outer), or None.
+        self.outer = OuterState(cfg) if uses_reference(cfg) else None
         self.decision = self.policy.first(self.seed, can_overlap=self.can_overlap)
         self.periods = self.decision.periods
         self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
@@ -551,6 +556,9 @@ class Scheduler:
             "last_decision": self.last_decision,
             "mechanisms": dict(self.decision.mechanisms),
             "why": dict(self.decision.why),
+            # The outer state's tensors are the integration's to save (backend buffers).
+            "outer": None if self.outer is None else {"ready": self.outer.ready,
+                                                      "steps": self.outer.steps},
             "accounting": [self.time_compute, self.time_comm, self.time_mini_batch,
                            self.steps_mini_batch],
         }
@@ -572,6 +580,7 @@ class Scheduler:
             self.switch_step = state["switch_step"]
             if len(state["periods"]) == self.num_levels:
                 self.periods = tuple(state["periods"])
+            self._load_outer(state)
             self.log.resume()
             return
         self.phase = state["phase"]
@@ -601,7 +610,14 @@ class Scheduler:
         (self.time_compute, self.time_comm, self.time_mini_batch,
          self.steps_mini_batch) = state["accounting"]
         self.model = self._build_model(self._rank_compute)
+        self._load_outer(state)
         self.log.resume()
+
+    def _load_outer(self, state: dict) -> None:
+        """The outer state's tensors, where the integration put them (``"outer_state"``: the
+        dict of :meth:`OuterState.state_dict`, in the integration's tensor type)."""
+        if self.outer is not None and state.get("outer_state") is not None:
+            self.outer.load_state_dict(state["outer_state"])
 
     def _seed_model(self) -> CostModel | None:
         """The cost model of the configured profile for this topology and model size."""

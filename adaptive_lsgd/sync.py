@@ -62,9 +62,11 @@ COLLECTIVE_OF_STAGE = {"allreduce": "allreduce", "reduce": "allreduce", "broadca
 
 @dataclass
 class Collective:
-    """One grouped Sum collective a rank must run now: ``op`` (``allreduce``,
-    ``reducescatter`` or ``allgather``) over ``ranks`` on ``buffers`` (flat, one per dtype,
-    the payload last). ``stage`` is the plan's stage it serves; ``name`` the Horovod name."""
+    """One grouped collective a rank must run now: ``op`` (the Sums ``allreduce`` and
+    ``reducescatter``, ``allgather``, or ``alltoall``: every buffer cut into equal parts,
+    member j getting the j-th part of each member's, in member order) over ``ranks`` on
+    ``buffers`` (flat, one per dtype, the payload last). ``stage`` is the plan's stage it
+    serves; ``name`` the Horovod name."""
 
     op: str
     ranks: tuple
@@ -146,6 +148,40 @@ class Backend:
             digest.update(np.ascontiguousarray(self.to_numpy(b)).tobytes())
         return np.frombuffer(digest.digest(), dtype=np.uint16).astype(np.float32)
 
+    # -- the reference model and the wire (outer optimizer, compression) ----------------------
+    def store_state(self, buffers: list) -> list:
+        """Where the outer state is kept (the identity; the CPU with ``outer_state_on_cpu``)."""
+        return buffers
+
+    def load_state(self, buffers: list) -> list:
+        """The outer state as buffers the sync can compute with (inverse of :meth:`store_state`)."""
+        return buffers
+
+    def to_wire(self, buffers: list, kind: str, multiple: int):
+        """``buffers`` concatenated, rounded to ``kind`` (fp16/bf16) and reinterpreted as one
+        int16 buffer, zero-padded to a multiple of ``multiple`` elements."""
+        raise NotImplementedError
+
+    def from_wire(self, wire, kind: str, like: list) -> list:
+        """The inverse of :meth:`to_wire`: buffers of the lengths and dtypes of ``like``."""
+        raise NotImplementedError
+
+    def pad(self, buffer, multiple: int):
+        """``buffer`` zero-padded to a multiple of ``multiple`` elements (itself if it is one)."""
+        raise NotImplementedError
+
+    def trim(self, buffer, length: int):
+        """The first ``length`` elements of ``buffer``."""
+        raise NotImplementedError
+
+    def length(self, buffer) -> int:
+        raise NotImplementedError
+
+    def sum_pieces(self, buffer, pieces: int, kind: str | None):
+        """``buffer`` cut into ``pieces`` equal parts summed in float32 (parts on the wire in
+        ``kind`` are decoded first and the sum encoded again), in part order."""
+        raise NotImplementedError
+
     # -- collectives (real backends) ------------------------------------------------------------
     def run(self, collective: Collective) -> list:
         """Run ``collective`` to completion; the result buffers."""
@@ -220,6 +256,57 @@ class NumpyBackend(Backend):
     def to_numpy(self, buffer):
         return np.asarray(buffer, dtype=np.float32)
 
+    def to_wire(self, buffers, kind, multiple):
+        flat = np.concatenate([np.asarray(b, dtype=np.float32).ravel() for b in buffers])
+        return self.pad(encode_wire(flat, kind), multiple)
+
+    def from_wire(self, wire, kind, like):
+        flat = decode_wire(np.asarray(wire), kind)
+        out, offset = [], 0
+        for b in like:
+            out.append(flat[offset:offset + b.size].astype(b.dtype))
+            offset += b.size
+        return out
+
+    def pad(self, buffer, multiple):
+        extra = -buffer.size % multiple
+        return buffer if not extra else np.concatenate([buffer, np.zeros(extra, buffer.dtype)])
+
+    def trim(self, buffer, length):
+        return buffer[:length]
+
+    def length(self, buffer):
+        return int(buffer.size)
+
+    def sum_pieces(self, buffer, pieces, kind):
+        parts = np.asarray(buffer).reshape(pieces, -1)
+        decode = (lambda x: x) if kind is None else (lambda x: decode_wire(x, kind))
+        total = decode(parts[0]).copy()
+        for part in parts[1:]:
+            total += decode(part)
+        return total if kind is None else encode_wire(total, kind)
+
+
+def encode_wire(values: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values rounded to fp16 or bf16 (round to nearest even), as int16 bit patterns."""
+    values = np.asarray(values, dtype=np.float32)
+    if kind == "fp16":
+        with np.errstate(over="ignore"):  # beyond fp16's range: inf, as a GPU's cast gives
+            return values.astype(np.float16).view(np.int16)
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(values)
+    rounded[nan] = (bits[nan] >> 16) | 0x40  # keep NaN a (quiet) NaN
+    return rounded.astype(np.uint16).view(np.int16)
+
+
+def decode_wire(wire: np.ndarray, kind: str) -> np.ndarray:
+    """The float32 values of int16 bit patterns of fp16 or bf16 (exact)."""
+    wire = np.asarray(wire, dtype=np.int16)
+    if kind == "fp16":
+        return wire.view(np.float16).astype(np.float32)
+    return (wire.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
 
 def pieces_of(plan) -> int:
     """How many slices a sliced sync cuts each buffer into (1 without reduce-scatters)."""
@@ -232,47 +319,131 @@ def _payload_buffer(backend: Backend, values: np.ndarray, pad_to: int):
     return backend.from_numpy(values)
 
 
-def _contribution(plan, scheduler, backend: Backend, tensors: list) -> tuple:
+@dataclass
+class Contribution:
+    """What this rank sends: the tensors in groups (one group; with a reference model the
+    parameters and the rest), their packed buffers, its health, the padding, and how the
+    parameters travel on the top-level links (``wire``: ``none``, ``fp16`` or ``bf16``:
+    then ``buffers[0]`` hold ``x - prev``)."""
+
+    tensors: list
+    buffers: list
+    healthy: bool
+    pad: int
+    wire: str = "none"
+
+    @property
+    def flat(self) -> list:
+        return [b for group in self.buffers for b in group]
+
+    def split(self, flat: list) -> list:
+        """``flat`` (buffers in :attr:`flat` order) cut back into groups."""
+        out, i = [], 0
+        for group in self.buffers:
+            out.append(flat[i:i + len(group)])
+            i += len(group)
+        return out
+
+
+def _reference(plan, scheduler):
+    """The rank's :class:`~adaptive_lsgd.outer.OuterState` if ``plan`` uses it (global syncs)."""
+    return scheduler.outer if plan.is_global else None
+
+
+def _contribution(plan, scheduler, backend: Backend, target: SyncTarget) -> Contribution:
     """Steps 1-2: this rank's buffers (not weighted yet), its health, the padding."""
     pad = pieces_of(plan)
-    buffers = backend.pack(tensors, pad)
-    healthy = backend.all_finite(buffers) if scheduler.config.nonfinite_guard else True
-    return buffers, healthy, pad
+    tensors = target.averaged(scheduler.config)
+    ref = _reference(plan, scheduler)
+    groups = [tensors] if ref is None else [tensors[:len(target.parameters())],
+                                            tensors[len(target.parameters()):]]
+    buffers = [backend.pack(g, pad) for g in groups]
+    flat = [b for group in buffers for b in group]
+    healthy = backend.all_finite(flat) if scheduler.config.nonfinite_guard else True
+    wire = ref.compression if ref is not None and ref.ready else "none"
+    return Contribution(groups, buffers, healthy, pad, wire)
 
 
-def _weigh(plan, backend: Backend, buffers: list, healthy: bool) -> None:
-    if not healthy:
+def _weigh(plan, backend: Backend, contrib: Contribution, scheduler) -> list:
+    """Steps 2-4: the buffers to send (the update since ``prev`` on a compressed sync),
+    weighted, the payload last."""
+    if contrib.wire != "none":
+        prev = backend.load_state(scheduler.outer.prev)
+        contrib.buffers[0] = [x - p for x, p in zip(contrib.buffers[0], prev)]
+    buffers = contrib.flat
+    if not contrib.healthy:
         backend.scale(buffers, 0.0)
     elif plan.weight != 1.0:
         backend.scale(buffers, plan.weight)
+    return buffers + [_payload_buffer(backend, scheduler.payload(plan, contrib.healthy),
+                                      contrib.pad)]
 
 
-def _finish(plan, scheduler, backend: Backend, target: SyncTarget, tensors: list, buffers: list,
-            healthy: bool, since: list | None):
-    """Steps 6-7: divide, unpack (keeping progress ``since`` with overlap), the state rule.
-    Returns the reduced payload."""
+def _finish(plan, scheduler, backend: Backend, target: SyncTarget, contrib: Contribution,
+            buffers: list, since: list | None):
+    """Steps 6-7: divide, the outer step (with a reference model), unpack (keeping progress
+    ``since`` with overlap), the state rule. Returns the reduced payload."""
     payload = backend.to_numpy(buffers[-1])[:plan.payload_len]
     total = scheduler.total_weight(plan, payload)
-    backend.unpack(buffers[:-1], tensors, total, since=since if healthy else None)
-    if scheduler.resets_state(healthy):
+    sums = contrib.split(buffers[:-1])
+    keep = contrib.split(since) if since is not None and contrib.healthy else None
+    ref = _reference(plan, scheduler)
+    if ref is None:
+        backend.unpack(sums[0], contrib.tensors[0], total, since=keep and keep[0])
+    else:
+        averaged = sums[0]
+        backend.scale(averaged, 1.0 / total)
+        if contrib.wire != "none":
+            averaged = [a + p for a, p in zip(averaged, backend.load_state(ref.prev))]
+        new = ref.advance(backend, averaged)
+        backend.unpack(new, contrib.tensors[0], 1.0, since=keep and keep[0])
+        backend.unpack(sums[1], contrib.tensors[1], total, since=keep and keep[1])
+    if scheduler.resets_state(contrib.healthy):
         state = target.optimizer_state()
         if state:
             backend.zero_tensors(state)
     return payload
 
 
-def stage_collectives(plan, rank: int, backend: Backend, buffers: list
+def stage_collectives(plan, rank: int, backend: Backend, buffers: list, wire: tuple = ("none", 0)
                       ) -> Generator[Collective, tuple, tuple]:
     """Step 5 alone: the plan's stages over ``buffers`` (a generator as :func:`sync_protocol`);
-    returns the summed buffers and each stage's seconds."""
+    returns the summed buffers and each stage's seconds. ``wire = (kind, n)``: on the
+    top-level links the first ``n`` buffers travel as ``kind`` (:func:`compressed_sum`)."""
     times = []
+    kind, count = wire
     for stage in plan.stages:
         if stage.kind == "broadcast" and rank != stage.root:
             backend.scale(buffers, 0.0)
-        buffers, seconds = yield Collective(COLLECTIVE_OF_STAGE[stage.kind], stage.ranks, buffers,
-                                            f"alsgd.{stage.kind}.{stage.link_level}", stage)
+        if kind != "none" and count and stage.kind == "allreduce" and \
+                stage.link_level == plan.level:
+            buffers, seconds = yield from compressed_sum(stage, backend, buffers, kind, count)
+        else:
+            buffers, seconds = yield Collective(COLLECTIVE_OF_STAGE[stage.kind], stage.ranks,
+                                                buffers, f"alsgd.{stage.kind}.{stage.link_level}",
+                                                stage)
         times.append(seconds)
     return buffers, times
+
+
+def compressed_sum(stage, backend: Backend, buffers: list, kind: str, count: int
+                   ) -> Generator[Collective, tuple, tuple]:
+    """A Sum over ``stage.ranks`` with the first ``count`` buffers on the wire as ``kind``:
+    an alltoall (each member gets its part of every member's buffers), a float32 sum of
+    the parts in member order, rounded again, and an allgather of the summed parts: the
+    bytes of a ring allreduce at half the width. Every member ends with the same sums.
+    Returns the summed buffers and the seconds of both collectives."""
+    k = len(stage.ranks)
+    head, tail = buffers[:count], buffers[count:]
+    sent = [backend.to_wire(head, kind, k)] + [backend.pad(b, k) for b in tail]
+    name = f"alsgd.{kind}.{stage.link_level}"
+    parts, t_scatter = yield Collective("alltoall", stage.ranks, sent, f"{name}.scatter", stage)
+    mine = [backend.sum_pieces(parts[0], k, kind)] + [backend.sum_pieces(p, k, None)
+                                                      for p in parts[1:]]
+    full, t_gather = yield Collective("allgather", stage.ranks, mine, f"{name}.gather", stage)
+    out = backend.from_wire(full[0], kind, head) + [
+        backend.trim(f, backend.length(b)) for f, b in zip(full[1:], tail)]
+    return out, t_scatter + t_gather
 
 
 ORIGIN_MISSING = -1.0  # a fingerprint slot of a rank that noted no local start
@@ -305,19 +476,27 @@ def origin_check(plan, scheduler, backend: Backend) -> Generator[Collective, tup
     return plan
 
 
+def _checked(plan, scheduler, backend: Backend) -> Generator[Collective, tuple, Any]:
+    """:func:`origin_check`; a sync that gives every rank rank 0's model also restarts the
+    reference model (the ranks' references may differ then)."""
+    checked = yield from origin_check(plan, scheduler, backend)
+    if checked is not plan and scheduler.outer is not None:
+        scheduler.outer.clear()
+    return checked
+
+
 def sync_protocol(plan, scheduler, backend: Backend, target: SyncTarget
                   ) -> Generator[Collective, tuple, Any]:
     """The whole sync of ``plan`` on this rank, as a generator: it yields each
     :class:`Collective` and must be sent ``(result buffers, seconds)``; its return value is
     the :class:`~adaptive_lsgd.scheduler.SyncResult`. Drive it with :func:`run_sync`."""
     start = backend.clock()
-    plan = yield from origin_check(plan, scheduler, backend)
-    tensors = target.averaged(scheduler.config)
-    buffers, healthy, pad = _contribution(plan, scheduler, backend, tensors)
-    _weigh(plan, backend, buffers, healthy)
-    buffers = buffers + [_payload_buffer(backend, scheduler.payload(plan, healthy), pad)]
-    buffers, times = yield from stage_collectives(plan, scheduler.rank, backend, buffers)
-    payload = _finish(plan, scheduler, backend, target, tensors, buffers, healthy, None)
+    plan = yield from _checked(plan, scheduler, backend)
+    contrib = _contribution(plan, scheduler, backend, target)
+    buffers = _weigh(plan, backend, contrib, scheduler)
+    buffers, times = yield from stage_collectives(plan, scheduler.rank, backend, buffers,
+                                                  (contrib.wire, len(contrib.buffers[0])))
+    payload = _finish(plan, scheduler, backend, target, contrib, buffers, None)
     return scheduler.complete_sync(plan, payload, times, sync_s=backend.clock() - start)
 
 
@@ -398,6 +577,9 @@ def _combine(op: str, per_member: list) -> list:
     if len(counts) != 1:
         raise Deadlock(f"{op}: members hand in different numbers of buffers {sorted(counts)}")
     k = len(per_member)
+    if op == "alltoall":  # member j gets the j-th part of every member's buffers, in member order
+        return [[np.concatenate([np.array_split(bufs[i], k)[pos] for bufs in per_member])
+                 for i in range(len(per_member[0]))] for pos in range(k)]
     if op == "allgather":
         gathered = [np.concatenate([bufs[i] for bufs in per_member]) for i in range(counts.pop())]
         return [[g.copy() for g in gathered] for _ in range(k)]
@@ -415,14 +597,14 @@ def _combine(op: str, per_member: list) -> list:
 # -- overlap ---------------------------------------------------------------------------------
 class InFlight:
     """An overlapped average on its way: the plan, the backend's handle, this rank's buffers
-    at the round's end (``snapshot``), its health and when it started; ``done_t`` is when the
-    transfer was first seen complete (:meth:`note`)."""
+    at the round's end (``snapshot``), its :class:`Contribution` and when it started;
+    ``done_t`` is when the transfer was first seen complete (:meth:`note`)."""
 
-    __slots__ = ("plan", "handle", "snapshot", "healthy", "start", "done_t")
+    __slots__ = ("plan", "handle", "snapshot", "contrib", "start", "done_t")
 
-    def __init__(self, plan, handle, snapshot, healthy, start):
+    def __init__(self, plan, handle, snapshot, contrib, start):
         self.plan, self.handle, self.snapshot = plan, handle, snapshot
-        self.healthy, self.start, self.done_t = healthy, start, None
+        self.contrib, self.start, self.done_t = contrib, start, None
 
     def note(self, backend: Backend, now: float) -> None:
         """Call after each local step: notes when the transfer completed (one step's resolution)."""
@@ -434,17 +616,17 @@ def start_overlapped(plan, scheduler, backend: Backend, target: SyncTarget) -> I
     """Steps 1-4 and the start of one asynchronous allreduce of the buffers (the plan has
     exactly one stage: overlap refuses chained syncs). Every rank issues one collective per
     round, as without overlap."""
-    plan = _run_now(origin_check(plan, scheduler, backend), backend)
+    plan = _run_now(_checked(plan, scheduler, backend), backend)
     (stage,) = plan.stages
-    tensors = target.averaged(scheduler.config)
-    buffers, healthy, pad = _contribution(plan, scheduler, backend, tensors)
-    snapshot = backend.copy(buffers)
-    _weigh(plan, backend, buffers, healthy)
-    buffers.append(_payload_buffer(backend, scheduler.payload(plan, healthy), pad))
+    contrib = _contribution(plan, scheduler, backend, target)
+    if contrib.wire != "none":  # pragma: no cover - load_config refuses overlap + compression
+        raise ValueError("an overlapped average cannot be compressed")
+    snapshot = backend.copy(contrib.flat)
+    buffers = _weigh(plan, backend, contrib, scheduler)
     start = backend.clock()
     handle = backend.start(Collective("allreduce", stage.ranks, buffers,
                                       f"alsgd.overlap.{stage.link_level}", stage))
-    return InFlight(plan, handle, snapshot, healthy, start)
+    return InFlight(plan, handle, snapshot, contrib, start)
 
 
 def finish_overlapped(inflight: InFlight, scheduler, backend: Backend, target: SyncTarget):
@@ -456,8 +638,7 @@ def finish_overlapped(inflight: InFlight, scheduler, backend: Backend, target: S
     buffers = backend.wait(inflight.handle)
     end = backend.clock()
     transfer = (inflight.done_t or end) - inflight.start
-    tensors = target.averaged(scheduler.config)
-    payload = _finish(inflight.plan, scheduler, backend, target, tensors, buffers, inflight.healthy,
+    payload = _finish(inflight.plan, scheduler, backend, target, inflight.contrib, buffers,
                       inflight.snapshot)
     return scheduler.complete_sync(inflight.plan, payload, [transfer],
                                    waited_s=backend.clock() - t0)
@@ -476,6 +657,7 @@ def sync_round(plan, scheduler, backend: Backend, target: SyncTarget,
 
 
 __all__ = ["Backend", "NumpyBackend", "SyncTarget", "Collective", "sync_protocol", "run_sync",
+           "Contribution", "compressed_sum", "encode_wire", "decode_wire",
            "stage_collectives", "sync_round", "note_local_start", "origin_check",
            "run_in_process", "Deadlock", "InFlight", "start_overlapped", "finish_overlapped",
            "pieces_of", "COLLECTIVE_OF_STAGE"]

@@ -194,6 +194,9 @@ class _Packer:
             var.assign(tf.zeros_like(var))
 
 
+_WIRE_DTYPE = {"fp16": tf.float16, "bf16": tf.bfloat16}
+
+
 class TFBackend(Backend):
     """The core's sync protocol (:mod:`adaptive_lsgd.sync`) over Horovod's TensorFlow
     collectives: compiled packing (:class:`_Packer`), one grouped allreduce per dtype over the
@@ -251,10 +254,45 @@ class TFBackend(Backend):
     def to_numpy(self, buffer):
         return buffer.numpy()
 
+    # -- the wire (compression) ---------------------------------------------------------------
+    def to_wire(self, buffers, kind, multiple):
+        flat = tf.concat([tf.cast(tf.reshape(b, [-1]), tf.float32) for b in buffers], axis=0)
+        return self.pad(tf.bitcast(tf.cast(flat, _WIRE_DTYPE[kind]), tf.int16), multiple)
+
+    def from_wire(self, wire, kind, like):
+        flat = tf.cast(tf.bitcast(wire, _WIRE_DTYPE[kind]), tf.float32)
+        out, offset = [], 0
+        for b in like:
+            n = int(b.shape[0])
+            out.append(tf.cast(flat[offset:offset + n], b.dtype))
+            offset += n
+        return out
+
+    def pad(self, buffer, multiple):
+        extra = -int(buffer.shape[0]) % multiple
+        return tf.concat([buffer, tf.zeros([extra], buffer.dtype)], axis=0) if extra else buffer
+
+    def trim(self, buffer, length):
+        return buffer[:length]
+
+    def length(self, buffer):
+        return int(buffer.shape[0])
+
+    def sum_pieces(self, buffer, pieces, kind):
+        parts = tf.reshape(buffer, [pieces, -1])
+        decode = (lambda x: x) if kind is None else \
+            (lambda x: tf.cast(tf.bitcast(x, _WIRE_DTYPE[kind]), tf.float32))
+        total = decode(parts[0])
+        for i in range(1, pieces):
+            total = total + decode(parts[i])
+        return total if kind is None else tf.bitcast(tf.cast(total, _WIRE_DTYPE[kind]), tf.int16)
+
     def run(self, c):
         ps = self.process_sets.get(c.ranks, hvd.global_process_set)
         out = list(c.buffers)
-        if c.op == "allreduce":  # Horovod's TF grouped allreduce takes one dtype per call
+        if c.op == "alltoall":
+            out = [hvd.alltoall(b, name=f"{c.name}.{k}", process_set=ps) for k, b in enumerate(out)]
+        elif c.op == "allreduce":  # Horovod's TF grouped allreduce takes one dtype per call
             for idx in _dtype_groups(out, lambda b: b.dtype):
                 summed = hvd.grouped_allreduce([out[i] for i in idx], op=hvd.Sum, process_set=ps,
                                                name=f"{c.name}.{out[idx[0]].dtype.name}")
@@ -608,10 +646,24 @@ class LocalSGD:
 
     # -- state and figures ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The scheduler's state (plain, JSON-serialisable); save it with your checkpoint."""
-        return self.scheduler.state_dict()
+        """The scheduler's state; save it with your checkpoint. Plain and JSON-serialisable,
+        except ``outer_state`` (with ``outer_optimizer`` or ``compression``: the last global
+        model and the outer momentum as numpy arrays)."""
+        state = self.scheduler.state_dict()
+        outer = self.scheduler.outer
+        if outer is not None:
+            state["outer_state"] = {key: (value if key == "steps" or value is None
+                                          else [np.array(t.numpy()) for t in value])
+                                    for key, value in outer.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        state = dict(state)
+        outer = state.get("outer_state")
+        if outer is not None:
+            state["outer_state"] = {key: (value if key == "steps" or value is None
+                                          else [tf.constant(v) for v in value])
+                                    for key, value in outer.items()}
         self.scheduler.load_state_dict(state, strict=strict)
         self._update_flag()
 

@@ -143,14 +143,18 @@ def _dtype_groups(tensors: list) -> list:
     return [groups[d] for d in sorted(groups, key=str)]
 
 
+_WIRE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TorchBackend(Backend):
     """The core's sync protocol (:mod:`adaptive_lsgd.sync`) over Horovod's PyTorch
     collectives: one flat buffer per dtype, grouped collectives over the process set of the
     stage's ranks, polite waits (:func:`_wait`)."""
 
-    def __init__(self, process_sets: dict, device=None):
+    def __init__(self, process_sets: dict, device=None, state_on_cpu: bool = False):
         self.process_sets = process_sets
         self.device = device
+        self.state_on_cpu = state_on_cpu and device is not None and torch.device(device).type != "cpu"
 
     def _ps(self, ranks):
         return self.process_sets.get(ranks, hvd.global_process_set)
@@ -207,8 +211,54 @@ class TorchBackend(Backend):
     def to_numpy(self, buffer):
         return buffer.detach().cpu().numpy()
 
+    # -- the reference model and the wire (outer optimizer, compression) ----------------------
+    def store_state(self, buffers):
+        return [b.cpu() for b in buffers] if self.state_on_cpu else buffers
+
+    def load_state(self, buffers):
+        return [b.to(self.device, non_blocking=True) for b in buffers] if self.state_on_cpu \
+            else buffers
+
+    def to_wire(self, buffers, kind, multiple):
+        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        return self.pad(flat.to(_WIRE_DTYPE[kind]).view(torch.int16), multiple)
+
+    def from_wire(self, wire, kind, like):
+        flat = wire.view(_WIRE_DTYPE[kind]).float()
+        out, offset = [], 0
+        for b in like:
+            out.append(flat[offset:offset + b.numel()].to(b.dtype))
+            offset += b.numel()
+        return out
+
+    def pad(self, buffer, multiple):
+        extra = -buffer.numel() % multiple
+        return torch.cat([buffer, buffer.new_zeros(extra)]) if extra else buffer
+
+    def trim(self, buffer, length):
+        return buffer[:length]
+
+    def length(self, buffer):
+        return buffer.numel()
+
+    def sum_pieces(self, buffer, pieces, kind):
+        parts = buffer.view(pieces, -1)
+        if kind is None:
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total += part
+            return total
+        total = parts[0].view(_WIRE_DTYPE[kind]).float()
+        for part in parts[1:]:
+            total = total + part.view(_WIRE_DTYPE[kind]).float()
+        return total.to(_WIRE_DTYPE[kind]).view(torch.int16)
+
     def run(self, c):
         ps = self._ps(c.ranks)
+        if c.op == "alltoall":  # no grouped form in Horovod: one per buffer, all in flight
+            handles = [hvd.alltoall_async(b, name=f"{c.name}.{i}", process_set=ps)
+                       for i, b in enumerate(c.buffers)]
+            return [_wait(h)[0] for h in handles]
         if c.op == "reducescatter":
             return list(_wait(hvd.grouped_reducescatter_async(c.buffers, op=hvd.Sum, name=c.name,
                                                               process_set=ps)))
@@ -227,6 +277,27 @@ class TorchBackend(Backend):
     def wait(self, handle):
         _wait(handle[0])
         return handle[1]
+
+
+def _scheduler_state(scheduler) -> dict:
+    """The scheduler's state with the outer state's tensors (copies) under ``outer_state``."""
+    state = scheduler.state_dict()
+    if scheduler.outer is not None:
+        outer = scheduler.outer.state_dict()
+        state["outer_state"] = {key: (value if key == "steps" or value is None
+                                      else [t.detach().clone() for t in value])
+                                for key, value in outer.items()}
+    return state
+
+
+def _outer_to_device(scheduler, device, on_cpu: bool) -> None:
+    """Loaded outer state (a checkpoint, rank 0's after an elastic reset) where this rank keeps it."""
+    outer = scheduler.outer
+    if outer is None or device is None:
+        return
+    where = torch.device("cpu") if on_cpu else device
+    outer.prev = None if outer.prev is None else [t.to(where) for t in outer.prev]
+    outer.buf = None if outer.buf is None else [t.to(where) for t in outer.buf]
 
 
 class StepClock:
@@ -370,7 +441,8 @@ class _LocalSGDMixin:
         sets = self._alsgd_runtime().process_sets
         backend = self._alsgd_tb
         if backend is None or backend.process_sets is not sets:
-            backend = self._alsgd_tb = TorchBackend(sets, self._alsgd_device)
+            backend = self._alsgd_tb = TorchBackend(sets, self._alsgd_device,
+                                                    self._alsgd_config.outer_state_on_cpu)
         return backend
 
     # -- averaging ----------------------------------------------------------------------------
@@ -422,7 +494,7 @@ class _LocalSGDMixin:
         if self._alsgd_pending is not _NOTHING:
             state["alsgd"] = copy.deepcopy(self._alsgd_pending)
         else:
-            state["alsgd"] = None if self._alsgd is None else self._alsgd.scheduler.state_dict()
+            state["alsgd"] = None if self._alsgd is None else _scheduler_state(self._alsgd.scheduler)
         return state
 
     def load_state_dict(self, state_dict):
@@ -436,6 +508,8 @@ class _LocalSGDMixin:
             return
         if self._alsgd is not None and self._alsgd.current:
             self._alsgd.load(alsgd_state)
+            _outer_to_device(self._alsgd.scheduler, self._alsgd_device,
+                             self._alsgd_config.outer_state_on_cpu)
         else:
             self._alsgd_pending = copy.deepcopy(alsgd_state)
 
@@ -454,13 +528,15 @@ class _LocalSGDMixin:
         if self._alsgd_pending is not _NOTHING:
             carry = self._alsgd_pending
         else:
-            carry = None if rt is None else rt.scheduler.state_dict()
+            carry = None if rt is None else _scheduler_state(rt.scheduler)
         if rt is not None:
             rt.scheduler.log.close()
         world = 1 if rt is None else rt.world + 1
         self._alsgd = _runtime(self._alsgd_config, self._alsgd_param_bytes, self.process_set,
                                carry=carry, share=True, world=world,
                                uneven_steps=self._alsgd_uneven)
+        _outer_to_device(self._alsgd.scheduler, self._alsgd_device,
+                         self._alsgd_config.outer_state_on_cpu)
         if rt is not None:
             self._alsgd.scheduler.log.resume()
         # Gradient allreduces are named per Horovod world (rank 0's count, so a worker that

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.tensorflow
 
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise",
-             "local_variables", "aggregation", "graph_then_eager", "start_from_one_model"]
+             "local_variables", "aggregation", "graph_then_eager", "start_from_one_model",
+             "outer_tf"]
 GEN = """
 import sys
 import numpy as np
@@ -318,3 +319,15 @@ def test_alsgd_run_tape_in_tf1_graph_then_eager(tmp_path):
     assert "wrapped: horovod.tensorflow.DistributedGradientTape" in proc.stdout
     assert "16 over all ranks (8 per rank" in proc.stdout  # the eager steps only
     assert "called while a TF1 graph is built: left to Horovod" in proc.stdout
+
+
+def test_outer_nesterov_bf16_in_tape_and_fit(np2):
+    """The outer step over bf16 syncs in the tape loop equals the sync written out in the case
+    (every rank, every step); state_dict carries the outer state exactly; Keras fit with the
+    same keys keeps the ranks identical and takes one outer step per global sync after the
+    first."""
+    for r in np2["outer_tf"]:
+        assert r["max_diff"] == 0.0
+        assert r["syncs"] == 10 and r["outer_steps"] == 9
+        assert r["same_state"] and r["restored_steps"] == 9 and r["digest_unchanged"]
+        assert r["fit_identical"] and r["fit_outer_steps"] == sum(r["fit_syncs"]) - 1 >= 9

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.torch
 WORKER = "tests/torch_workers/cases.py"
 TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_model_averager",
        "optimizer_api", "first_lr_decay", "time_budget", "polite_wait", "overlap_h4_equals_reference",
-       "start_from_one_model", "overlap_auto"]
+       "start_from_one_model", "overlap_auto", "outer_reference", "outer_noise_and_resume"]
 # process_sets last: its members run more collectives than the other ranks, and the chained
 # case runs an unnamed allreduce (Horovod names it by the count of operations enqueued)
-FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise", "overlap_adaptive_noise",
+FOUR = ["outer_reference", "hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise",
+        "overlap_adaptive_noise",
         "auto_mechanisms", "process_sets"]
 
 
@@ -280,3 +281,37 @@ def test_step_clock_reads_cuda_events_only_at_a_sync(monkeypatch):
     time.sleep(0.05)  # time away from training (what optimizer.reset_step_timer() discards)
     cpu.restart()
     assert cpu.lap() < 0.04
+
+
+# -- outer optimizer and compressed syncs -------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 4])
+def test_outer_step_and_compression_equal_the_reference(two_ranks, four_ranks, n):
+    """Outer Nesterov/SGD and fp16/bf16 global syncs equal the sync written out in the case
+    (each rank's update rounded, summed in float32 in rank order), flat and 2x2 (plain,
+    sliced, leaders), on every rank; ranks identical after the run."""
+    res = two_ranks if n == 2 else four_ranks
+    rows = per_rank(res, "outer_reference", n)
+    keys = [k for k in rows[0] if k != "rank"]
+    assert len(keys) == (5 if n == 2 else 9)
+    for r in rows:
+        for key in keys:
+            v = r[key]
+            outer, comp, topo, _ = key.split("/")
+            assert v["identical"], key
+            assert v["max_diff"] <= (0.0 if n == 2 else 5e-6), (key, v["max_diff"])
+            assert v["globals"] == (8 if topo == "flat" else 4), key
+            if outer != "none":
+                assert v["outer_steps"] == v["globals"] - 1, key  # the first global sync averages
+                assert v["vs_plain"] > 1e-2, key  # the outer step changed the training
+            elif comp != "none":
+                assert 0 < v["vs_plain"] < 1e-3, key  # rounding in the update only: close
+
+
+def test_outer_state_agrees_under_noise_and_resumes_exactly(two_ranks):
+    for r in per_rank(two_ranks, "outer_noise_and_resume", 2):
+        noise = r["noise"]
+        assert noise["same_decisions"] and noise["identical"]
+        assert noise["outer_steps"] >= 10 and noise["outer_steps"] == sum(noise["syncs"]) - 1
+        assert r["saved_outer_steps"] == 6
+        assert r["resumed_outer_steps"] == r["outer_steps"] == 15
+        assert r["resumed_diff"] == 0.0

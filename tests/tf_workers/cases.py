@@ -256,7 +256,7 @@ def keras_api():
     cfg = {"warmup": "first_lr_decay", "policy": "fixed", "periods": [3], "momentum": "average"}
     opt = alsgd.DistributedOptimizer(tf.keras.optimizers.legacy.SGD(0.1, momentum=0.9), config=cfg)
     model.compile(opt, LOSS, metrics=["accuracy"])
-    cb = alsgd.LocalSGDCallback(config=cfg)
+    cb = alsgd.LocalSGDCallback()
     lsgd = opt.alsgd
     rec = Recorder(lsgd, lambda: model.variables + lsgd.slot_variables())
     trainable = Recorder(lsgd, lambda: model.trainable_variables)
@@ -668,6 +668,88 @@ def start_from_one_model():
         out[start] = {"after_first": values[1], "after_second": values[3],
                       "pending": lsgd.scheduler.origin_pending}
     report("start_from_one_model", **out)
+
+
+def _tf_reference_sync(rows, prev, buf, outer):
+    """The compressed (bf16) global sync and outer step written out on every rank's rows."""
+    if prev is None:  # the first sync: rank 0's model (the loop notes no starting model)
+        return np.array(rows[0]), None
+    total = tf.zeros_like(prev)
+    for r in rows:
+        total = total + tf.cast(tf.cast(tf.constant(r) - prev, tf.bfloat16), tf.float32)
+    avg = tf.cast(tf.cast(total, tf.bfloat16), tf.float32) * (1.0 / len(rows)) + prev
+    g = prev - avg
+    buf = g if buf is None else 0.9 * buf + g
+    new = prev - 0.7 * (g + 0.9 * buf) if outer == "nesterov" else prev - 0.7 * buf
+    return new.numpy(), buf
+
+
+def outer_tf():
+    """Outer Nesterov + bf16 in the tape loop (``DistributedGradientTape`` + ``alsgd.step``)
+    against the sync written out here; then the same keys in Keras ``fit`` (callback) and a
+    state_dict round trip of the outer state."""
+    cfg = {"policy": "fixed", "periods": [3], "outer_optimizer": "nesterov",
+           "compression": "bf16", "outer_lr": 0.7, "outer_momentum": 0.9}
+    model, ref = mlp(seed=3), mlp(seed=3)
+    opt, ref_opt = tf.keras.optimizers.SGD(0.1), tf.keras.optimizers.SGD(0.1)
+    train_step = _tape_step(model, opt, cfg)
+
+    @tf.function
+    def ref_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, ref(x, training=True))
+        grads = tape.gradient(loss, ref.trainable_variables)
+        ref_opt.apply_gradients(zip(grads, ref.trainable_variables))
+
+    def ref_flat():
+        return np.concatenate([np.ravel(v.numpy()) for v in ref.trainable_variables])
+
+    def set_ref(vec):
+        offset = 0
+        for v in ref.trainable_variables:
+            n = int(np.prod(v.shape))
+            v.assign(np.reshape(vec[offset:offset + n], v.shape))
+            offset += n
+
+    prev = buf = None
+    worst, syncs = 0.0, 0
+    data = tf.data.Dataset.from_tensor_slices((X_MINE[:3000], Y_MINE[:3000])).batch(100)
+    for x, y in data:
+        train_step(x, y)
+        ref_step(x, y)
+        if alsgd.step(model, opt, config=cfg) is not None:
+            syncs += 1
+            rows = htf.allgather_object(ref_flat())
+            new, buf = _tf_reference_sync(rows, None if prev is None else tf.constant(prev), buf,
+                                          "nesterov")
+            prev = new
+            set_ref(new)
+        ours = np.concatenate([np.ravel(v.numpy()) for v in model.trainable_variables])
+        worst = max(worst, float(np.abs(ours - ref_flat()).max()))
+        if os.environ.get("DEBUG_OUTER"):
+            print("DBG", syncs, float(np.abs(ours - ref_flat()).max()), flush=True)
+    lsgd = alsgd._runtime_for(cfg)
+    state = lsgd.state_dict()
+    digest_before = digest(model.trainable_variables)
+    fresh = alsgd.LocalSGD(model=model, optimizer=opt, config=cfg)
+    fresh.load_state_dict(state)
+    restored = fresh.scheduler.outer
+    same_state = all(np.array_equal(a.numpy(), b) for a, b in
+                     zip(restored.prev + restored.buf, state["outer_state"]["prev"]
+                         + state["outer_state"]["buf"]))
+    # Keras fit with the callback and the same keys
+    fit_model = mlp(seed=4)
+    fit_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), config=cfg)
+    fit_model.compile(optimizer=fit_opt, loss=LOSS)
+    cb = alsgd.LocalSGDCallback()
+    fit_model.fit(X_MINE[:3000], Y_MINE[:3000], batch_size=100, epochs=1, verbose=0,
+                  callbacks=[cb])
+    final = htf.allgather_object(digest(fit_model.trainable_variables))
+    report("outer_tf", max_diff=worst, syncs=syncs, outer_steps=lsgd.scheduler.outer.steps,
+           same_state=same_state, restored_steps=restored.steps,
+           fit_outer_steps=cb.alsgd.scheduler.outer.steps, fit_syncs=cb.alsgd.scheduler.syncs,
+           fit_identical=len(set(final)) == 1, digest_unchanged=digest_before == digest(
+               model.trainable_variables))
 
 
 if __name__ == "__main__":

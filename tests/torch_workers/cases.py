@@ -514,6 +514,146 @@ def overlap_auto():
            final_identical=bool((g - g[0]).abs().max() == 0))
 
 
+# -- outer optimizer and compression ------------------------------------------------------------
+OUTER_LR, OUTER_MU = 0.7, 0.9
+_WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _reference_sync(rows: torch.Tensor, prev, buf, compression: str, outer: str):
+    """The global sync written out: rows are every rank's parameters (fp32). Returns (new, buf)."""
+    if prev is None:
+        return rows.mean(0), None
+    if compression == "none":
+        avg = rows.sum(0) / rows.shape[0]
+    else:
+        total = torch.zeros_like(prev)
+        for row in rows:  # each rank's update rounded; summed in float32 in rank order
+            total = total + (row - prev).to(_WIRE[compression]).float()
+        avg = total.to(_WIRE[compression]).float() * (1.0 / rows.shape[0]) + prev
+    if outer == "none":
+        return avg, None
+    g = prev - avg
+    buf = g if buf is None else OUTER_MU * buf + g
+    update = g + OUTER_MU * buf if outer == "nesterov" else buf
+    return prev - OUTER_LR * update, buf
+
+
+def _outer_run(config: dict, steps: int, seed: int):
+    """Our optimizer and a reference (plain SGD + the sync written out) side by side."""
+    model, ref = make_model(), make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                     named_parameters=model.named_parameters(), config=config)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    topo = opt.alsgd.topology
+    prev = buf = None
+    worst, globals_ = 0.0, 0
+    for x, y in batches(steps, seed=seed):
+        train_step(model, opt, x, y)
+        train_step(ref, ref_opt, x, y)
+        syncs = opt.alsgd.scheduler.syncs
+        level = None
+        if sum(syncs) > _outer_run.seen:
+            _outer_run.seen = sum(syncs)
+            level = max(lvl for lvl in range(len(syncs)) if syncs[lvl] > _outer_run.last[lvl])
+        _outer_run.last = list(syncs)
+        if level is not None:
+            rows = gathered(flat(ref))
+            if level < topo.num_levels - 1:
+                block = list(topo.block_of(level, RANK))
+                mine = rows[block].mean(0)
+            else:
+                mine, buf = _reference_sync(rows, prev, buf, config.get("compression", "none"),
+                                            config.get("outer_optimizer", "none"))
+                prev = mine.clone()
+                globals_ += 1
+            torch.nn.utils.vector_to_parameters(mine.clone(), ref.parameters())
+        worst = max(worst, float((flat(ref) - flat(model)).abs().max()))
+    g = gathered(flat(model))
+    outer = opt.alsgd.scheduler.outer
+    return {"max_diff": worst, "globals": globals_, "outer_steps": getattr(outer, "steps", None),
+            "identical": bool((g - g[0]).abs().max() == 0), "model": flat(model)}
+
+
+def outer_reference():
+    """Outer Nesterov / SGD and fp16 / bf16 syncs against the reference written above, flat
+    and (4 ranks) hierarchical 2x2, fixed periods."""
+    configs = [("nesterov", "none", "flat", False), ("sgd", "none", "flat", False),
+               ("nesterov", "bf16", "flat", False), ("none", "fp16", "flat", False),
+               ("none", "none", "flat", False)]
+    if SIZE == 4:
+        configs += [("nesterov", "none", "2x2", False), ("nesterov", "bf16", "2x2", False),
+                    ("nesterov", "none", "2x2", "sliced"), ("nesterov", "none", "2x2", "leaders")]
+    out = {}
+    for outer, comp, topo, chained in configs:
+        periods = [3] if topo == "flat" else [2, 3]
+        _outer_run.seen, _outer_run.last = 0, [0] * len(periods)
+        res = _outer_run({"policy": "fixed", "periods": periods, "topology": topo,
+                          "chained_allreduce": chained, "outer_optimizer": outer,
+                          "compression": comp, "outer_lr": OUTER_LR, "outer_momentum": OUTER_MU},
+                         steps=24, seed=21)
+        out[f"{outer}/{comp}/{topo}/{chained}"] = res
+    plain = out["none/none/flat/False"]["model"]
+    report("outer_reference", **{k: {**{kk: vv for kk, vv in v.items() if kk != "model"},
+                                     "vs_plain": float((v["model"] - plain).abs().max())}
+                                 for k, v in out.items()})
+
+
+def outer_noise_and_resume():
+    """Adaptive periods with Nesterov + bf16 while rank 1 sleeps randomly: every rank takes the
+    same decisions and ends with the same model. Then (fixed periods) a checkpoint taken
+    mid-round and loaded into a fresh model and optimizer continues to the bit as the
+    uninterrupted run."""
+    import copy
+    import zlib
+
+    config = {"outer_optimizer": "nesterov", "compression": "bf16", "max_period": 8,
+              "target_comm_fraction": 0.05, "window": 4, "timing_warmup": 0}
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
+                                     named_parameters=model.named_parameters(), config=config)
+    rng = random.Random(RANK)
+    for x, y in batches(300, seed=22):
+        if RANK == 1:
+            time.sleep(rng.choice([0, 0, 0.001, 0.003]))
+        train_step(model, opt, x, y)
+    opt.average_now()
+    sched = opt.alsgd.scheduler
+    digest = zlib.crc32(json.dumps([sched.periods, sched.syncs, sched.outer.steps,
+                                    sched.global_syncs]).encode())
+    rows = gathered(torch.tensor([float(digest % 1000003)]))
+    g = gathered(flat(model))
+    noise = {"same_decisions": bool((rows == rows[0]).all()),
+             "identical": bool((g - g[0]).abs().max() == 0), "outer_steps": sched.outer.steps,
+             "syncs": sched.syncs}
+
+    fixed = {"policy": "fixed", "periods": [4], "outer_optimizer": "nesterov",
+             "compression": "bf16"}
+    data = list(batches(64, seed=23))
+
+    def fresh(seed, prefix):
+        m = make_model(seed=seed)
+        o = alsgd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+                                       named_parameters=[(prefix + n, p) for n, p
+                                                         in m.named_parameters()], config=fixed)
+        return m, o
+
+    model, opt = fresh(0, "whole.")
+    for i, (x, y) in enumerate(data):
+        train_step(model, opt, x, y)
+        if i == 29:  # 30 steps: 7 syncs (6 outer steps) and 2 local steps into a round
+            saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    other, other_opt = fresh(7, "resumed.")
+    other.load_state_dict(saved[0])
+    other_opt.load_state_dict(saved[1])
+    for x, y in data[30:]:
+        train_step(other, other_opt, x, y)
+    report("outer_noise_and_resume", noise=noise,
+           resumed_diff=float((flat(other) - flat(model)).abs().max()),
+           outer_steps=opt.alsgd.scheduler.outer.steps,
+           resumed_outer_steps=other_opt.alsgd.scheduler.outer.steps,
+           saved_outer_steps=saved[1]["alsgd"]["outer_state"]["steps"])
+
+
 def _free_port() -> int:
     import socket
 
