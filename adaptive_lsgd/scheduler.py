@@ -42,7 +42,7 @@ import numpy as np
 from .config import Config, load_config
 from .cost_model import CostModel
 from .decision_log import DecisionLog
-from .outer import OuterState, uses_reference
+from .outer import OuterState, uses_reference, wire_factor
 from .policies import Decision, make_policy
 from .profile import level_kinds, load_profile
 from .timing import WindowStat
@@ -627,8 +627,11 @@ class Scheduler:
         topo = self.topology
         kinds = level_kinds(self.num_levels, topo.spans_hosts())
         levels = [(kind, topo.link_ranks(lvl)) for lvl, kind in enumerate(kinds)]
+        # compressed global syncs send fewer bytes over the top level's links
+        shares = [topo.model_share(lvl) * (wire_factor(self.config) if lvl == self.num_levels - 1
+                                           else 1.0) for lvl in range(self.num_levels)]
         return prof.cost_model(levels, nbytes=self.param_bytes or None, chained=topo.chained,
-                               shares=[topo.model_share(lvl) for lvl in range(self.num_levels)],
+                               shares=shares,
                                sliced=topo.sliced, overlap=self.config.overlap is True)
 
     def _build_model(self, rank_compute: list | None = None) -> CostModel | None:

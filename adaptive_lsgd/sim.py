@@ -54,6 +54,7 @@ import time
 import numpy as np
 
 from .config import Config, check_supported, load_config
+from .outer import wire_factor
 from .scheduler import MINI_BATCH, DecisionShare, Scheduler
 from .sync import NumpyBackend, SyncTarget, run_in_process, sync_protocol
 from .topology import Topology
@@ -135,7 +136,8 @@ class ClusterSim:
             secs = []
             for lk in links:
                 intra = lk[0] // workers_per_host == lk[-1] // workers_per_host
-                secs.append(ring_allreduce_s(len(lk), self.nbytes * self.topology.model_share(lvl),
+                wire = wire_factor(config) if lvl == self.topology.num_levels - 1 else 1.0
+                secs.append(ring_allreduce_s(len(lk), self.nbytes * self.topology.model_share(lvl) * wire,
                                              intra_gbps if intra else inter_gbps,
                                              (intra_latency_us if intra else latency_us) * 1e-6))
             level = _Level(links, secs)

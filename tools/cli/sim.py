@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chained (hierarchical) allreduce, sliced: reduce-scatter up, an allreduce "
                         "of the slices across, allgather down (default: one allreduce over each "
                         "level's block)")
+    s.add_argument("--outer-optimizer", choices=("none", "sgd", "nesterov"),
+                   help="outer step at global syncs (DiLoCo: nesterov; default none)")
+    s.add_argument("--compression", choices=("none", "fp16", "bf16"),
+                   help="global syncs send the update in 16 bits: half the bytes across hosts")
     s.add_argument("--log", metavar="FILE", help="write rank 0's decision log (JSON lines)")
     o = p.add_argument_group("output and checks")
     o.add_argument("--json", action="store_true", help="print one JSON object")
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> object:
     values = read_config_file(args.config) if args.config else {}
     for key in ("policy", "periods", "target_comm_fraction", "warmup", "hysteresis",
-                "time_budget", "chained_allreduce", "log"):
+                "time_budget", "chained_allreduce", "log", "outer_optimizer", "compression"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v

@@ -48,6 +48,7 @@ import numpy as np
 from adaptive_lsgd.config import CHAINED_FORMS, ConfigError, load_config
 from adaptive_lsgd.cost_model import CostModel, LinkModel
 from adaptive_lsgd.decision_log import read_log
+from adaptive_lsgd.outer import WIRE_BYTES
 from adaptive_lsgd.policies import make_policy
 from adaptive_lsgd.profile import (
     PROFILE_FORMAT,
@@ -435,7 +436,8 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, chained) -
     slowest = CostModel(float(compute.max()), model.link_s, chained=model.chained,
                         sliced=model.sliced, rank_compute_s=compute.tolist())
     d = policy.decide(slowest, policy.initial_periods(), settled=False, compute=compute, lr=None,
-                      uneven_ok=args.uneven_steps, can_overlap=args.framework == "torch" and not chained)
+                      uneven_ok=args.uneven_steps, can_overlap=args.framework == "torch" and not chained
+                      and getattr(args, "compression", "none") == "none")
     return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps}
 
 
@@ -477,7 +479,8 @@ def cmd_recommend(args) -> int:
         hosts, wph = hosts * wph, (args.workers_per_host or 1)
     chained = args.chained_allreduce if len(cluster_levels(hosts, wph)) > 1 else None
     levels = cluster_levels(hosts, wph, chained)
-    shares = [1.0, 1.0 / wph] if chained == "sliced" else None  # each rank's slice crosses
+    shares = [1.0, 1.0 / wph] if chained == "sliced" else [1.0] * len(levels)  # a slice crosses
+    shares[-1] *= WIRE_BYTES[args.compression] / 4  # compressed global syncs: fewer bytes
     if args.overlap and chained:
         raise TuneError("--overlap cannot be combined with --chained-allreduce (an overlapped "
                         "average is one allreduce; config key overlap)")
@@ -521,7 +524,9 @@ def cmd_recommend(args) -> int:
                                    ("max_global_period", args.max_global_period),
                                    ("overlap", args.overlap if args.overlap is not None
                                     else mech["mechanisms"]["overlap"]),
-                                   ("time_budget", mech["mechanisms"]["time_budget"])) if v}
+                                   ("time_budget", mech["mechanisms"]["time_budget"]),
+                                   ("compression", args.compression if args.compression != "none"
+                                    else None)) if v}
         write_config(args.out, rec, f"alsgd-tune recommend --profile {args.profile}: predicted "
                      f"{result['predicted_samples_per_s']:.1f} samples/s, comm "
                      f"{result['predicted_comm_fraction'] * 100:.1f}%", extra)
@@ -679,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict overlapped averaging, or (--no-overlap) blocking averages "
                          "(default: what overlap: auto would pick) (config key overlap: each average runs "
                          "during the next round)")
+    rc.add_argument("--compression", choices=("none", "fp16", "bf16"), default="none",
+                    help="predict global syncs that send the update in 16 bits (config key "
+                         "compression): half the bytes on the cross-host level")
     rc.add_argument("--slow-host-factor", type=number(0, lo_open=True), default=1.0,
                     help="host 0 computes this many times slower (a mixed cluster; default 1)")
     rc.add_argument("--uneven-steps", action="store_true",
