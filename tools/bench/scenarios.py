@@ -150,6 +150,21 @@ SCENARIOS = {
               "fixed number of samples; post-local variants switch after 5% of the steps",
         hosts=4, workers=1, rate=5, model="cnn", width=0, batch=32, lr=0.05, lr_decay=[0.5, 0.75],
         rounds=(15, 6), steps=(100, 100), eval_every_round=True, warmup_frac=0.05),
+    "lm": dict(
+        about="byte-level causal transformer (1.07M parameters, context 64) on the Python "
+              "standard library's sources, inner AdamW with warm-up and cosine decay, 2 hosts x 2 "
+              "workers, 100 Mbit/s between hosts; equal tokens for every variant",
+        hosts=2, workers=2, rate=100, model="lm", width=0, batch=16, lr=2e-3, optimizer="adamw",
+        schedule="cosine", rounds=(8, 4), steps=(64, 32), eval_every_round=True,
+        variants=[_v("compute-only", "compute"), _v("horovod", "horovod"),
+                  _ours("local-h64", 64, policy="fixed", periods=[64], topology="flat",
+                        time_budget=False, overlap=False),
+                  _ours("diloco-h64", 64, policy="fixed", periods=[64], topology="flat",
+                        time_budget=False, overlap=False, outer_optimizer="nesterov"),
+                  _ours("adaptive", 64),  # the default config: no key set
+                  _ours("adaptive-diloco", 64, outer_optimizer="nesterov"),
+                  _ours("adaptive-diloco-bf16", 64, outer_optimizer="nesterov",
+                        compression="bf16")]),
 }
 
 
@@ -330,7 +345,8 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
                "global_syncs": v["global_syncs"], "H": v["H"], "steps": v["steps"],
                "samples": v["samples"], "rates": v["rates"], "walls": v["walls"], "accs": v["accs"],
                "stalls": stalled_rounds(v["walls"])}
-        for key in ("periods", "syncs_per_level", "switch_step", "trace", "mechanisms", "rank_steps"):
+        for key in ("periods", "syncs_per_level", "switch_step", "trace", "mechanisms", "rank_steps",
+                    "val_loss", "bytes_per_sync"):
             if key in v and v[key] not in (None, []):
                 row[key] = v[key]
         results[vname] = row
@@ -462,10 +478,49 @@ def goals(name: str, doc: dict) -> list:
         x = paired_ratio(r, "horovod", "alsgd-minibatch")
         add("mini-batch phase step time <= 1.03x horovod (median of per-round ratios)", x,
             x and x <= 1.03)
+    if name == "lm":
+        out += _lm_goals(r, sps)
     if "adaptive" in r and "torch-peer" in r:  # the peer comparison, every scenario
         x = paired_ratio(r, "adaptive", "torch-peer")
         add("adaptive (default config) >= torch-peer samples/s (median of per-round ratios)", x,
             x and x >= 1.0)
+    return out
+
+
+def _lm_goals(r: dict, sps: dict) -> list:
+    """The outer-optimizer issue's goals on the ``lm`` scenario (validation loss at equal tokens)."""
+    out = []
+
+    def add(goal, value, ok):
+        out.append({"goal": goal, "value": value, "met": bool(ok) if value is not None else None})
+
+    loss = {k: v.get("val_loss") for k, v in r.items()}
+
+    def rel(a, b):  # a's validation loss relative to b's, minus 1
+        return loss[a] / loss[b] - 1 if loss.get(a) and loss.get(b) else None
+
+    if "diloco-h64" in r and "local-h64" in r:
+        x = rel("diloco-h64", "local-h64")
+        add("diloco-h64 validation loss <= local-h64's (relative difference)", x,
+            x is not None and x <= 0)
+    if "horovod" in r:
+        for v in ("diloco-h64", "adaptive-diloco"):
+            if v in r:
+                x = rel(v, "horovod")
+                add(f"{v} validation loss within 2% of horovod's (relative difference)", x,
+                    x is not None and x <= 0.02)
+        if "diloco-h64" in r:
+            x = _ratio(r["horovod"]["global_syncs"], r["diloco-h64"]["global_syncs"])
+            add("diloco-h64 >= 50x fewer global syncs than horovod", x, x and x >= 50)
+        if "adaptive-diloco" in r:
+            x = _ratio(sps["adaptive-diloco"], sps["horovod"])
+            add("adaptive-diloco >= 3x horovod tokens/s", x, x and x >= 3)
+    if "adaptive-diloco-bf16" in r and "adaptive-diloco" in r:
+        x = _ratio(r["adaptive-diloco-bf16"]["bytes_per_sync"], r["adaptive-diloco"]["bytes_per_sync"])
+        add("bf16: bytes per global sync halved (bf16 / fp32)", x, x and x <= 0.5)
+        x = rel("adaptive-diloco-bf16", "adaptive-diloco")
+        add("bf16 validation loss within 0.5% of the uncompressed variant (relative difference)",
+            x, x is not None and abs(x) <= 0.005)
     return out
 
 

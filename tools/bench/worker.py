@@ -34,8 +34,13 @@ from adaptive_lsgd.tools.launch import SETTINGS_ENV
 
 
 def build_model(kind: str, width: int) -> torch.nn.Module:
-    """``mlp``: 40-W-W-10 (W=1000 gives about 1.05M parameters); ``cnn``: the demo's 1-D CNN."""
+    """``mlp``: 40-W-W-10 (W=1000 gives about 1.05M parameters); ``cnn``: the demo's 1-D CNN;
+    ``lm``: the byte-level transformer of :mod:`adaptive_lsgd.tools.bench.lm` (1.07M)."""
     nn = torch.nn
+    if kind == "lm":
+        from adaptive_lsgd.tools.bench.lm import ByteTransformer
+
+        return ByteTransformer()
     if kind == "mlp":
         return nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                              nn.Linear(width, 10))
@@ -64,7 +69,10 @@ class Variant:
         self.net = self.model
         lr, params = s["lr"], self.model.parameters()
         named = [(f"{self.name}.{n}", p) for n, p in self.model.named_parameters()]
-        sgd = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        if s.get("optimizer") == "adamw":  # the lm scenario's inner optimizer
+            sgd = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        else:
+            sgd = torch.optim.SGD(params, lr=lr, momentum=0.9)
         if self.kind == "compute":
             self.opt = sgd
         elif self.kind == "horovod":
@@ -115,13 +123,22 @@ class Variant:
         return self.x[idx], self.y[idx]
 
     def set_lr(self, frac: float) -> None:
-        """Step decay: the LR drops 10x at each fraction of the run in ``lr_decay``."""
-        lr = self.s["lr"] * 0.1 ** sum(frac >= d for d in self.s.get("lr_decay", []))
+        """Step decay: the LR drops 10x at each fraction of the run in ``lr_decay``; with
+        ``schedule: cosine`` warm-up and cosine decay over the run's steps (set every step)."""
+        if self.s.get("schedule") == "cosine":
+            from adaptive_lsgd.tools.bench.lm import cosine_lr
+
+            frac = self.steps / (self.s["rounds"] * self.s["segment_steps"])
+            lr = cosine_lr(self.s["lr"], frac)
+        else:
+            lr = self.s["lr"] * 0.1 ** sum(frac >= d for d in self.s.get("lr_decay", []))
         for g in self.opt.param_groups:
             g["lr"] = lr
 
     def one_step(self, loss_fn, slowdown: float) -> None:
         start = time.perf_counter()
+        if self.s.get("schedule") == "cosine":
+            self.set_lr(0.0)
         x, y = self.batch()
         loss = loss_fn(self.net(x), y)
         if self.kind == "horovod" and self.H > 1:
@@ -220,17 +237,28 @@ class Variant:
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def accuracy(self, x_test, y_test) -> float:
-        """Test accuracy of the average of the ranks' models (the models are not changed)."""
+        """Test accuracy of the average of the ranks' models (the models are not changed);
+        ``lm``: next-byte accuracy, the validation loss kept in :attr:`val_loss`."""
         params = [p.detach().clone() for p in self.model.parameters()]
         hvd.grouped_allreduce_(params, op=hvd.Average, name=f"bench.eval.{self.name}")
         probe = build_model(self.s["model"], self.s["width"])
         for dst, src in zip(probe.parameters(), params):
             dst.copy_(src)
+        if self.s["model"] == "lm":
+            from adaptive_lsgd.tools.bench.lm import evaluate
+
+            self.val_loss, acc = evaluate(probe, x_test, y_test)
+            return acc
         probe.eval()
         return (probe(x_test).argmax(1) == y_test).float().mean().item()
 
     def finish(self) -> dict:
         out = {"global_syncs": self.syncs()}  # before the final average (taken for evaluation)
+        # what one global sync sends per rank: the gradient (horovod, float32), the model or
+        # with compression its update (16 bits a parameter)
+        params = sum(p.numel() for p in self.model.parameters())
+        wire = self.spec.get("config", {}).get("compression", "none")
+        out["bytes_per_sync"] = params * (2 if wire in ("fp16", "bf16") else 4)
         if self.kind == "alsgd":
             summ = alsgd.summary(self.opt)
             self.opt.average_now()
@@ -250,16 +278,23 @@ def main() -> int:
         dist.init_process_group("gloo", init_method=f"tcp://{s['master_addr']}:{s['master_port']}",
                                 rank=rank, world_size=size)
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    data = load_mnist1d()
-    idx = shard(len(data["x"]), rank, size)
-    train = torch.from_numpy(data["x"][idx]), torch.from_numpy(data["y"][idx])
-    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    if s["model"] == "lm":
+        from adaptive_lsgd.tools.bench.lm import rank_data
+
+        train, (x_test, y_test) = rank_data(rank, size)
+    else:
+        data = load_mnist1d()
+        idx = shard(len(data["x"]), rank, size)
+        train = torch.from_numpy(data["x"][idx]), torch.from_numpy(data["y"][idx])
+        x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
     variants = [Variant(spec, s, train) for spec in s["variants"]]
     params = sum(p.numel() for p in variants[0].model.parameters())
     rounds, steps = s["rounds"], s["segment_steps"]
     say(f"[bench] {s['scenario']}: {size} ranks, {params} parameters, {len(variants)} variants x "
         f"{rounds} rounds x {steps} steps (batch {s['batch']} per rank), interleaved")
     loss_fn = torch.nn.CrossEntropyLoss()
+    if s["model"] == "lm":
+        from adaptive_lsgd.tools.bench.lm import lm_loss as loss_fn
     slowdown = emulated_slowdown()
     _warm_up(s, loss_fn)
     t_job = time.perf_counter()
@@ -278,13 +313,17 @@ def main() -> int:
             line = f"[bench] round {r + 1}/{rounds} {v.name:22s} {rate:9.0f} samples/s"
             if s.get("eval_every_round"):
                 v.accs.append([v.samples, v.accuracy(x_test, y_test)])
+                if s["model"] == "lm":  # [samples, accuracy, validation loss, busy seconds]
+                    v.accs[-1] += [v.val_loss, round(v.busy, 3)]
+                    line += f"  val loss {v.val_loss:.4f}"
                 line += f"  test acc {v.accs[-1][1]:.2%}"
             say(line + f"  syncs {v.syncs()}  t={time.perf_counter() - t_job:.0f}s")
     out = {"params": params, "ranks": size, "drop_t": drop_t, "wall_s": time.perf_counter() - t_job,
            "variants": {}}
     for v in variants:
         row = v.finish()
-        row.update(test_acc=v.accuracy(x_test, y_test), rates=v.rates, walls=v.walls,
+        row.update(test_acc=v.accuracy(x_test, y_test), val_loss=getattr(v, "val_loss", None),
+                   rates=v.rates, walls=v.walls,
                    samples=v.samples, steps=v.steps, accs=v.accs, trace=v.trace,
                    samples_per_s=statistics.median(v.rates), H=v.H, kind=v.kind)
         out["variants"][v.name] = row
@@ -300,6 +339,11 @@ def _warm_up(s: dict, loss_fn) -> None:
     """A few untimed steps on a throw-away model (kernels, allocator) before round 1."""
     model = build_model(s["model"], s["width"])
     x, y = torch.randn(s["batch"], 40), torch.randint(0, 10, (s["batch"],))
+    if s["model"] == "lm":
+        from adaptive_lsgd.tools.bench.lm import lm_loss as loss_fn
+
+        x = torch.randint(0, 256, (s["batch"], 64))
+        y = x
     for _ in range(3):
         loss_fn(model(x), y).backward()
 
