@@ -222,15 +222,23 @@ def test_hierarchical_host_removed_rebuilds_process_sets(tmp_path):
            f"ranks {pair[0]} -> {pair[1]})", survivors, commit)
 
 
-def test_worker_joins_and_receives_the_scheduler_state(tmp_path):
+@pytest.mark.parametrize("outer", [False, True])
+def test_worker_joins_and_receives_the_scheduler_state(tmp_path, outer):
     """Hosts A:1, B:1; C:1 is added to the discovery list at step 10. Horovod interrupts at
     the next commit; the new worker builds its runtime on its first step, receiving rank 0's
-    scheduler state, and all three go on with the same periods and the same decisions."""
+    scheduler state, and all three go on with the same periods and the same decisions.
+    ``outer``: with the outer Nesterov step over bf16 syncs, the joining worker also receives
+    rank 0's committed outer state (last global model, momentum): same state on all three,
+    models equal at the end (a worker without it would sync in another format and hang, or
+    step differently)."""
     hosts = local_host_names(3)
     steps, commit, add = 40, 5, 10
+    config = {"policy": "fixed", "periods": [3], "warmup": 6}
+    if outer:
+        config.update(outer_optimizer="nesterov", compression="bf16")
     proc, wall = elastic_run(tmp_path, {hosts[0]: 1, hosts[1]: 1}, min_np=2, max_np=3, env={
         "EL_STEPS": steps, "EL_COMMIT": commit, "EL_ADD_STEP": add, "EL_ADD_HOST": f"{hosts[2]}:1",
-        "EL_CONFIG": json.dumps({"policy": "fixed", "periods": [3], "warmup": 6})})
+        "EL_CONFIG": json.dumps(config)})
     assert "ADDING" in proc.stdout
     workers = results(proc)["elastic"]
     assert len(workers) == 3
@@ -248,6 +256,10 @@ def test_worker_joins_and_receives_the_scheduler_state(tmp_path):
         for key in ("phase", "periods", "switch_step"):
             assert after["scheduler"][key] == committed["scheduler"][key], key
         assert after["scheduler"]["size"] == 3 and after["crc"] == committed["crc"]
+        if outer:  # rank 0's committed outer state, on the new worker too
+            assert after["scheduler"]["outer"] == committed["scheduler"]["outer"]
+            assert committed["scheduler"]["outer"]["ready"]
+            assert w["final"]["outer"]["steps"] > committed["scheduler"]["outer"]["steps"]
         assert synced(w, 3) == list(range(joined + 3, steps + 1, 3))
         assert all(r["all_equal"] for r in w["rows"] if r["size"] == 3 and r["level"] is not None)
     logs = [decision_log(tmp_path, w) for w in workers]

@@ -75,7 +75,11 @@ def crc() -> int:
 def view(sched) -> dict:
     return {"step": sched.step, "phase": sched.phase, "periods": list(sched.periods),
             "switch_step": sched.switch_step, "size": sched.size,
-            "levels": sched.topology.describe()["levels"]}
+            "levels": sched.topology.describe()["levels"],
+            "outer": None if sched.outer is None else {
+                "steps": sched.outer.steps, "ready": sched.outer.ready,
+                "crc": None if not sched.outer.ready else zlib.crc32(
+                    torch.cat([t.reshape(-1) for t in sched.outer.prev]).numpy().tobytes())}}
 
 
 def batch(step: int):

@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 
-ORDER = ["comm-bound", "accuracy", "overhead", "hierarchical", "heterogeneous", "throttle",
+ORDER = ["comm-bound", "accuracy", "lm", "overhead", "hierarchical", "heterogeneous", "throttle",
          "changing-network"]
 
 COMMAND = "sudo make bench            # = .venv/bin/alsgd-bench all --quick --out docs/bench " \
@@ -132,6 +132,46 @@ def plot_accuracy(doc: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(plt, fig, path)
+
+
+def plot_lm(doc: dict, path: str) -> None:
+    """Validation loss of the averaged model against training tokens and against the
+    variant's own wall time (its segments only: the variants share the job)."""
+    plt = _pyplot()
+
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    context = 64
+    for name, row in doc["results"].items():
+        accs = [a for a in row.get("accs", []) if len(a) >= 4]
+        if not accs or name == "compute-only":
+            continue
+        by_tokens.plot([a[0] * context / 1e6 for a in accs], [a[2] for a in accs], marker=".",
+                       label=name)
+        by_time.plot([a[3] for a in accs], [a[2] for a in accs], marker=".", label=name)
+    by_tokens.set_xlabel("training tokens, all workers (millions)")
+    by_time.set_xlabel("wall time of the variant's own segments (s)")
+    by_tokens.set_ylabel("validation loss (nats per byte)")
+    for ax in (by_tokens, by_time):
+        ax.grid(alpha=0.3)
+    by_time.legend(fontsize=8)
+    fig.suptitle("lm: byte-level transformer, 4 workers, 2 hosts at 100 Mbit/s")
+    _save(plt, fig, path)
+
+
+def _lm_table(doc: dict) -> list:
+    lines = ["| variant | validation loss | perplexity (per byte) | tokens/s | x horovod | "
+             "global syncs | bytes per sync (per rank) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    res = doc["results"]
+    base = res.get("horovod", {}).get("samples_per_s")
+    for name, r in res.items():
+        if r.get("val_loss") is None:
+            continue
+        tokens = r["samples_per_s"] * 64
+        ratio = f"{r['samples_per_s'] / base:.2f}" if base else ""
+        sent = "" if name == "compute-only" else f"{r.get('bytes_per_sync', 0) / 1e6:.2f} MB"
+        lines.append(f"| `{name}` | {r['val_loss']:.4f} | {2.718281828 ** r['val_loss']:.3f} | "
+                     f"{tokens:.0f} | {ratio} | {r['global_syncs']} | {sent} |")
+    return lines + [""]
 
 
 def plot_periods(doc: dict, path: str) -> None:
@@ -412,6 +452,8 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
     plot_throughput(docs, os.path.join(out_dir, "throughput.png"))
     if "accuracy" in docs:
         plot_accuracy(docs["accuracy"], os.path.join(out_dir, "accuracy.png"))
+    if "lm" in docs:
+        plot_lm(docs["lm"], os.path.join(out_dir, "lm.png"))
     if "changing-network" in docs:
         plot_periods(docs["changing-network"], os.path.join(out_dir, "changing_network_h.png"))
     first = next(iter(docs.values()))
@@ -450,6 +492,10 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
             lines += _sync_note(out_dir) + _launch_note(out_dir)
         if name == "accuracy":
             lines += [f"![accuracy vs samples]({rel}/accuracy.png)", ""]
+        if name == "lm":
+            lines += (["Validation loss (the averaged model, at the end: equal tokens for every "
+                       "variant), next-byte perplexity e^loss, tokens/s (samples/s x 64):", ""]
+                      + _lm_table(doc) + [f"![lm validation loss]({rel}/lm.png)", ""])
         if name == "changing-network":
             lines += [f"![H over time]({rel}/changing_network_h.png)", ""]
     page = "\n".join(lines).rstrip() + "\n"
