@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import statistics
 
@@ -159,18 +160,24 @@ def plot_lm(doc: dict, path: str) -> None:
 
 
 def _lm_table(doc: dict) -> list:
-    lines = ["| variant | validation loss | perplexity (per byte) | tokens/s | x horovod | "
-             "global syncs | bytes per sync (per rank) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    from adaptive_lsgd.tools.bench.scenarios import equal_tokens, lm_loss_at
+
     res = doc["results"]
+    equal = equal_tokens(res)
+    lines = [f"| variant | validation loss at {equal * 64 / 1e6:.2f}M tokens | perplexity (per "
+             "byte) | final loss | tokens trained | tokens/s | x horovod | global syncs | bytes "
+             "per sync (per rank) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = res.get("horovod", {}).get("samples_per_s")
     for name, r in res.items():
         if r.get("val_loss") is None:
             continue
+        at = lm_loss_at(r, equal)
         tokens = r["samples_per_s"] * 64
         ratio = f"{r['samples_per_s'] / base:.2f}" if base else ""
         sent = "" if name == "compute-only" else f"{r.get('bytes_per_sync', 0) / 1e6:.2f} MB"
-        lines.append(f"| `{name}` | {r['val_loss']:.4f} | {2.718281828 ** r['val_loss']:.3f} | "
-                     f"{tokens:.0f} | {ratio} | {r['global_syncs']} | {sent} |")
+        lines.append(f"| `{name}` | {at:.4f} | {math.exp(at):.3f} | {r['val_loss']:.4f} | "
+                     f"{r['samples'] * 64 / 1e6:.2f}M | {tokens:.0f} | {ratio} | "
+                     f"{r['global_syncs']} | {sent} |")
     return lines + [""]
 
 
@@ -493,8 +500,10 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
         if name == "accuracy":
             lines += [f"![accuracy vs samples]({rel}/accuracy.png)", ""]
         if name == "lm":
-            lines += (["Validation loss (the averaged model, at the end: equal tokens for every "
-                       "variant), next-byte perplexity e^loss, tokens/s (samples/s x 64):", ""]
+            lines += (["Validation loss of the averaged model at equal tokens (its per-round "
+                       "curve interpolated at the tokens every variant reached: time-budget "
+                       "rounds let the faster ranks take more steps), next-byte perplexity "
+                       "e^loss, the final loss, tokens/s (samples/s x 64):", ""]
                       + _lm_table(doc) + [f"![lm validation loss]({rel}/lm.png)", ""])
         if name == "changing-network":
             lines += [f"![H over time]({rel}/changing_network_h.png)", ""]

@@ -487,14 +487,39 @@ def goals(name: str, doc: dict) -> list:
     return out
 
 
+def equal_tokens(r: dict) -> int:
+    """lm: the samples every variant reached (time-budget variants take more per segment)."""
+    return min(v["samples"] for k, v in r.items() if k != "compute-only")
+
+
+def lm_loss_at(row: dict, samples: int) -> float | None:
+    """lm: the validation loss of ``row`` at ``samples`` training samples, interpolated
+    linearly between its per-round evaluations ``[samples, acc, loss, seconds]``; its final
+    loss when it ended there."""
+    points = [(a[0], a[2]) for a in row.get("accs", []) if len(a) >= 4]
+    if not points:
+        return row.get("val_loss")
+    if samples >= points[-1][0]:
+        return row.get("val_loss") if samples == row.get("samples") else points[-1][1]
+    prev = (0, None)
+    for n, loss in points:
+        if n >= samples:
+            if prev[1] is None:
+                return loss
+            return prev[1] + (loss - prev[1]) * (samples - prev[0]) / (n - prev[0])
+        prev = (n, loss)
+    return points[-1][1]
+
+
 def _lm_goals(r: dict, sps: dict) -> list:
-    """The outer-optimizer issue's goals on the ``lm`` scenario (validation loss at equal tokens)."""
+    """The outer-optimizer issue's goals on the ``lm`` scenario (validation loss at equal
+    tokens: the per-round curve at the samples every variant reached)."""
     out = []
 
     def add(goal, value, ok):
         out.append({"goal": goal, "value": value, "met": bool(ok) if value is not None else None})
 
-    loss = {k: v.get("val_loss") for k, v in r.items()}
+    loss = {k: lm_loss_at(v, equal_tokens(r)) for k, v in r.items()}
 
     def rel(a, b):  # a's validation loss relative to b's, minus 1
         return loss[a] / loss[b] - 1 if loss.get(a) and loss.get(b) else None
