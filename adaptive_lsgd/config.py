@@ -61,6 +61,7 @@ class Config:
     nonfinite_guard: bool = True
     chained_allreduce: bool | str = False
     overlap: bool | str = "auto"
+    overlap_pull: float = 0.5
     profile: str | None = None
     outer_optimizer: str = "none"
     outer_lr: float = 0.7
@@ -104,6 +105,9 @@ MEANINGS = {
     "chained_allreduce": "hierarchical allreduce for upper-level syncs: true, sliced or leaders",
     "overlap": "PyTorch: run each average in the background during the next round: auto (when "
                "the target cannot be reached otherwise), true or false",
+    "overlap_pull": "overlap: the share of a late average's correction applied, "
+                    "x <- x + pull * (average - x at the round's end) (0 < pull <= 1; 1 applies "
+                    "it whole; below 1 keeps the delayed correction from overshooting)",
     "profile": "an alsgd-tune profile: the adaptive policy starts at its recommendation",
     "outer_optimizer": "global syncs: none (plain averaging), sgd or nesterov (DiLoCo): an outer "
                        "step on the averaged update, outer state kept on every rank",
@@ -196,6 +200,10 @@ def _check(key: str, v: Any) -> Any:
         if v in COMPRESSIONS:
             return v
         raise ValueError(f"expected one of {', '.join(COMPRESSIONS)}")
+    if key == "overlap_pull":
+        if _is_num(v) and 0 < v <= 1:
+            return float(v)
+        raise ValueError("expected a number in (0, 1]")
     if key == "outer_lr":
         if _is_num(v) and 0 < v <= 10:
             return float(v)

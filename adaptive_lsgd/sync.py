@@ -19,7 +19,8 @@ says *how*, for every framework at once:
 
 With ``overlap`` steps 1-4 and one asynchronous allreduce start at a round's end
 (:func:`start_overlapped`); at the next round's end :func:`finish_overlapped` waits and applies
-``x <- average + (x - x at the round's end)``, keeping the local steps taken meanwhile.
+``x <- x + pull * (average - x at the round's end)`` (``overlap_pull``, 0.5 by default),
+keeping the local steps taken meanwhile.
 
 The framework side is a :class:`Backend` (tensor ops on flat buffers, and collectives over a
 rank tuple) and a :class:`SyncTarget` (what one optimizer may average). The protocol itself is
@@ -387,22 +388,37 @@ def _finish(plan, scheduler, backend: Backend, target: SyncTarget, contrib: Cont
     total = scheduler.total_weight(plan, payload)
     sums = contrib.split(buffers[:-1])
     keep = contrib.split(since) if since is not None and contrib.healthy else None
+    pull = scheduler.config.overlap_pull
     ref = _reference(plan, scheduler)
     if ref is None:
-        backend.unpack(sums[0], contrib.tensors[0], total, since=keep and keep[0])
+        values, divide_by = _pulled(sums[0], total, keep and keep[0], pull)
+        backend.unpack(values, contrib.tensors[0], divide_by, since=keep and keep[0])
     else:
         averaged = sums[0]
         backend.scale(averaged, 1.0 / total)
         if contrib.wire != "none":
             averaged = [a + p for a, p in zip(averaged, backend.load_state(ref.prev))]
         new = ref.advance(backend, averaged)
-        backend.unpack(new, contrib.tensors[0], 1.0, since=keep and keep[0])
-        backend.unpack(sums[1], contrib.tensors[1], total, since=keep and keep[1])
+        for k, (values, divide_by) in enumerate([(new, 1.0), (sums[1], total)]):
+            values, divide_by = _pulled(values, divide_by, keep and keep[k], pull)
+            backend.unpack(values, contrib.tensors[k], divide_by, since=keep and keep[k])
     if scheduler.resets_state(contrib.healthy):
         state = target.optimizer_state()
         if state:
             backend.zero_tensors(state)
     return payload
+
+
+def _pulled(values: list, divide_by: float, since: list | None, pull: float) -> tuple:
+    """``(buffers, divide_by)`` for :meth:`Backend.unpack` such that a late average moves each
+    tensor by ``pull`` times its correction: ``x <- x + pull * (values / divide_by - since)``
+    (unpack writes ``buffers / divide_by + (x - since)``). A correction measured a round ago
+    and applied whole overshoots where the local steps already pull the ranks together (a
+    large step size), and the ranks' difference then grows from round to round; half of it
+    damps that and keeps most of the averaging."""
+    if since is None or pull == 1.0:
+        return values, divide_by
+    return [v * (pull / divide_by) + s * (1.0 - pull) for v, s in zip(values, since)], 1.0
 
 
 def stage_collectives(plan, rank: int, backend: Backend, buffers: list, wire: tuple = ("none", 0)
@@ -630,7 +646,7 @@ def start_overlapped(plan, scheduler, backend: Backend, target: SyncTarget) -> I
 
 
 def finish_overlapped(inflight: InFlight, scheduler, backend: Backend, target: SyncTarget):
-    """Wait for ``inflight`` and apply it: ``x <- average + (x - x at the round's end)`` (a
+    """Wait for ``inflight`` and apply it: ``x <- x + pull * (average - x at the round's end)`` (a
     rank that was left out is reset to the average). The transfer time (start to the first
     completed poll) feeds the link statistics, the time blocked here the communication
     accounting. Returns the :class:`~adaptive_lsgd.scheduler.SyncResult`."""

@@ -176,7 +176,7 @@ class TorchBackend(Backend):
             flat = buffers[k][:n]
             if divide_by != 1.0:
                 flat = flat / divide_by
-            if since is not None:  # x <- average + (x - x at the round's end)
+            if since is not None:  # x <- buffer + (x - x at the round's end)
                 flat = flat - since[k][:n]
             views = torch.split(flat, sizes)
             dst = [tensors[i] for i in idx]
@@ -449,11 +449,11 @@ class _LocalSGDMixin:
     @torch.no_grad()
     def wait_for_average(self) -> float:
         """With ``overlap``: wait for the average in flight (started at the end of the last
-        round) and apply it: ``x <- average + (x - x at the round's end)``, so each rank keeps
-        the local steps it took meanwhile. No new collective (every rank started this one);
-        nothing to do without overlap or when no average is in flight. Returns the seconds
-        it waited. Call it before saving a checkpoint, or use :meth:`average_now`, which calls
-        it first."""
+        round) and apply it: ``x <- x + pull * (average - x at the round's end)`` (config key
+        ``overlap_pull``, 0.5 by default), so each rank keeps the local steps it took
+        meanwhile. No new collective (every rank started this one); nothing to do without
+        overlap or when no average is in flight. Returns the seconds it waited. Call it
+        before saving a checkpoint, or use :meth:`average_now`, which calls it first."""
         inflight, self._alsgd_inflight = self._alsgd_inflight, None
         if inflight is None:
             return 0.0

@@ -79,7 +79,8 @@ def test_policy_picks_the_smallest_period_that_hides_enough():
 
 # -- the scheduler, a round late ----------------------------------------------------------------
 def test_overlapped_syncs_apply_the_average_and_keep_local_progress():
-    c = FakeCluster(cfg(policy="fixed", periods=[2], overlap=True), Topology.flat(3))
+    c = FakeCluster(cfg(policy="fixed", periods=[2], overlap=True, overlap_pull=1.0),
+                    Topology.flat(3))
     start = [m.copy() for m in c.models]          # ranks hold 0, 1, 2
     assert c.step_all_overlapped(0.01) is None
     assert c.step_all_overlapped(0.01) is None    # round 1 ends: its sync starts, nothing done yet
@@ -96,6 +97,44 @@ def test_overlapped_syncs_apply_the_average_and_keep_local_progress():
     c.finish_inflight()                           # round 2's sync: the models it started with
     assert c.scheds[0].syncs == [2]
     np.testing.assert_allclose(c.models[0], c.models[2])
+
+
+def test_the_default_pull_applies_half_of_a_late_correction():
+    """``overlap_pull`` (0.5 by default): ``x <- x + pull * (average - x at the round's end)``."""
+    assert cfg().overlap_pull == 0.5
+    assert load_config(None, env={"ALSGD_OVERLAP_PULL": "0.8"}).overlap_pull == 0.8
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(ConfigError, match=r"'overlap_pull'.*expected a number in \(0, 1\]"):
+            cfg(overlap_pull=bad)
+    c = FakeCluster(cfg(policy="fixed", periods=[2], overlap=True), Topology.flat(3))
+    start = [m.copy() for m in c.models]          # ranks hold 0, 1, 2
+    c.step_all_overlapped(0.01)
+    c.step_all_overlapped(0.01)                   # round 1's sync starts
+    for r in range(3):
+        c.models[r] += 10.0 * (r + 1)
+    c.step_all_overlapped(0.01)
+    c.step_all_overlapped(0.01)                   # ... and completes
+    average = np.mean(start, axis=0)
+    for r in range(3):
+        np.testing.assert_allclose(c.models[r], start[r] + 0.5 * (average - start[r]) + 10.0 * (r + 1))
+
+
+@pytest.mark.parametrize("pull, bounded", [(1.0, False), (0.5, True)])
+def test_a_late_correction_applied_whole_overshoots_under_large_steps(pull, bounded):
+    """Two ranks on quadratics with different minima, one gradient step per round with
+    lr x curvature = 1.3 (each step over-shoots: the ranks' difference flips sign and shrinks
+    by 0.3). Blocking averages would stay bounded; the late correction applied whole turns
+    the difference's factor per round into 0.3 - 1 - ... = -1.3 and it grows without bound,
+    half of it gives -0.8 and it settles."""
+    c = FakeCluster(cfg(policy="fixed", periods=[1], overlap=True, overlap_pull=pull),
+                    Topology.flat(2), models=[np.zeros(3), np.zeros(3)])
+    minima = [np.full(3, -1.0), np.full(3, 1.0)]
+    for _ in range(60):
+        for r in range(2):
+            c.models[r] -= 1.3 * (c.models[r] - minima[r])
+        c.step_all_overlapped(0.01)
+    spread = float(np.abs(c.models[0] - c.models[1]).max())
+    assert (spread < 10.0) == bounded, spread
 
 
 def test_waited_time_is_the_communication_the_summary_counts():

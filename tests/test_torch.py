@@ -133,6 +133,8 @@ def test_waiting_in_an_average_sleeps_instead_of_spinning(two_ranks):
 def test_overlap_applies_each_average_a_round_late(two_ranks):
     for r in per_rank(two_ranks, "overlap_h4_equals_reference", 2):
         assert r["max_diff"] <= 1e-6  # the reference applies the average a round late, exactly so
+        # the default overlap_pull (0.5): half of each late correction, as the reference
+        assert r["default_pull"] == 0.5 and r["default_pull_diff"] <= 1e-6
         # the average of step 4k completes at step 4(k+1): 9 of 10 done after 40 steps
         assert r["syncs_seen"][3] == 0 and r["syncs_seen"][7] == 1 and r["syncs_seen"][-1] == 9
         # each rank keeps its own last round on top of the average: never identical ...

@@ -309,29 +309,16 @@ def polite_wait():
 def overlap_h4_equals_reference():
     """``overlap: true``, fixed H=4, momentum, BatchNorm: equals local SGD written here, where
     the average of the models at a round's end is applied at the next round's end as
-    ``x <- average + (x - x at the round's end)``."""
-    H, steps = 4, 40
-    ref, ref_opt, ours, our_opt = reference_pair({"policy": "fixed", "periods": [H], "overlap": True})
+    ``x <- x + pull * (average - x at the round's end)``: ``overlap_pull: 1`` (the whole
+    correction) with the checks below, then the default pull (0.5)."""
+    default_diff, _, _, _, first = _overlap_run(None)
+    default_pull = first.alsgd.scheduler.config.overlap_pull
+    first.average_now()
+    diff, identical, syncs_seen, ours, our_opt = _overlap_run(1.0)
 
     def state(model):
         return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
 
-    pending = None  # (snapshot, average) of the reference
-    identical, syncs_seen = [], []
-    for step, (x, y) in enumerate(batches(steps, seed=9), start=1):
-        train_step(ref, ref_opt, x, y)
-        if step % H == 0:
-            with torch.no_grad():
-                if pending is not None:
-                    for t, snap, avg in zip(state(ref), *pending):
-                        t.add_(avg - snap)
-                snap = [t.detach().clone() for t in state(ref)]
-                pending = (snap, [hvd.allreduce(t, op=hvd.Average) for t in snap])
-        train_step(ours, our_opt, x, y)
-        g = gathered(flat(state(ours)))
-        identical.append(bool((g - g[0]).abs().max() == 0))
-        syncs_seen.append(our_opt.alsgd.scheduler.syncs[0])
-    diff = float((flat(state(ref)) - flat(state(ours))).abs().max())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         our_opt.state_dict()  # an average is in flight: the checkpoint would miss it
@@ -350,7 +337,40 @@ def overlap_h4_equals_reference():
     report("overlap_h4_equals_reference", max_diff=diff, identical_between=identical,
            syncs_seen=syncs_seen, syncs_after_average=our_opt.alsgd.scheduler.syncs,
            final_identical=bool((g - g[0]).abs().max() == 0), warned=warned,
-           elastic_error=elastic_error)
+           elastic_error=elastic_error, default_pull_diff=default_diff,
+           default_pull=default_pull)
+
+
+def _overlap_run(pull):
+    """40 steps at H=4 with overlap (``overlap_pull``: ``pull``, None for the default) and the
+    reference beside them: ``(max diff, identical per step, syncs per step, model, optimizer)``."""
+    H, steps = 4, 40
+    config = {"policy": "fixed", "periods": [H], "overlap": True}
+    if pull is not None:
+        config["overlap_pull"] = pull
+    ref, ref_opt, ours, our_opt = reference_pair(config)
+    factor = 0.5 if pull is None else pull
+
+    def state(model):
+        return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+
+    pending = None  # (snapshot, average) of the reference
+    identical, syncs_seen = [], []
+    for step, (x, y) in enumerate(batches(steps, seed=9), start=1):
+        train_step(ref, ref_opt, x, y)
+        if step % H == 0:
+            with torch.no_grad():
+                if pending is not None:
+                    for t, snap, avg in zip(state(ref), *pending):
+                        t.add_(factor * (avg - snap))
+                snap = [t.detach().clone() for t in state(ref)]
+                pending = (snap, [hvd.allreduce(t, op=hvd.Average) for t in snap])
+        train_step(ours, our_opt, x, y)
+        g = gathered(flat(state(ours)))
+        identical.append(bool((g - g[0]).abs().max() == 0))
+        syncs_seen.append(our_opt.alsgd.scheduler.syncs[0])
+    diff = float((flat(state(ref)) - flat(state(ours))).abs().max())
+    return diff, identical, syncs_seen, ours, our_opt
 
 
 def process_sets():
