@@ -12,7 +12,7 @@ setup:
 
 test: setup
 	@$(VENV)/bin/ruff check adaptive_lsgd integrations tools tests setup.py
-	@$(PY) -m pytest -q -ra; rc=$$?; \
+	@$(PY) -m pytest -q -ra --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-core: setup

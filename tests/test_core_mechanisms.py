@@ -177,6 +177,13 @@ def test_overlap_auto_engages_only_when_blocking_averages_miss_the_target():
     cheap = policy.decide(CostModel(0.05, [0.01]), (1,), settled=True,
                           compute=np.array([0.05, 0.05]), lr=None, can_overlap=True)
     assert cheap.mechanisms["overlap"] is False  # the target is reachable blocking
+    # blocking at the cap spends 23% (0.15 s per 64 x 8 ms): overlap would promise 1.17x the
+    # steps per second, under OVERLAP_MIN_GAIN (1.5): a stale average is not worth that
+    modest = policy.decide(CostModel(0.008, [0.15]), (1,), settled=True,
+                           compute=np.array([0.008, 0.008]), lr=None, can_overlap=True)
+    assert modest.mechanisms["overlap"] is False and modest.periods == (64,)
+    assert "x the steps per second (< 1.5)" in modest.why["overlap"], modest.why
+    assert "x the steps per second (>= 1.5)" in d.why["overlap"]
     # a mixed cluster on a slow link: overlap hides 0.37 s of 0.88 s per round, time-budget
     # rounds gain the fast rank's idle 0.26 s: the cost model takes overlap
     both = policy.decide(slow_link, (1,), settled=True, compute=np.array([0.006, 0.008]), lr=None,
@@ -199,7 +206,7 @@ def test_overlap_auto_is_the_same_on_every_rank_and_runs_overlapped(seed):
     rng = np.random.default_rng(seed)
     noise = noisy_times(rng, 0.3)
     c = FakeCluster(cfg(window=4, history=3), Topology.flat(3), can_overlap=True,
-                    stage_time=lambda r, stage, plan: noise(0.4))
+                    stage_time=lambda r, stage, plan: noise(0.8))
     overlapped = 0
     for _ in range(400):
         plans = [s.step_done(noise(0.008)) for s in c.scheds]

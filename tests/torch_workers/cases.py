@@ -509,14 +509,15 @@ def auto_mechanisms():
 
 def overlap_auto():
     """The default config (overlap: auto) with a model whose average costs far more than its
-    steps (4M parameters, tiny steps): overlapped averages engage by themselves."""
+    steps (4M parameters, tiny steps, periods capped at 4): overlapped averages engage by
+    themselves."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 2000), nn.ReLU(), nn.Linear(2000, 2000), nn.ReLU(),
                           nn.Linear(2000, 3))
     path = os.path.join(tempfile.mkdtemp(), "overlap_auto.jsonl")
     opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                      named_parameters=model.named_parameters(),
-                                     config={"log": path, "max_period": 8})
+                                     config={"log": path, "max_period": 4})
     sched = opt.alsgd.scheduler
     seen_inflight = 0
     for x, y in batches(160, seed=22):

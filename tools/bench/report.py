@@ -290,8 +290,8 @@ def _notes(name: str, doc: dict) -> list:
                 f"is under `target_comm_fraction`: with the default 0.1 that is about 0.9 x {t / c:.0f}, "
                 f"which gives away up to 10% by design, the very margin of the 0.9 goal; "
                 f"`adaptive-overlap-t05` asks for 5%. Its averages are one round stale: at a round's "
-                f"end each rank applies the average of the models of the previous round's end and "
-                f"keeps the local steps it took since.")
+                f"end each rank moves half way (`overlap_pull: 0.5`) towards the average of the "
+                f"models of the previous round's end and keeps the local steps it took since.")
             from adaptive_lsgd.tools.bench.scenarios import paired_ratio
 
             pairs = []

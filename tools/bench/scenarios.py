@@ -179,7 +179,12 @@ def _accuracy_variants(warmup: int) -> list:
             _ours("adaptive-post-local", 32, warmup=warmup),
             # the quadratic synchronisation rule: global period <= (alpha / lr)^2, i.e. 8 at the
             # initial LR 0.05, the max_period cap once the LR has dropped 10x
-            _ours("adaptive-qsr", 32, warmup=warmup, qsr_alpha=0.05 * 8 ** 0.5)]
+            _ours("adaptive-qsr", 32, warmup=warmup, qsr_alpha=0.05 * 8 ** 0.5),
+            # the outer Nesterov step (DiLoCo) on the default config
+            _ours("adaptive-diloco", 32, outer_optimizer="nesterov"),
+            # the default config with overlap forced on / off (overlap: auto decides by itself)
+            _ours("adaptive-overlap", 32, overlap=True),
+            _ours("adaptive-blocking", 32, overlap=False)]
 
 
 LAUNCHERS = ("emulator", "horovodrun", "alsgd-run")
@@ -465,7 +470,7 @@ def goals(name: str, doc: dict) -> list:
                 x, x and x >= 1.3)
         x = _ratio(sps["adaptive"], sps.get("horovod"))
         add("adaptive >= 1.2x horovod (whole run)", x, x and x >= 1.2)
-    for v in ("adaptive", "adaptive-post-local", "adaptive-qsr"):
+    for v in ("adaptive", "adaptive-post-local", "adaptive-qsr", "adaptive-diloco"):
         if name == "accuracy" and v in r and "horovod" in r:
             x = (r[v]["test_acc"] - r["horovod"]["test_acc"]) * 100
             add(f"{v} >= horovod - 0.3 points (difference, points)", x, x >= -0.3)
