@@ -199,7 +199,7 @@ class Policy:
         hidden_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
         hidden = model.with_overlap().comm_fraction(hidden_periods)
         # steps per second, overlapped over blocking: a late average costs accuracy in some
-        # jobs (MNIST-1D, 4 ranks: -10.6 points forced on, for +1-4% samples/s), so auto takes
+        # jobs (MNIST-1D, 4 ranks: -10.6 points forced on, for 1-12% more samples/s), so auto takes
         # it only where it pays that much
         gain = (1.0 - hidden) / max(1.0 - plain, 1e-12)
         need = OVERLAP_MIN_GAIN if not was_on else 1.0 + (OVERLAP_MIN_GAIN - 1.0) * (1 - cfg.hysteresis)
