@@ -306,6 +306,11 @@ def polite_wait():
     report("polite_wait", cpu_s=cpu, wall_s=wall, identical=bool((g - g[0]).abs().max() == 0))
 
 
+def _averaged_state(model):
+    """What a sync averages: the parameters and the floating buffers."""
+    return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+
+
 def overlap_h4_equals_reference():
     """``overlap: true``, fixed H=4, momentum, BatchNorm: equals local SGD written here, where
     the average of the models at a round's end is applied at the next round's end as
@@ -316,15 +321,12 @@ def overlap_h4_equals_reference():
     first.average_now()
     diff, identical, syncs_seen, ours, our_opt = _overlap_run(1.0)
 
-    def state(model):
-        return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         our_opt.state_dict()  # an average is in flight: the checkpoint would miss it
     warned = any("in flight" in str(w.message) for w in caught)
     our_opt.average_now()
-    g = gathered(flat(state(ours)))
+    g = gathered(flat(_averaged_state(ours)))
     os.environ["HOROVOD_ELASTIC"] = "1"  # refused before any collective: an elastic job
     try:
         alsgd.DistributedOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1),
@@ -351,9 +353,6 @@ def _overlap_run(pull):
     ref, ref_opt, ours, our_opt = reference_pair(config)
     factor = 0.5 if pull is None else pull
 
-    def state(model):
-        return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-
     pending = None  # (snapshot, average) of the reference
     identical, syncs_seen = [], []
     for step, (x, y) in enumerate(batches(steps, seed=9), start=1):
@@ -361,15 +360,15 @@ def _overlap_run(pull):
         if step % H == 0:
             with torch.no_grad():
                 if pending is not None:
-                    for t, snap, avg in zip(state(ref), *pending):
+                    for t, snap, avg in zip(_averaged_state(ref), *pending):
                         t.add_(factor * (avg - snap))
-                snap = [t.detach().clone() for t in state(ref)]
+                snap = [t.detach().clone() for t in _averaged_state(ref)]
                 pending = (snap, [hvd.allreduce(t, op=hvd.Average) for t in snap])
         train_step(ours, our_opt, x, y)
-        g = gathered(flat(state(ours)))
+        g = gathered(flat(_averaged_state(ours)))
         identical.append(bool((g - g[0]).abs().max() == 0))
         syncs_seen.append(our_opt.alsgd.scheduler.syncs[0])
-    diff = float((flat(state(ref)) - flat(state(ours))).abs().max())
+    diff = float((flat(_averaged_state(ref)) - flat(_averaged_state(ours))).abs().max())
     return diff, identical, syncs_seen, ours, our_opt
 
 
