@@ -149,15 +149,16 @@ class _Packer:
         self.groups = _dtype_groups(variables, lambda v: v.dtype)
         self.sizes = [[int(variables[i].shape.num_elements()) for i in idx] for idx in self.groups]
         self._pack = {}
+        self._zero = tf.constant(0.0, tf.float32)  # see _packed
 
     def pack(self, pad_to: int) -> tuple:
         """The flat buffers and whether they are all finite (one call for both)."""
         if pad_to not in self._pack:
-            self._pack[pad_to] = tf.function(lambda: self._packed(pad_to))
-        flats, finite = self._pack[pad_to]()
+            self._pack[pad_to] = tf.function(lambda zero: self._packed(pad_to, zero))
+        flats, finite = self._pack[pad_to](self._zero)
         return list(flats), finite
 
-    def _packed(self, pad_to: int) -> tuple:
+    def _packed(self, pad_to: int, zero) -> tuple:
         out = []
         for idx, sizes in zip(self.groups, self.sizes):
             flat = tf.concat([tf.reshape(self.variables[i], [-1]) for i in idx], axis=0)
@@ -166,7 +167,9 @@ class _Packer:
             out.append(flat)
         # x * 0 is 0 for every finite x and NaN for NaN/Inf, so one sum says whether all are
         # finite, without the overflow a plain sum could reach (and faster than is_finite).
-        finite = tf.reduce_all(tf.stack([tf.math.is_finite(tf.reduce_sum(f * 0)) for f in out]))
+        # The zero is an argument: a literal 0 lets Grappler fold x * 0 to zeros, NaN or not.
+        finite = tf.reduce_all(tf.stack([tf.math.is_finite(tf.reduce_sum(f * tf.cast(zero, f.dtype)))
+                                         for f in out]))
         return out, finite
 
     @tf.function

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.tensorflow
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise",
              "local_variables", "aggregation", "graph_then_eager", "start_from_one_model",
-             "outer_tf"]
+             "outer_tf", "late_variables"]
 GEN = """
 import sys
 import numpy as np
@@ -225,6 +225,17 @@ def test_rank_local_variables_are_never_averaged(np2):
         for form in ("tape", "keras"):
             assert r[form]["shared"] == pytest.approx(0.5), (form, r)
             assert r[form]["local"] == pytest.approx(float(r["rank"])), (form, r)
+
+
+def test_late_variables_averaged_after_refresh_and_nonfinite_detected(np2):
+    """A weight created after the first sync is rank-local (the lists are kept) until
+    refresh_variables(), then averaged; the packed buffers' finiteness check (the non-finite
+    guard) catches NaN and +-Inf in float32 and float16, and not the largest finite values."""
+    for r in np2["late_variables"]:
+        assert r["w"] == [1.5, 3.0, 4.5], r  # averaged at every step: +1 and +2 per step
+        assert r["extra_before"] == 10.0 * r["rank"] and r["extra_after"] == 5.0, r
+        assert r["finite"] == {f"{d}.{v}": v == "big" for d in ("float32", "float16")
+                               for v in ("nan", "inf", "-inf", "big")}, r
 
 
 def test_backward_passes_per_step_minibatch_equals_horovod(np2):

@@ -752,6 +752,49 @@ def outer_tf():
                model.trainable_variables))
 
 
+class _Growing(tf.keras.layers.Layer):
+    """A layer that can create a weight after the model's first sync (no new top-level layer)."""
+
+    def build(self, shape):
+        self.w = self.add_weight(name="w", shape=[3], initializer="zeros")
+
+    def grow(self, value: float):
+        self.extra = self.add_weight(name="extra", shape=[3], initializer="zeros")
+        self.extra.assign(tf.fill([3], value))
+
+    def call(self, x):
+        return x * self.w
+
+
+def late_variables():
+    """The averaged variable lists are kept between syncs: a weight created after the first
+    sync stays rank-local until refresh_variables(), then it is averaged. And the packed
+    buffers' finiteness (the non-finite guard) for NaN, +-Inf and the largest finite values."""
+    layer = _Growing()
+    model = tf.keras.Sequential([layer])
+    model(tf.zeros([1, 3]))
+    lsgd = alsgd.LocalSGD(model=model, config={"policy": "fixed", "periods": [1]})
+    w = []
+    for step in range(3):
+        if step == 1:
+            layer.grow(10.0 * RANK)
+        if step == 2:
+            lsgd.refresh_variables()
+        with lsgd.step():
+            layer.w.assign_add(tf.fill([3], float(RANK + 1)))
+        w.append(float(layer.w[0]))
+        if step == 1:
+            extra_before = float(layer.extra[0])
+    backend = alsgd.TFBackend({})
+    finite = {}
+    for dtype, big in ((tf.float32, 3.0e38), (tf.float16, 6.0e4)):
+        for value in ("nan", "inf", "-inf", "big"):
+            v = tf.Variable(tf.constant([1.0, big if value == "big" else float(value), 2.0], dtype))
+            finite[f"{dtype.name}.{value}"] = backend.all_finite(backend.pack([v], 1))
+    report("late_variables", w=w, extra_before=extra_before, extra_after=float(layer.extra[0]),
+           finite=finite)
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         start = time.perf_counter()
