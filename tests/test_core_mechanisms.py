@@ -178,12 +178,12 @@ def test_overlap_auto_engages_only_when_blocking_averages_miss_the_target():
                           compute=np.array([0.05, 0.05]), lr=None, can_overlap=True)
     assert cheap.mechanisms["overlap"] is False  # the target is reachable blocking
     # blocking at the cap spends 23% (0.15 s per 64 x 8 ms): overlap would promise 1.17x the
-    # steps per second, under OVERLAP_MIN_GAIN (1.5): a stale average is not worth that
+    # steps per second, under OVERLAP_MIN_GAIN (1.3): a stale average is not worth that
     modest = policy.decide(CostModel(0.008, [0.15]), (1,), settled=True,
                            compute=np.array([0.008, 0.008]), lr=None, can_overlap=True)
     assert modest.mechanisms["overlap"] is False and modest.periods == (64,)
-    assert "x the steps per second (< 1.5)" in modest.why["overlap"], modest.why
-    assert "x the steps per second (>= 1.5)" in d.why["overlap"]
+    assert "x the steps per second (< 1.3)" in modest.why["overlap"], modest.why
+    assert "x the steps per second (>= 1.3)" in d.why["overlap"]
     # a mixed cluster on a slow link: overlap hides 0.37 s of 0.88 s per round, time-budget
     # rounds gain the fast rank's idle 0.26 s: the cost model takes overlap
     both = policy.decide(slow_link, (1,), settled=True, compute=np.array([0.006, 0.008]), lr=None,

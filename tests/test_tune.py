@@ -108,7 +108,7 @@ def test_recommend_with_overlap_hides_the_allreduce_behind_the_next_round(torch_
     # the default config's overlap: auto: blocking reaches the target within H <= 512, not 64
     assert json.loads(run_tune(*ask).stdout)["mechanisms"]["overlap"] is False
     # at the default cap (64) and a 5x slower link blocking averages spend over half the time
-    # communicating: overlap promises more than OVERLAP_MIN_GAIN (1.5x) and auto takes it
+    # communicating: overlap promises more than OVERLAP_MIN_GAIN (1.3x) and auto takes it
     capped = ("recommend", "--profile", path, "--inter-gbps", 0.01, "--json")
     auto = json.loads(run_tune(*capped).stdout)
     assert auto["mechanisms"]["overlap"] is True and "overlapped" in auto["why"]["overlap"]
