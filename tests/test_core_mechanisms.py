@@ -184,6 +184,20 @@ def test_overlap_auto_engages_only_when_blocking_averages_miss_the_target():
     assert modest.mechanisms["overlap"] is False and modest.periods == (64,)
     assert "x the steps per second (< 1.3)" in modest.why["overlap"], modest.why
     assert "x the steps per second (>= 1.3)" in d.why["overlap"]
+    # the comm-bound benchmark's case (4.2 MB at 100 Mbit/s, 11.6 ms steps): blocking at the cap
+    # spends 32%, overlap promises 1.37x: on (under a 1.5x bar it waited for a noisier reading)
+    bound = policy.decide(CostModel(0.0116, [0.35]), (1,), settled=True,
+                          compute=np.array([0.0116, 0.0116]), lr=None, can_overlap=True)
+    assert bound.mechanisms["overlap"] is True and bound.periods == (28,), bound.why
+    assert "1.37x the steps per second (>= 1.3)" in bound.why["overlap"]
+    # 1.24x: not enough to start overlapping, enough to stay on (1 + 0.3 x (1 - hysteresis))
+    mid = CostModel(0.0116, [0.25])
+    fresh = policy.decide(mid, (1,), settled=True, compute=np.array([0.0116, 0.0116]), lr=None,
+                          can_overlap=True)
+    held = policy.decide(mid, (28,), settled=True, compute=np.array([0.0116, 0.0116]), lr=None,
+                         can_overlap=True, previous=bound)
+    assert fresh.mechanisms["overlap"] is False and held.mechanisms["overlap"] is True, held.why
+    assert "1.24x the steps per second (>= 1.23)" in held.why["overlap"], held.why
     # a mixed cluster on a slow link: overlap hides 0.37 s of 0.88 s per round, time-budget
     # rounds gain the fast rank's idle 0.26 s: the cost model takes overlap
     both = policy.decide(slow_link, (1,), settled=True, compute=np.array([0.006, 0.008]), lr=None,
