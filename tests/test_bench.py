@@ -160,3 +160,27 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
     proc = _bench("report", "--out", str(tmp_path / "empty"), timeout=60)
     assert proc.returncode == 1 and "no scenario JSON files" in proc.stderr
+
+
+def test_accuracy_over_seeds_is_averaged_on_the_results_page(tmp_path):
+    """``--seed N`` runs land beside seed 0 as ACCURACY-seedN.json; the page gives per-seed
+    accuracies, their means and the goal on the mean difference to horovod."""
+    doc = json.loads(open(os.path.join(REPO, "docs", "bench", "accuracy.json")).read())
+    jsonschema.validate(doc, bench.SCHEMA)
+    other = json.loads(json.dumps(doc))
+    other["seed"] = 1
+    other["results"]["adaptive"]["test_acc"] = doc["results"]["horovod"]["test_acc"] - 0.02
+    (tmp_path / "accuracy.json").write_text(json.dumps(doc))
+    (tmp_path / "accuracy-seed1.json").write_text(json.dumps(other))
+    summ = bench.seed_summary([other, doc])
+    diff0 = (doc["results"]["adaptive"]["test_acc"] - doc["results"]["horovod"]["test_acc"]) * 100
+    assert summ["seeds"] == [0, 1]
+    assert summ["variants"]["adaptive"]["diff"] == pytest.approx((diff0 - 2.0) / 2)
+    goal = next(g for g in summ["goals"] if g["goal"].startswith("adaptive: mean over 2 seeds"))
+    assert goal["met"] == ((diff0 - 2.0) / 2 >= -0.3)
+    page = bench_report_page(tmp_path)
+    assert "Across 2 seeds (0, 1" in page and "| adaptive | " in page
+    with pytest.raises(ValueError, match="same seed"):
+        bench.seed_summary([doc, doc])
+    proc = _bench("accuracy", "--out", str(tmp_path), "--seed", "-1", timeout=60)
+    assert proc.returncode == 2 and "--seed must be >= 0" in proc.stderr

@@ -20,7 +20,14 @@ import os
 import sys
 import time
 
-from adaptive_lsgd.tools.bench.scenarios import LAUNCHERS, PROG, SCENARIOS, _log, run_scenario
+from adaptive_lsgd.tools.bench.scenarios import (
+    LAUNCHERS,
+    PROG,
+    SCENARIOS,
+    _log,
+    run_scenario,
+    seeded_name,
+)
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -56,11 +63,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override the steps per segment")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of variants (compute-only always runs)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the models' initialisation and the data order (default 0); with "
+                        "--out, seed N > 0 writes SCENARIO-seedN.json, which the results page "
+                        "averages with SCENARIO.json (seed 0)")
     p.add_argument("--timeout", type=float, default=3600, help="per scenario, seconds")
     p.add_argument("--launcher", choices=LAUNCHERS, default="emulator",
                    help="who starts the workers: the emulator itself (default), or horovodrun / "
                         "alsgd-run from the root namespace over ssh to the emulated hosts")
     args = p.parse_args(argv)
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
     for flag in ("rounds", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
@@ -91,7 +104,7 @@ def main(argv=None) -> int:
         start = time.monotonic()
         try:
             doc = run_scenario(name, args.quick, args.rounds, args.steps, variants, args.timeout,
-                               launcher=args.launcher)
+                               launcher=args.launcher, seed=args.seed)
         except (ClusterError, ValueError, RuntimeError) as e:
             print(f"{PROG}: error: {name}: {e}", file=sys.stderr)
             failed.append(name)
@@ -99,10 +112,11 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; cluster torn down", file=sys.stderr)
             return 130
-        path = args.json if args.json and len(names) == 1 else os.path.join(args.out, f"{name}.json")
+        path = (args.json if args.json and len(names) == 1
+                else os.path.join(args.out, seeded_name(name, args.seed)))
         write_json(doc, path)
         if args.out and args.json and len(names) == 1:
-            write_json(doc, os.path.join(args.out, f"{name}.json"))
+            write_json(doc, os.path.join(args.out, seeded_name(name, args.seed)))
         print_table(doc)
         _log(f"{name} done in {time.monotonic() - start:.0f}s; wrote {path}")
     if args.scenario == "all":

@@ -79,6 +79,39 @@ def _load(out_dir: str) -> dict:
     return docs
 
 
+def _load_seeds(out_dir: str, name: str, doc: dict) -> list:
+    """``doc`` (seed 0) and the ``NAME-seedN.json`` runs beside it (``alsgd-bench --seed N``)."""
+    runs = [doc]
+    for path in sorted(glob.glob(os.path.join(out_dir, f"{name}-seed*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def _seeds_section(runs: list) -> list:
+    """The per-seed test accuracies, their means and the goals on the means."""
+    from adaptive_lsgd.tools.bench.scenarios import seed_summary
+
+    summ = seed_summary(runs)
+    n = len(summ["seeds"])
+    lines = [f"Across {n} seeds ({', '.join(map(str, summ['seeds']))}; each seed is one full "
+             "run of the scenario, `alsgd-bench SCENARIO --seed N`): test accuracy per seed, the "
+             "mean, and the mean difference to `horovod` in points.", "",
+             "| variant | " + " | ".join(f"seed {s}" for s in summ["seeds"])
+             + " | mean | vs horovod (points) | global syncs (mean) |",
+             "|---|" + "---:|" * (n + 3)]
+    for v, row in summ["variants"].items():
+        if v == "compute-only":
+            continue
+        lines.append(f"| {v} | " + " | ".join(f"{100 * a:.2f}%" for a in row["accs"])
+                     + f" | {100 * row['mean']:.2f}% | {row.get('diff', float('nan')):+.2f} | "
+                       f"{row['syncs']:.0f} |")
+    lines.append("")
+    for g in summ["goals"]:
+        lines.append(f"- {g['goal']}: {g['value']:+.2f} ({'met' if g['met'] else 'missed'})")
+    return lines + [""]
+
+
 def _pyplot():
     """matplotlib.pyplot on the file-only backend (no display needed)."""
     import matplotlib
@@ -498,6 +531,9 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
         if name == "hierarchical":
             lines += _sync_note(out_dir) + _launch_note(out_dir)
         if name == "accuracy":
+            runs = _load_seeds(out_dir, name, doc)
+            if len(runs) > 1:
+                lines += _seeds_section(runs)
             lines += [f"![accuracy vs samples]({rel}/accuracy.png)", ""]
         if name == "lm":
             lines += (["Validation loss of the averaged model at equal tokens (its per-round "

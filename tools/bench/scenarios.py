@@ -214,8 +214,11 @@ def _log(msg: str) -> None:
 
 def run_scenario(name: str, quick: bool = False, rounds: int | None = None, steps: int | None = None,
                  variants: list | None = None, timeout: float = 3600,
-                 launcher: str = "emulator") -> dict:
+                 launcher: str = "emulator", seed: int = 0) -> dict:
     """Run one scenario on an emulated cluster; return its JSON document.
+
+    ``seed`` seeds the models' initialisation and each rank's data order (the data set is the
+    same); the results page averages a scenario's seeds (:func:`seed_summary`).
 
     ``launcher``: ``emulator`` starts each worker itself (``ip netns exec`` with horovodrun's
     rank variables); ``horovodrun`` and ``alsgd-run`` launch the job from the root namespace
@@ -227,6 +230,7 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
 
     sc = SCENARIOS[name]
     s = settings_for(name, quick, rounds, steps)
+    s["seed"] = int(seed)
     if variants:
         known = [v["name"] for v in s["variants"]]
         bad = [v for v in variants if v not in known]
@@ -356,7 +360,8 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
                 row[key] = v[key]
         results[vname] = row
     doc = {
-        "scenario": name, "about": sc["about"], "quick": quick, "launcher": s.get("launcher", "emulator"),
+        "scenario": name, "seed": s.get("seed", 0), "about": sc["about"], "quick": quick,
+        "launcher": s.get("launcher", "emulator"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "cluster": {"hosts": sc["hosts"], "workers_per_host": sc["workers"], "rate_mbit": sc["rate"],
@@ -395,6 +400,49 @@ def stalled_rounds(walls: list) -> list:
         return []
     med = statistics.median(walls)
     return [i for i, w in enumerate(walls) if med > 0 and w > STALL_FACTOR * med]
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The file a scenario's results go to in ``--out``: seed 0 is ``NAME.json``."""
+    return f"{name}.json" if not seed else f"{name}-seed{seed}.json"
+
+
+def seed_summary(docs: list) -> dict:
+    """One scenario run under several seeds (``docs``: their JSON documents, any order): per
+    variant in every run, the test accuracy of each seed, its mean, and the mean difference to
+    ``horovod`` in points; plus the accuracy goals on the means (``goals``).
+
+    >>> a = {"seed": 0, "results": {"horovod": {"test_acc": 0.9, "global_syncs": 100},
+    ...                             "adaptive": {"test_acc": 0.91, "global_syncs": 10}}}
+    >>> b = {"seed": 1, "results": {"horovod": {"test_acc": 0.8, "global_syncs": 100},
+    ...                             "adaptive": {"test_acc": 0.78, "global_syncs": 10}}}
+    >>> s = seed_summary([b, a])
+    >>> s["seeds"], s["variants"]["adaptive"]["accs"], round(s["variants"]["adaptive"]["diff"], 2)
+    ([0, 1], [0.91, 0.78], -0.5)
+    """
+    docs = sorted(docs, key=lambda d: d.get("seed", 0))
+    seeds = [d.get("seed", 0) for d in docs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"two result files have the same seed: {seeds}")
+    names = [v for v in docs[0]["results"] if all(v in d["results"] for d in docs)]
+    out = {"seeds": seeds, "variants": {}, "goals": []}
+    for v in names:
+        accs = [d["results"][v]["test_acc"] for d in docs]
+        row = {"accs": accs, "mean": statistics.fmean(accs),
+               "syncs": statistics.fmean(d["results"][v]["global_syncs"] for d in docs)}
+        if "horovod" in names:
+            row["diff"] = statistics.fmean((d["results"][v]["test_acc"]
+                                            - d["results"]["horovod"]["test_acc"]) * 100
+                                           for d in docs)
+        out["variants"][v] = row
+    rows = out["variants"]
+    for v in ("adaptive", "adaptive-post-local", "adaptive-qsr", "adaptive-diloco"):
+        if v in rows and "horovod" in rows:
+            x = rows[v]["diff"]
+            out["goals"].append({"goal": f"{v}: mean over {len(docs)} seeds >= horovod's - 0.3 "
+                                         f"points (difference, points)", "value": x,
+                                 "met": x >= -0.3})
+    return out
 
 
 def _ratio(a, b):

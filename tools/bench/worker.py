@@ -56,10 +56,11 @@ class Variant:
         self.name, self.kind = spec["name"], spec["kind"]
         self.H = int(spec.get("H", 1))
         self.spec, self.s = spec, s
-        torch.manual_seed(0)
+        seed = int(s.get("seed", 0))  # alsgd-bench --seed: initialisation and data order
+        torch.manual_seed(seed)
         self.model = build_model(s["model"], s["width"])
         self.x, self.y = data
-        self.gen = torch.Generator().manual_seed(1000 + hvd.rank())
+        self.gen = torch.Generator().manual_seed(1000 + hvd.rank() + 10007 * seed)
         self.perm, self.pos = torch.randperm(len(self.x), generator=self.gen), 0
         self.steps = 0             # this rank's optimizer steps (micro-batches)
         self.samples = 0           # over all ranks
