@@ -59,7 +59,7 @@ class Config:
     window: int = 16
     history: int = 5
     nonfinite_guard: bool = True
-    chained_allreduce: bool | str = False
+    chained_allreduce: bool | str = "auto"
     overlap: bool | str = "auto"
     overlap_pull: float = 0.5
     profile: str | None = None
@@ -102,7 +102,9 @@ MEANINGS = {
     "window": "timing statistics: steps in the window median",
     "history": "timing statistics: shared history length",
     "nonfinite_guard": "a rank with NaN/Inf parameters is left out of the average and reset to it",
-    "chained_allreduce": "hierarchical allreduce for upper-level syncs: true, sliced or leaders",
+    "chained_allreduce": "hierarchical allreduce for upper-level syncs: auto (the sliced form "
+                         "while the cost model prices it cheaper than one allreduce over all "
+                         "ranks), true, sliced, leaders or false",
     "overlap": "PyTorch: run each average in the background during the next round: auto (when "
                "the target cannot be reached otherwise), true or false",
     "overlap_pull": "overlap: the share of a late average's correction applied, "
@@ -177,9 +179,9 @@ def _check(key: str, v: Any) -> Any:
         raise ValueError("expected 'auto', 'flat', 'hosts', a shape like '2x2' (blocks x workers), "
                          "or a list of blocks like [[0, 1], [2, 3]]")
     if key == "chained_allreduce":
-        if isinstance(v, bool) or v in CHAINED_FORMS:
+        if isinstance(v, bool) or v in CHAINED_FORMS or v == "auto":
             return v
-        raise ValueError(f"expected true, false or one of the forms {', '.join(CHAINED_FORMS)}")
+        raise ValueError(f"expected auto, true, false or one of the forms {', '.join(CHAINED_FORMS)}")
     if key in ("time_budget", "overlap"):
         if isinstance(v, bool) or v == "auto":
             return v
@@ -377,7 +379,7 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
     if cfg.overlap is True:
         # An overlapped average is one asynchronous allreduce in flight while the next round
         # runs: a multi-stage (chained) sync or per-rank round lengths do not fit that.
-        for key, bad in (("chained_allreduce", cfg.chained_allreduce is not False),
+        for key, bad in (("chained_allreduce", cfg.chained_allreduce not in (False, "auto")),
                          ("time_budget", cfg.time_budget is True),
                          ("compression", cfg.compression != "none")):
             if bad:

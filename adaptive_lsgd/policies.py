@@ -42,8 +42,9 @@ class Decision:
     (None: every rank takes ``periods[0]``); ``cap``: the largest global period allowed
     (``max_global_period``, the quadratic synchronisation rule; None: no cap); ``reason``:
     ``measuring``, ``adapt``, ``hold``, ``fixed`` or ``profile``; ``mechanisms``: the sync
-    mechanisms in force (``{"time_budget": bool, "overlap": bool}``) and ``why``: one sentence
-    per mechanism saying why it is on or off."""
+    mechanisms in force (``{"time_budget": bool, "overlap": bool}``, and ``"chained"`` in
+    hierarchical topologies) and ``why``: one sentence per mechanism saying why it is on or
+    off."""
 
     periods: tuple
     reason: str
@@ -60,6 +61,9 @@ IDLE_TARGET = 0.05  # time-budget rounds: a longer round when rounding idles ran
 # 1.01-1.12x; comm-bound (within 1 point overlapped) 1.45x measured, predicted close to 1.5,
 # so a 1.5 bar there engaged at step 704 of 768 of the full run (0.59 of compute-only)
 OVERLAP_MIN_GAIN = 1.3
+# chained_allreduce: auto: the sliced chained sync must promise a global sync this many times
+# cheaper than one allreduce over all ranks to be switched on (it stays on while it is cheaper)
+CHAINED_MIN_GAIN = 1.1
 
 
 class Policy:
@@ -70,6 +74,7 @@ class Policy:
     def __init__(self, config: Config, num_levels: int):
         self.config = config
         self.num_levels = num_levels
+        self.chained_mode: str | None = None  # set by first()
         maxp = config.max_period
         self.max_period = [maxp] * num_levels if isinstance(maxp, int) else list(maxp)
         if len(self.max_period) != num_levels:
@@ -97,14 +102,23 @@ class Policy:
         return current, "fixed"
 
     # -- the whole decision ---------------------------------------------------------------------
-    def first(self, seed: CostModel | None = None, can_overlap: bool = False) -> Decision:
+    def first(self, seed: CostModel | None = None, can_overlap: bool = False,
+              chained: str | None = None) -> Decision:
         """The decision before any sync: the initial periods, or with a profile's cost model
         ``seed`` (adaptive, no configured periods) the periods it recommends, overlapped where
-        ``overlap: auto`` would overlap them (as ``alsgd-tune recommend`` predicts)."""
+        ``overlap: auto`` would overlap them (as ``alsgd-tune recommend`` predicts).
+        ``chained``: what ``chained_allreduce`` leaves to decide (``Scheduler._chained_mechanism``:
+        None in one-level topologies, ``auto``, ``on``, ``off`` or ``none``); kept for
+        :meth:`decide`. The sliced chained sync starts off under ``auto`` (the plain form is
+        measured first)."""
         periods = self.initial_periods()
+        self.chained_mode = chained
         mech = {"time_budget": self.config.time_budget is True, "overlap": self.config.overlap is True}
         why = {k: ("configured" if getattr(self.config, k) != "auto" else "not measured yet")
                for k in mech}
+        if chained is not None:
+            mech["chained"] = chained == "on"
+            why["chained"] = self._chained_fixed(chained) or "not measured yet"
         if seed is not None and self.name == "adaptive" and self.config.periods is None:
             start = periods
             periods, _ = self.choose(seed, start, None, settled=False)
@@ -119,7 +133,8 @@ class Policy:
     def decide(self, model: CostModel | None, current: tuple, settled: bool,
                compute: np.ndarray, lr: float | None, rank_steps: list | None = None, *,
                previous: Decision | None = None, uneven_ok: bool = True,
-               can_overlap: bool = False, timing_ready: bool = True) -> Decision:
+               can_overlap: bool = False, timing_ready: bool = True,
+               chained_model: CostModel | None = None, chained_predicted: bool = False) -> Decision:
         """The decision at a top-level sync. ``compute``: every rank's median step time (the
         shared table's column; negative where not measured yet); ``lr``: the shared learning
         rate (None if unknown); ``rank_steps``: the split in force, kept while some rank has
@@ -127,11 +142,24 @@ class Policy:
         ``uneven_ok``: every rank's loop accepts per-rank step counts (``time_budget: auto``
         needs it); ``can_overlap``: the integration can run an average in the background;
         ``timing_ready``: every rank's timing window is full enough for ``time_budget: auto``
-        to switch."""
+        to switch; ``chained_model``: the sliced chained form's cost model (``chained_allreduce:
+        auto``; ``chained_predicted``: some of its links are predicted from ``model``'s, not
+        measured). ``model`` is the plain form's; with the chained sync on, the periods
+        are chosen from ``chained_model``."""
         cap = self.cap(lr)
         before = previous.mechanisms if previous is not None else {}
         time_budget, why_tb = self._time_budget(compute if timing_ready else -np.abs(compute),
                                                 uneven_ok, before.get("time_budget", False))
+        mode = self.chained_mode
+        chained, why_ch = mode == "on", self._chained_fixed(mode)
+        if mode == "auto":
+            if self.config.overlap is True or before.get("overlap"):
+                chained, why_ch = False, "overlapped averages are in force (one collective in flight)"
+            else:
+                chained, why_ch = self._chained(model, chained_model, chained_predicted,
+                                                before.get("chained", False))
+            if chained:
+                model, can_overlap = chained_model, False
         periods, reason = self.choose(model, current, cap, settled=settled)
         overlap, why_ov = self._overlap(model, current, cap, settled, can_overlap,
                                         before.get("overlap", False))
@@ -145,9 +173,11 @@ class Policy:
             periods, split = self._round_for_split(tuple(periods), compute, cap)
         elif not time_budget:
             split = None
-        return Decision(tuple(periods), reason, split, cap,
-                        {"time_budget": time_budget, "overlap": overlap},
-                        {"time_budget": why_tb, "overlap": why_ov})
+        mech = {"time_budget": time_budget, "overlap": overlap}
+        why = {"time_budget": why_tb, "overlap": why_ov}
+        if mode is not None:
+            mech["chained"], why["chained"] = chained, why_ch
+        return Decision(tuple(periods), reason, split, cap, mech, why)
 
     def cap(self, lr: float | None) -> int | None:
         """The largest global period allowed now: ``max_global_period`` and the quadratic
@@ -182,6 +212,34 @@ class Policy:
         bound = cfg.skew_threshold if not was_on else off_below
         return on, (f"slowest/fastest compute {skew:.2f} {'>' if on else '<='} {bound:.3g} "
                     f"(skew_threshold {cfg.skew_threshold:g})")
+
+    @staticmethod
+    def _chained_fixed(mode: str | None) -> str | None:
+        """Why the chained sync is on or off when ``auto`` has nothing to decide (else None)."""
+        if mode in ("on", "off"):
+            return "configured"
+        if mode == "none":
+            return ("no sliced form for these blocks (hosts with different numbers of workers, "
+                    "or an elastic job): one allreduce over all ranks")
+        return None
+
+    def _chained(self, plain, alt, predicted, was_on) -> tuple:
+        """``chained_allreduce: auto``: the sliced chained sync while the cost model prices a
+        global sync that way at least CHAINED_MIN_GAIN times cheaper than one allreduce over
+        all ranks (and while it stays cheaper at all once on)."""
+        if self.name != "adaptive":
+            return False, "auto is the adaptive policy's (policy: fixed keeps one allreduce per sync)"
+        if plain is None or alt is None:
+            return was_on, "not measured yet"
+        top = plain.num_levels - 1
+        one, sliced = plain.sync_s[top], alt.sync_s[top]
+        gain = one / max(sliced, 1e-12)
+        need = 1.0 if was_on else CHAINED_MIN_GAIN
+        on = gain >= need
+        return on, (f"a global sync costs {one * 1e3:.1f} ms as one allreduce over all ranks, "
+                    f"{sliced * 1e3:.1f} ms sliced ({'predicted' if predicted else 'measured'}: "
+                    f"the blocks' reduce-scatter and allgather, the slices' allreduce): "
+                    f"{gain:.2f}x ({'>=' if on else '<'} {need:.3g})")
 
     def _overlap(self, model, current, cap, settled, can_overlap, was_on) -> tuple:
         cfg = self.config

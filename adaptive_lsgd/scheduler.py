@@ -84,6 +84,7 @@ class SyncPlan:
     step: int
     payload_len: int
     overlap: bool = False  # run in the background during the next round (adaptive_lsgd.sync)
+    chained_form: bool = False  # the stages are the topology's alternative (chained: auto)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class DecisionShare:
 
 
 # The scheduler state one top-level decision writes (what a DecisionShare hands on).
-_DECISION_STATE = ("_hist_compute", "_hist_rank", "_hist_links", "shared_lr", "model", "periods",
+_DECISION_STATE = ("_hist_compute", "_hist_rank", "_hist_forms", "shared_lr", "model", "periods",
                    "rank_steps",
                    "last_decision", "decision")
 
@@ -143,7 +144,10 @@ class Scheduler:
                  share: DecisionShare | None = None, check_origin: bool = False,
                  can_overlap: bool = False, uneven_steps: bool = False):
         self.config = load_config(config) if not isinstance(config, Config) else config
-        self.topology = topology
+        # chained_allreduce: auto: the plain form and its sliced alternative (Topology.from_config);
+        # the decision in force says which one the syncs run (:attr:`topology`)
+        self._plain, self._alt = topology, topology.alternative
+        self.decision: Decision | None = None
         self.rank = rank
         self.size = topology.size
         self.param_bytes = int(param_bytes)
@@ -162,14 +166,16 @@ class Scheduler:
             and cfg.compression == "none"
         # The outer step / compression reference (adaptive_lsgd.outer), or None.
         self.outer = OuterState(cfg) if uses_reference(cfg) else None
-        self.decision = self.policy.first(self.seed, can_overlap=self.can_overlap)
+        self.decision = self.policy.first(self.seed, can_overlap=self.can_overlap,
+                                          chained=self._chained_mechanism())
         self.periods = self.decision.periods
         self.rank_steps: list | None = None  # mixed-speed mode: level-0 steps per rank
         self._hist_rank: deque = deque(maxlen=cfg.history)  # every rank's compute, per decision
         self.uneven_steps = bool(uneven_steps)
         self._counters = [0] * self.num_levels
         self._compute = WindowStat(cfg.window, skip=cfg.timing_warmup)
-        self._links = [WindowStat(cfg.window) for _ in range(self.num_levels)]
+        # link statistics per form (plain, alternative): level 0 (the blocks) is one and the same
+        self._link_forms = self._new_forms(lambda: WindowStat(cfg.window))
         self._lr = -1.0
         self._initial_lr: float | None = None
         self._steps_since_global = 0
@@ -177,7 +183,7 @@ class Scheduler:
         self.global_syncs = 0
         self.syncs = [0] * self.num_levels
         self._hist_compute: deque = deque(maxlen=cfg.history)
-        self._hist_links = [deque(maxlen=cfg.history) for _ in range(self.num_levels)]
+        self._hist_forms = self._new_forms(lambda: deque(maxlen=cfg.history))
         self.shared_lr: float | None = None
         self.model: CostModel | None = None
         self.last_decision: str | None = None
@@ -196,6 +202,45 @@ class Scheduler:
         self.time_comm = 0.0
         self.time_mini_batch = 0.0
         self.steps_mini_batch = 0
+
+    def _new_forms(self, make) -> list:
+        """Per-level statistics for the plain form and (chained: auto) the alternative; the
+        alternative shares level 0's (the same blocks, the same collective)."""
+        plain = [make() for _ in range(self.num_levels)]
+        if self._alt is None:
+            return [plain]
+        return [plain, plain[:1] + [make() for _ in range(1, self.num_levels)]]
+
+    def _chained_mechanism(self) -> str | None:
+        """What ``chained_allreduce`` leaves the policy: ``"auto"`` (an alternative to switch
+        to), ``"on"``/``"off"`` (configured), ``"none"`` (auto, but no sliced form here: blocks
+        of different sizes, or an elastic job), None (one level: no such mechanism)."""
+        if self.num_levels < 2:
+            return None
+        if self._alt is not None:
+            return "auto"
+        if self._plain.chained:
+            return "on"
+        return "none" if self.config.chained_allreduce == "auto" else "off"
+
+    @property
+    def chained_form(self) -> bool:
+        """The syncs run the alternative (sliced chained) form now (``chained_allreduce: auto``)."""
+        d = self.decision
+        return self._alt is not None and d is not None and bool(d.mechanisms.get("chained"))
+
+    @property
+    def topology(self) -> Topology:
+        """The form the syncs run now: the plain topology, or its alternative."""
+        return self._alt if self.chained_form else self._plain
+
+    @property
+    def _links(self) -> list:
+        return self._link_forms[1 if self.chained_form else 0]
+
+    @property
+    def _hist_links(self) -> list:
+        return self._hist_forms[1 if self.chained_form else 0]
 
     # -- what the integration asks ------------------------------------------------------------
     @property
@@ -253,7 +298,8 @@ class Scheduler:
         stages = self.topology.stages(level, self.rank)
         return SyncPlan(level, stages, weight, is_global, self.step,
                         (self.size * self.cols if is_global else 0) + 2,
-                        overlap=self.overlapping and len(stages) == 1)
+                        overlap=self.overlapping and len(stages) == 1,
+                        chained_form=self.chained_form)
 
     @property
     def weighs_by_steps(self) -> bool:
@@ -284,7 +330,8 @@ class Scheduler:
         self._counters = [0] * self.num_levels
         stages = self.topology.stages(level, self.rank)
         return SyncPlan(level, stages, 1.0 if self.rank == 0 else 0.0, True, self.step,
-                        self.size * self.cols + 2, overlap=plan.overlap and len(stages) == 1)
+                        self.size * self.cols + 2, overlap=plan.overlap and len(stages) == 1,
+                        chained_form=self.chained_form)
 
     def sync_now(self) -> SyncPlan | None:
         """A top-level sync outside the schedule (e.g. to average the model before evaluation
@@ -297,7 +344,7 @@ class Scheduler:
         self._counters = [0] * self.num_levels
         level = self.num_levels - 1
         return SyncPlan(level, self.topology.stages(level, self.rank), weight, True, self.step,
-                        self.size * self.cols + 2)
+                        self.size * self.cols + 2, chained_form=self.chained_form)
 
     def _maybe_switch(self, lr: float | None) -> None:
         warmup = self.config.warmup
@@ -390,11 +437,12 @@ class Scheduler:
                 if extra > 0 and stage.kind == "allreduce":
                     times[i] += extra
         self.time_comm += comm
+        links = self._link_forms[1 if plan.chained_form else 0]  # the form the plan ran
         for stage, seconds in zip(plan.stages, times):
             if stage.kind == "reducescatter":  # half of an allreduce's traffic (ring algorithms)
-                self._links[stage.link_level].add(2.0 * seconds)
+                links[stage.link_level].add(2.0 * seconds)
             elif stage.kind not in ("broadcast", "allgather"):  # those wait for the levels above
-                self._links[stage.link_level].add(seconds)
+                links[stage.link_level].add(seconds)
         total_weight = self.total_weight(plan, reduced)
         healthy = int(round(float(reduced[-1])))
         self.syncs[plan.level] += 1
@@ -460,12 +508,15 @@ class Scheduler:
             rank_compute = self._rank_compute
         # a window of a few samples is noise: time_budget: auto waits for fuller ones
         ready = bool(np.all(table[:, COL_SAMPLES] >= min(self.config.window, SPLIT_SAMPLES)))
-        self.model = self._build_model(rank_compute)
+        plain = self._build_model(rank_compute, form=0)
+        alt, predicted = self._alternative_model(rank_compute, plain)
         self.decision = d = self.policy.decide(
-            self.model, self.periods, settled=self.last_decision not in (None, "measuring"),
+            plain, self.periods, settled=self.last_decision not in (None, "measuring"),
             compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps,
             previous=self.decision, uneven_ok=bool(np.all(table[:, COL_UNEVEN] > 0)),
-            can_overlap=self.can_overlap, timing_ready=ready)
+            can_overlap=self.can_overlap, timing_ready=ready,
+            chained_model=alt, chained_predicted=predicted)
+        self.model = alt if self.chained_form else plain
         self.periods, self.rank_steps, self.last_decision = d.periods, d.rank_steps, d.reason
         if share is not None:
             share.sync, share.state = self.global_syncs, tuple(getattr(self, n) for n in _DECISION_STATE)
@@ -541,7 +592,9 @@ class Scheduler:
             "rank_steps": self.rank_steps,
             "counters": list(self._counters),
             "compute": self._compute.state_dict(),
-            "links": [s.state_dict() for s in self._links],
+            "links": [s.state_dict() for s in self._link_forms[0]],
+            # chained_allreduce: auto: the alternative form's levels above the blocks
+            "links_alt": [s.state_dict() for s in self._link_forms[-1][1:]] if self._alt else None,
             "lr": self._lr,
             "initial_lr": self._initial_lr,
             "steps_since_global": self._steps_since_global,
@@ -550,7 +603,8 @@ class Scheduler:
             "syncs": list(self.syncs),
             "hist_compute": list(self._hist_compute),
             "hist_rank_compute": [list(c) for c in self._hist_rank],
-            "hist_links": [list(h) for h in self._hist_links],
+            "hist_links": [list(h) for h in self._hist_forms[0]],
+            "hist_links_alt": [list(h) for h in self._hist_forms[-1][1:]] if self._alt else None,
             "shared_lr": self.shared_lr,
             "switch_step": self.switch_step,
             "last_decision": self.last_decision,
@@ -589,7 +643,13 @@ class Scheduler:
         self.rank_steps = state["rank_steps"]
         self._counters = list(state["counters"])
         self._compute = WindowStat.from_state(state["compute"])
-        self._links = [WindowStat.from_state(s) for s in state["links"]]
+        plain = [WindowStat.from_state(s) for s in state["links"]]
+        self._link_forms = [plain]
+        if self._alt is not None:
+            alt = state.get("links_alt") or []
+            self._link_forms.append(plain[:1] + (
+                [WindowStat.from_state(s) for s in alt] if alt
+                else [WindowStat(self.config.window) for _ in range(1, self.num_levels)]))
         self._lr = state["lr"]
         self._initial_lr = state["initial_lr"]
         self._steps_since_global = state["steps_since_global"]
@@ -600,7 +660,12 @@ class Scheduler:
             self.origin_pending = False
         self._hist_compute = deque(state["hist_compute"], maxlen=self.config.history)
         self._hist_rank = deque(state.get("hist_rank_compute") or [], maxlen=self.config.history)
-        self._hist_links = [deque(h, maxlen=self.config.history) for h in state["hist_links"]]
+        history = self.config.history
+        hist = [deque(h, maxlen=history) for h in state["hist_links"]]
+        self._hist_forms = [hist]
+        if self._alt is not None:
+            alt = state.get("hist_links_alt") or [[] for _ in range(1, self.num_levels)]
+            self._hist_forms.append(hist[:1] + [deque(h, maxlen=history) for h in alt])
         self.shared_lr = state["shared_lr"]
         self.switch_step = state["switch_step"]
         self.last_decision = state["last_decision"]
@@ -634,26 +699,51 @@ class Scheduler:
                                shares=shares,
                                sliced=topo.sliced, overlap=self.config.overlap is True)
 
-    def _build_model(self, rank_compute: list | None = None) -> CostModel | None:
-        """The shared cost model, once compute and the top link were measured. A lower level
+    def _build_model(self, rank_compute: list | None = None, form: int | None = None
+                     ) -> CostModel | None:
+        """The shared cost model (of the form in force, or ``form``: 0 plain, 1 the
+        alternative), once compute and the top link were measured. A lower level
         not measured yet (its syncs may all have been subsumed by higher ones) takes the
         nearest measured level above it: an upper bound, since lower links are the cheap ones.
         With a profile, whatever was not measured yet comes from the profile's model."""
+        if form is None:
+            form = 1 if self.chained_form else 0
+        topo = self._alt if form else self._plain
+        hist = self._hist_forms[form]
         seed = self.seed
-        if seed is not None:
+        if seed is not None and not form:
             compute = statistics.median(self._hist_compute) if self._hist_compute else seed.compute_s
-            links = [statistics.median(h) if h else s for h, s in zip(self._hist_links, seed.link_s)]
-            return CostModel(compute, links, chained=self.topology.chained, sliced=self.topology.sliced,
+            links = [statistics.median(h) if h else s for h, s in zip(hist, seed.link_s)]
+            return CostModel(compute, links, chained=topo.chained, sliced=topo.sliced,
                              overlap=self.config.overlap is True, rank_compute_s=rank_compute)
-        if not self._hist_compute or not self._hist_links[-1]:
+        if not self._hist_compute or not hist[-1]:
+            if form:  # the alternative's top not measured yet: predicted from the plain form
+                return self._alternative_model(rank_compute, self._build_model(rank_compute, 0))[0]
             return None
-        links = [statistics.median(h) if h else None for h in self._hist_links]
+        links = [statistics.median(h) if h else None for h in hist]
         for lvl in reversed(range(len(links) - 1)):
             if links[lvl] is None:
                 links[lvl] = links[lvl + 1]
         return CostModel(statistics.median(self._hist_compute), links,
-                         chained=self.topology.chained, sliced=self.topology.sliced,
+                         chained=topo.chained, sliced=topo.sliced,
                          overlap=self.config.overlap is True, rank_compute_s=rank_compute)
+
+    def _alternative_model(self, rank_compute: list | None, plain: CostModel | None) -> tuple:
+        """``(model, predicted)``: the alternative (sliced chained) form's cost model: its
+        levels as measured while it ran, the others predicted from the plain form's links
+        (:meth:`Topology.link_ratio`); ``(None, False)`` without an alternative or a plain model."""
+        if self._alt is None or plain is None:
+            return None, False
+        hist = self._hist_forms[1]
+        links, predicted = [], False
+        for lvl, h in enumerate(hist):
+            if h:
+                links.append(statistics.median(h))
+            else:
+                links.append(plain.link_s[lvl] * self._plain.link_ratio(lvl))
+                predicted = predicted or lvl > 0
+        return CostModel(plain.compute_s, links, chained=True, sliced=True,
+                         overlap=self.config.overlap is True, rank_compute_s=rank_compute), predicted
 
 
 __all__ = ["Scheduler", "SyncPlan", "SyncResult", "Stage", "NonFiniteModelError", "DesyncError",

@@ -128,21 +128,26 @@ class ClusterSim:
         # Host 0 computes slow_host_factor x slower from its step slow_from_step on.
         self.slow = host == 0
         self.slow_factor, self.slow_from = float(slow_host_factor), int(slow_from_step)
-        # Links and their times, per level.
-        self.levels = []
-        self.link_s = []
-        for lvl in range(self.topology.num_levels):
-            links = self.topology.links(lvl)
-            secs = []
-            for lk in links:
-                intra = lk[0] // workers_per_host == lk[-1] // workers_per_host
-                wire = wire_factor(config) if lvl == self.topology.num_levels - 1 else 1.0
-                secs.append(ring_allreduce_s(len(lk), self.nbytes * self.topology.model_share(lvl) * wire,
-                                             intra_gbps if intra else inter_gbps,
-                                             (intra_latency_us if intra else latency_us) * 1e-6))
-            level = _Level(links, secs)
-            self.levels.append(level)
-            self.link_s.append(float(level.seconds.max()) if len(level.seconds) else 0.0)
+        # Links and their times, per level, for each form the syncs may run (the plain one
+        # and, with chained_allreduce: auto, its sliced alternative).
+        self.forms = {}
+        for topo in (self.topology, self.topology.alternative):
+            if topo is None:
+                continue
+            levels = []
+            for lvl in range(topo.num_levels):
+                links = topo.links(lvl)
+                secs = []
+                for lk in links:
+                    intra = lk[0] // workers_per_host == lk[-1] // workers_per_host
+                    wire = wire_factor(config) if lvl == topo.num_levels - 1 else 1.0
+                    secs.append(ring_allreduce_s(len(lk), self.nbytes * topo.model_share(lvl) * wire,
+                                                 intra_gbps if intra else inter_gbps,
+                                                 (intra_latency_us if intra else latency_us) * 1e-6))
+                levels.append(_Level(links, secs))
+            self.forms[topo.chained] = (topo, levels)
+        self.levels = self.forms[self.topology.chained][1]
+        self.link_s = [float(lv.seconds.max()) if len(lv.seconds) else 0.0 for lv in self.levels]
         self.block_ids = []
         for lvl in range(self.topology.num_levels):
             ids = np.empty(world, dtype=np.int64)
@@ -183,11 +188,10 @@ class ClusterSim:
             self._noise = np.concatenate([self._noise, rows])
         return self._noise
 
-    def _stage(self, clocks: np.ndarray, free: np.ndarray, level: int, out: dict, key: tuple,
+    def _stage(self, clocks: np.ndarray, free: np.ndarray, lv: _Level, out: dict, key: tuple,
                share: float = 1.0) -> None:
-        """Run the level's links as one stage on both clock vectors (``free`` has no cost);
-        the stage takes ``share`` of the link's allreduce time."""
-        lv = self.levels[level]
+        """Run the level's links ``lv`` as one stage on both clock vectors (``free`` has no
+        cost); the stage takes ``share`` of the link's allreduce time."""
         if not len(lv.members):
             return
         m = lv.members
@@ -199,20 +203,21 @@ class ClusterSim:
         times[m] = end - arrive
         out[key] = times
 
-    def _collective(self, clocks, free, level: int) -> dict:
+    def _collective(self, clocks, free, level: int, chained: bool | None = None) -> dict:
         """A sync at ``level``: one allreduce over the level's blocks, or (chained) reduce
         stages up, the top links' allreduce, broadcast stages down (sliced: reduce-scatters up
-        and allgathers down, half an allreduce each)."""
+        and allgathers down, half an allreduce each). ``chained``: the form to run (default:
+        the configured topology's)."""
         out: dict = {}
-        topo = self.topology
+        topo, levels = self.forms[self.topology.chained if chained is None else chained]
         below = range(level) if topo.chained else ()
         up, down, share = (("reducescatter", "allgather", 0.5) if topo.sliced
                            else ("reduce", "broadcast", 1.0))
         for j in below:
-            self._stage(clocks, free, j, out, (up, j), share)
-        self._stage(clocks, free, level, out, ("allreduce", level))
+            self._stage(clocks, free, levels[j], out, (up, j), share)
+        self._stage(clocks, free, levels[level], out, ("allreduce", level))
         for j in reversed(below):
-            self._stage(clocks, free, j, out, (down, j), share)
+            self._stage(clocks, free, levels[j], out, (down, j), share)
         return out
 
     # -- the run ------------------------------------------------------------------------------
@@ -329,7 +334,8 @@ class ClusterSim:
         if self.check and any(p is None or p.level != level for p in plans):
             raise SimulationError(f"ranks disagree on the sync at step {scheds[0].step}: levels "
                                   f"{[None if p is None else p.level for p in plans]}")
-        times = self._collective(clocks, free, level)
+        times = self._collective(clocks, free, level,
+                                 True if plans[0].chained_form else None)
         for t in times.values():
             comm += np.nan_to_num(t)
         tlists = {key: t.tolist() for key, t in times.items()}

@@ -45,6 +45,9 @@ Example::
     [((0, 1), 'reduce'), ((0, 1), 'broadcast')]
     >>> Topology.from_hosts(["a", "a", "a"]).num_levels
     1
+    >>> auto = Topology.from_config("2x2", ["h"] * 4, chained="auto")   # plain, may switch
+    >>> auto.chained, auto.alternative.sliced, round(auto.link_ratio(1), 3)
+    (False, True, 0.667)
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class Topology:
         self._stage_cache: dict = {}
         self._array_cache: dict = {}
         self.hosts: list | None = None  # each rank's host name, when known (from_config)
+        # chained_allreduce: auto: the sliced chained form of the same blocks, which the
+        # scheduler may switch to (None: no alternative); its links are process sets too
+        self.alternative: Topology | None = None
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -164,7 +170,9 @@ class Topology:
                     elastic: bool = False, sliced: bool | None = None) -> Topology:
         """What integrations call: ``spec`` is the ``topology`` config key, ``hosts`` every
         rank's host name (allgathered at start), ``chained`` the ``chained_allreduce`` key
-        (``True``: sliced where the links allow, else leaders; or ``"sliced"``/``"leaders"``).
+        (``True``: sliced where the links allow, else leaders; or ``"sliced"``/``"leaders"``;
+        ``"auto"``: the plain topology, whose :attr:`alternative` is the sliced chained form
+        when one exists: several levels, links of equal size, not elastic).
         ``"hosts"`` makes one block per host;
         ``"auto"`` does too, except in an elastic job (``elastic``), where it is flat: with
         Horovod 0.28.1 and Gloo a worker failure aborts elastic jobs that use process sets
@@ -181,7 +189,13 @@ class Topology:
             topo = cls.from_hosts(hosts)
         else:
             topo = cls.from_spec(spec, len(hosts))
-        if chained:
+        if chained == "auto":  # the plain form, with the sliced one as its alternative
+            if not elastic and topo.num_levels > 1:
+                alt = cls(topo.blocks_all(), topo.size, chained=True)
+                if alt.sliced:
+                    alt.hosts = list(hosts)
+                    topo.alternative = alt
+        elif chained:
             topo = cls(topo.blocks_all(), topo.size, chained=True, sliced=sliced)
         topo.hosts = list(hosts)
         return topo
@@ -229,11 +243,25 @@ class Topology:
     def process_sets(self) -> list:
         """Every distinct rank tuple a collective runs over, in one order for all ranks."""
         seen = []
-        for links in self._links:
-            for link in links:
-                if len(link) > 1 and link not in seen:
-                    seen.append(link)
+        forms = [self] if self.alternative is None else [self, self.alternative]
+        for form in forms:
+            for links in form._links:
+                for link in links:
+                    if len(link) > 1 and link not in seen:
+                        seen.append(link)
         return seen
+
+    def link_ratio(self, level: int) -> float:
+        """The alternative (sliced) form's level-``level`` allreduce time over this form's, as
+        ring allreduces predict it where the links between blocks are the bottleneck: a slice
+        of ``1/k`` of the model over ``n`` ranks, ``k`` of them at once through one block's
+        link, against the whole model over the ``m`` ranks of the block: ``((n - 1) / n) /
+        ((m - 1) / m)`` (2 hosts x 2 workers: 0.667; 4 x 4: 0.8)."""
+        alt = self.alternative
+        if alt is None or level == 0:
+            return 1.0
+        n, m = alt.link_ranks(level), self.link_ranks(level)
+        return ((n - 1) / n) / ((m - 1) / m) if n > 1 and m > 1 else 1.0
 
     def stages(self, level: int, rank: int) -> list:
         """The collectives ``rank`` takes part in, in order, for a sync at ``level``."""

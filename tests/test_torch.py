@@ -21,7 +21,7 @@ TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_m
 # collectives than the other ranks, and outer_reference's leaders' form has the block leaders
 # issue more; the chained case runs an unnamed allreduce, which Horovod names by the count of
 # operations a process enqueued (README, "Known limits"), so it must come before both.
-FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "adaptive_noise",
+FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "chained_auto", "adaptive_noise",
         "overlap_adaptive_noise", "auto_mechanisms", "process_sets", "outer_reference"]
 
 
@@ -194,6 +194,23 @@ def test_chained_sync_averages_like_one_allreduce(four_ranks):
     for a, b in zip(plain, chained):
         assert len(a["model"]) == len(b["model"]) == 195
         assert max(abs(x - y) for x, y in zip(a["model"], b["model"])) <= 1e-5
+
+
+def test_chained_auto_switches_forms_the_same_on_every_rank(four_ranks):
+    rows = per_rank(four_ranks, "chained_auto", 4)
+    log = agreed_logs(rows, 400)
+    for r in rows:
+        assert [0, 2] in r["process_sets"] and [1, 3] in r["process_sets"]  # the slices
+        assert [0, 1, 2, 3] in r["process_sets"]  # the plain form's top
+        assert r["forms"] == rows[0]["forms"]
+        assert r["unnamed"] == [4.0]  # every unnamed allreduce after a step matched
+        assert "chained" in r["mechanisms"] and "chained" in r["summary"]["mechanisms"]
+    forms = rows[0]["forms"]
+    assert not forms[0] and any(forms)  # the plain form first, the sliced one taken later
+    switches = [rec for rec in log if "mechanism_reason" in rec]
+    chained = [rec["mechanism"]["chained"] for rec in switches]
+    assert chained[0] is True and "predicted" in switches[0]["mechanism_reason"]["chained"]
+    assert "measured" in rows[0]["why"], rows[0]["why"]  # the sliced form's links as it ran
 
 
 def test_adaptive_under_random_sleeps_agrees(four_ranks):

@@ -84,8 +84,8 @@ def test_recommend_caps_the_global_period_and_predicts_the_chained_sync(torch_pr
     path, _ = torch_profile
     ask = ("recommend", "--profile", path, "--hosts", 2, "--workers-per-host", 2,
            "--inter-gbps", 0.05, "--json")
-    flat = json.loads(run_tune(*ask).stdout)
-    capped = json.loads(run_tune(*ask, "--max-global-period", 8).stdout)
+    flat = json.loads(run_tune(*ask, "--chained-allreduce", "off").stdout)
+    capped = json.loads(run_tune(*ask, "--chained-allreduce", "off", "--max-global-period", 8).stdout)
     sliced = json.loads(run_tune(*ask, "--chained-allreduce", "sliced", "--out",
                                  tmp_path / "c.yaml").stdout.splitlines()[0])
     leaders = json.loads(run_tune(*ask, "--chained-allreduce", "leaders").stdout)
@@ -98,6 +98,16 @@ def test_recommend_caps_the_global_period_and_predicts_the_chained_sync(torch_pr
     assert cross["sliced"]["allreduce_s"] < cross["leaders"]["allreduce_s"] < cross["flat"]["allreduce_s"]
     written = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert written["chained_allreduce"] == "sliced" and written["periods"] == sliced["periods"]
+    # the default (chained_allreduce: auto) predicts the scheduler's switch: the blocks' links
+    # cost little next to a 50 Mbit/s link, so the sliced form promises a cheaper global sync
+    auto = json.loads(run_tune(*ask).stdout)
+    assert auto["mechanisms"]["chained"] is True and "predicted" in auto["why"]["chained"]
+    assert auto["levels"][1]["ranks"] == 2 and auto["mechanisms"]["overlap"] is False
+    ratio = auto["levels"][1]["allreduce_s"] / flat["levels"][1]["allreduce_s"]
+    assert ratio == pytest.approx(2 / 3)  # Topology.link_ratio: ((2-1)/2) / ((4-1)/4)
+    assert auto["predicted_samples_per_s"] >= flat["predicted_samples_per_s"]
+    off = json.loads(run_tune(*ask, "--chained-allreduce", "off").stdout)
+    assert off["mechanisms"]["chained"] is False and off["why"]["chained"] == "configured"
 
 
 def test_recommend_with_overlap_hides_the_allreduce_behind_the_next_round(torch_profile, tmp_path):
@@ -159,7 +169,8 @@ def test_recommend_slow_network_gives_h_above_1_and_fast_gives_1(torch_profile):
 def test_recommend_uses_the_core_cost_model(torch_profile):
     path, _ = torch_profile
     rc, out, _ = tune_main("recommend", "--profile", path, "--hosts", 2, "--workers-per-host", 2,
-                           "--inter-gbps", 0.1, "--intra-gbps", 40, "--json")
+                           "--inter-gbps", 0.1, "--intra-gbps", 40, "--chained-allreduce", "off",
+                           "--json")
     rec = json.loads(out)
     assert rc == 0 and len(rec["periods"]) == 2 and [lv["kind"] for lv in rec["levels"]] == ["intra", "inter"]
     prof = tune.load_profile_checked(path).with_link("inter", gbps=0.1).with_link("intra", gbps=40)

@@ -175,6 +175,39 @@ def hierarchical_2x2_chained():
     hierarchical_2x2(chained=True)
 
 
+def chained_auto():
+    """``chained_allreduce: auto`` (the default) in a 2x2 topology, one rank sleeping randomly,
+    with the switching bar lowered to 0 (``policies.CHAINED_MIN_GAIN``: on loopback the sliced
+    sync is rarely cheaper): the scheduler switches between one allreduce over all ranks and
+    the sliced chained sync at top-level syncs, the same on every rank, with the slices'
+    process sets registered up front; an unnamed allreduce after each step still matches."""
+    from adaptive_lsgd import policies
+
+    bar, policies.CHAINED_MIN_GAIN = policies.CHAINED_MIN_GAIN, 0.0
+    path = os.path.join(os.environ["CASE_DIR"], "chained_auto.{rank}.jsonl")
+    model = make_model()
+    opt = alsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.02),
+                                     named_parameters=[("ca." + n, p) for n, p in model.named_parameters()],
+                                     config={"log": path, "topology": "2x2", "warmup": 20,
+                                             "max_period": 4, "target_comm_fraction": 0.05})
+    sched = opt.alsgd.scheduler
+    rng = random.Random(RANK)
+    forms, unnamed = [], []
+    for x, y in batches(400, seed=23):
+        if RANK == 1:
+            time.sleep(rng.choice([0, 0, 0, 0.001, 0.004]))
+        train_step(model, opt, x, y)
+        forms.append(sched.chained_form)
+        unnamed.append(float(hvd.allreduce(torch.ones(1), op=hvd.Sum)))
+    opt.average_now()
+    policies.CHAINED_MIN_GAIN = bar
+    g = gathered(flat(model))
+    report("chained_auto", steps=sched.step, forms=forms, unnamed=sorted(set(unnamed)),
+           log=path.replace("{rank}", str(RANK)), mechanisms=sched.decision.mechanisms,
+           why=sched.decision.why["chained"], process_sets=sorted(list(k) for k in opt.alsgd.process_sets),
+           final_identical=bool((g - g[0]).abs().max() == 0), summary=alsgd.summary(opt))
+
+
 def adaptive_noise(overlap: bool = False):
     """Adaptive policy, 2,000 steps (overlap: 600), one rank sleeping randomly: no hang,
     identical logs."""

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto, on while the ranks' compute differs by more than skew_threshold)")
     s.add_argument("--chained-allreduce", action="store_true", default=None,
                    help="chained (hierarchical) allreduce, sliced: reduce-scatter up, an allreduce "
-                        "of the slices across, allgather down (default: one allreduce over each "
-                        "level's block)")
+                        "of the slices across, allgather down (default: auto, the sliced form once "
+                        "the cost model prices a global sync that way cheaper)")
     s.add_argument("--outer-optimizer", choices=("none", "sgd", "nesterov"),
                    help="outer step at global syncs (DiLoCo: nesterov; default none)")
     s.add_argument("--compression", choices=("none", "fp16", "bf16"),

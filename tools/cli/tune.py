@@ -19,9 +19,10 @@ for the cluster asked about: ``--hosts``/``--workers-per-host`` change its shape
 ``--inter-gbps``/``--intra-gbps`` (and ``--*-latency-us``) its links. It prints predicted
 samples/s, communication share and speed-up over H=1 for candidate periods, and the periods
 the adaptive policy would pick for ``--target-comm-fraction`` (``--max-global-period`` caps
-the steps between global averages; ``--chained-allreduce sliced|leaders`` predicts the chained
-sync across hosts, ``--overlap`` averages that run during the next round). ``--out`` writes
-a config that ``ALSGD_CONFIG`` loads as it is.
+the steps between global averages; ``--chained-allreduce`` ``auto`` (the default) predicts
+whether the default config switches to the sliced chained sync across hosts, ``off`` one
+allreduce over all ranks, ``sliced|leaders`` that form; ``--overlap`` averages that run
+during the next round). ``--out`` writes a config that ``ALSGD_CONFIG`` loads as it is.
 
 ``analyze`` reads a decision log (``log``/``ALSGD_LOG``) and recommends fixed periods for the
 next run from the times that run measured, with the evidence.
@@ -60,6 +61,7 @@ from adaptive_lsgd.profile import (
 )
 from adaptive_lsgd.tools.cli.args import number, positive_int
 from adaptive_lsgd.tools.launch import SETTINGS_ENV
+from adaptive_lsgd.topology import Topology
 
 PROG = "alsgd-tune"
 PROGRESS = "ALSGD-TUNE-PROGRESS"
@@ -424,21 +426,37 @@ def recommendation(model: CostModel, target: float, max_period: int,
     return policy.best(model, target, cap=max_global_period)
 
 
-def online_mechanisms(model: CostModel, args, workers: int, wph: int, chained) -> dict:
+def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) -> dict:
     """The mechanisms the online policy (the default config's ``auto``) would pick on this
     cluster: the scheduler's own decision, from the profile's cost model and per-rank compute
-    (host 0 ``--slow-host-factor`` x slower)."""
+    (host 0 ``--slow-host-factor`` x slower). ``choice``: ``--chained-allreduce`` (None in a
+    one-level cluster); under ``auto`` the sliced form's cost is predicted from the plain
+    form's links as the scheduler predicts it before measuring it
+    (:meth:`~adaptive_lsgd.topology.Topology.link_ratio`), and ``alternative`` is its model."""
+    chained = choice in CHAINED_FORMS
     compute = np.full(workers, model.compute_s)
     compute[:wph] *= args.slow_host_factor
     cfg = load_config({"target_comm_fraction": args.target_comm_fraction,
-                       "max_period": args.max_period}, env={})
+                       "max_period": args.max_period,
+                       **({"overlap": True} if args.overlap else {})}, env={})
     policy = make_policy(cfg, model.num_levels)
     slowest = CostModel(float(compute.max()), model.link_s, chained=model.chained,
                         sliced=model.sliced, rank_compute_s=compute.tolist())
+    alt = None
+    if model.num_levels > 1:  # chained_allreduce: auto, predicted as the scheduler predicts it
+        topo = Topology.from_config(f"{workers // wph}x{wph}", ["h"] * workers, chained="auto")
+        mode = ("on" if chained else "off" if choice == "off"
+                else "auto" if topo.alternative is not None else "none")
+        policy.first(chained=mode)
+        if mode == "auto":
+            alt = CostModel(slowest.compute_s,
+                            [t * topo.link_ratio(lvl) for lvl, t in enumerate(model.link_s)],
+                            chained=True, sliced=True, rank_compute_s=compute.tolist())
     d = policy.decide(slowest, policy.initial_periods(), settled=False, compute=compute, lr=None,
                       uneven_ok=args.uneven_steps, can_overlap=args.framework == "torch" and not chained
-                      and getattr(args, "compression", "none") == "none")
-    return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps}
+                      and getattr(args, "compression", "none") == "none",
+                      chained_model=alt, chained_predicted=True)
+    return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps, "alternative": alt}
 
 
 def predict(model: CostModel, periods, workers: int, batch_size: int) -> dict:
@@ -477,7 +495,8 @@ def cmd_recommend(args) -> int:
     if (args.inter_gbps or args.inter_latency_us) and args.hosts is None and hosts == 1:
         # "What if these workers were on separate hosts joined by this link?"
         hosts, wph = hosts * wph, (args.workers_per_host or 1)
-    chained = args.chained_allreduce if len(cluster_levels(hosts, wph)) > 1 else None
+    choice = args.chained_allreduce if len(cluster_levels(hosts, wph)) > 1 else None
+    chained = choice if choice in CHAINED_FORMS else None  # a form given: predicted as such
     levels = cluster_levels(hosts, wph, chained)
     shares = [1.0, 1.0 / wph] if chained == "sliced" else [1.0] * len(levels)  # a slice crosses
     shares[-1] *= WIRE_BYTES[args.compression] / 4  # compressed global syncs: fewer bytes
@@ -487,7 +506,11 @@ def cmd_recommend(args) -> int:
     model = profile.cost_model(levels, chained=bool(chained), shares=shares,
                                sliced=chained == "sliced", overlap=bool(args.overlap))
     workers = hosts * wph
-    mech = online_mechanisms(model, args, workers, wph, chained)
+    mech = online_mechanisms(model, args, workers, wph, choice)
+    alt = mech.pop("alternative")
+    if mech["mechanisms"].get("chained") and not chained:  # what chained_allreduce: auto runs
+        levels = cluster_levels(hosts, wph, "sliced")
+        model = CostModel(model.compute_s, alt.link_s, chained=True, sliced=True)
     if args.overlap is None and mech["mechanisms"]["overlap"]:  # what overlap: auto would run
         model = model.with_overlap()
     elif args.overlap is not None:
@@ -677,9 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--max-global-period", type=positive_int, default=None,
                     help="at most this many steps between global averages (config key "
                          "max_global_period)")
-    rc.add_argument("--chained-allreduce", choices=CHAINED_FORMS, default=None,
+    rc.add_argument("--chained-allreduce", choices=("auto", "off", *CHAINED_FORMS),
+                    default="auto",
                     help="predict the chained sync (config key chained_allreduce) for the "
-                         "cross-host level")
+                         "cross-host level: auto (the default config: the sliced form where "
+                         "the cost model prices it cheaper), off (one allreduce over all "
+                         "ranks), or a form")
     rc.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                     help="predict overlapped averaging, or (--no-overlap) blocking averages "
                          "(default: what overlap: auto would pick) (config key overlap: each average runs "
