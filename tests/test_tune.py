@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptive_lsgd import Scheduler, Topology, load_config
+from adaptive_lsgd.cost_model import CostModel
 from adaptive_lsgd.profile import PROFILE_FORMAT
 from adaptive_lsgd.tools.cli import tune
 
@@ -105,7 +107,15 @@ def test_recommend_caps_the_global_period_and_predicts_the_chained_sync(torch_pr
     assert auto["levels"][1]["ranks"] == 2 and auto["mechanisms"]["overlap"] is False
     ratio = auto["levels"][1]["allreduce_s"] / flat["levels"][1]["allreduce_s"]
     assert ratio == pytest.approx(2 / 3)  # Topology.link_ratio: ((2-1)/2) / ((4-1)/4)
-    assert auto["predicted_samples_per_s"] >= flat["predicted_samples_per_s"]
+    # the policy takes the smallest periods that meet the target, so a cheaper global sync buys
+    # more frequent global averages at about the same samples/s (not more samples/s: CI once
+    # saw [46, 3] at 35993/s against flat's [50, 4] at 36041/s); at flat's periods it is faster
+    assert math.prod(auto["periods"]) <= math.prod(flat["periods"])
+    assert auto["predicted_comm_fraction"] <= 0.1 + 1e-9
+    chained = CostModel(auto["compute_s"], [lv["allreduce_s"] for lv in auto["levels"]],
+                        chained=True, sliced=True)
+    at_flat = chained.steps_per_s(flat["periods"]) * 4 * auto["batch_size"]
+    assert at_flat > flat["predicted_samples_per_s"]
     off = json.loads(run_tune(*ask, "--chained-allreduce", "off").stdout)
     assert off["mechanisms"]["chained"] is False and off["why"]["chained"] == "configured"
 
