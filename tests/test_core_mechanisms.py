@@ -165,7 +165,7 @@ def test_the_cost_model_prices_stragglers():
 # -- overlap: auto -----------------------------------------------------------------------------
 def test_overlap_auto_engages_only_when_blocking_averages_miss_the_target():
     slow_link = CostModel(0.008, [0.366])  # 4.2 MB at 100 Mbit/s, 8 ms steps
-    policy = make_policy(cfg(), 1)
+    policy = make_policy(cfg(target_comm_fraction=0.1), 1)
     d = policy.decide(slow_link, (1,), settled=True, compute=np.array([0.008, 0.008]), lr=None,
                       can_overlap=True)
     assert d.mechanisms["overlap"] is True

@@ -69,7 +69,7 @@ def test_overlap_grid_matches_comm_fraction():
 def test_policy_picks_the_smallest_period_that_hides_enough():
     """8 ms steps, a 366 ms average (the comm-bound bench): without overlap the target 0.1
     needs H >= 412 (capped at 64); with overlap H = 42 leaves 10% of the round exposed."""
-    policy = AdaptivePolicy(cfg(), 1)
+    policy = AdaptivePolicy(cfg(target_comm_fraction=0.1), 1)
     assert policy.choose(CostModel(0.008, [0.366]), (1,), None)[0] == (64,)
     periods, _ = policy.choose(CostModel(0.008, [0.366], overlap=True), (1,), None)
     assert periods == (42,)

@@ -303,14 +303,14 @@ def test_decision_log_records(tmp_path):
 # -- the adaptive policy through the scheduler ----------------------------------------------------
 @pytest.mark.parametrize("link, expected", [(0.2, (36,)), (0.4, (64,)), (0.001, (1,))])
 def test_adaptive_flat(link, expected):
-    c = FakeCluster(cfg(), Topology.flat(2), link_s=[link])
+    c = FakeCluster(cfg(target_comm_fraction=0.1), Topology.flat(2), link_s=[link])
     for _ in range(40):
         c.step_all(0.05)
     assert c.periods == [expected, expected]
 
 
 def test_qsr_cap_follows_the_shared_lr():
-    config = cfg(qsr_alpha=0.01, qsr_base=2)
+    config = cfg(qsr_alpha=0.01, qsr_base=2, target_comm_fraction=0.1)
     c = FakeCluster(config, Topology.flat(2), link_s=[0.2])
     for _ in range(20):
         c.step_all(0.05, lr=0.1)

@@ -14,6 +14,8 @@ import math
 import os
 import statistics
 
+from adaptive_lsgd.config import Config
+
 ORDER = ["comm-bound", "accuracy", "lm", "overhead", "hierarchical", "heterogeneous", "throttle",
          "changing-network"]
 
@@ -50,7 +52,7 @@ METHOD = """\
   `local-hH`: our local SGD with the fixed period H (`policy: fixed`). `torch-peer`: PyTorch's
   `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=H)` over `torch.distributed` (Gloo),
   with DDP and `post_localSGD_hook` for its warm-up. `adaptive`: the default config, no key set
-  (periods chosen online, `target_comm_fraction` 0.1, `max_period` 64, `time_budget: auto` and
+  (periods chosen online, `target_comm_fraction` 0.05, `max_period` 64, `time_budget: auto` and
   `overlap: auto`; the worker's loop streams batches and calls `allow_uneven_steps`);
   `adaptive-chained` in `hierarchical` the chained sync and `max_global_period: 16`, see there;
   `adaptive-leaders` the same with the leaders' form of the chained sync;
@@ -313,6 +315,7 @@ def _notes(name: str, doc: dict) -> list:
             text += "That is within `max_period` (64), so a shortfall here is measurement noise."
         out.append(text)
         ov = res.get("adaptive-overlap")
+        target = Config.target_comm_fraction
         if ov:
             out.append(
                 f"`adaptive-overlap` (`overlap: true`) runs each average in the background while the "
@@ -320,15 +323,16 @@ def _notes(name: str, doc: dict) -> list:
                 f"their sum: the allreduce is hidden once H >= {t * 1e3:.0f} / {c * 1e3:.0f} = "
                 f"{t / c:.0f}, well inside `max_period`. The policy models that (the exposed share "
                 f"is what the next round does not cover) and takes the smallest H whose exposed share "
-                f"is under `target_comm_fraction`: with the default 0.1 that is about 0.9 x {t / c:.0f}, "
-                f"which gives away up to 10% by design, the very margin of the 0.9 goal; "
-                f"`adaptive-overlap-t05` asks for 5%. Its averages are one round stale: at a round's "
+                f"is under `target_comm_fraction`: with the default {target:g} that is about "
+                f"{1 - target:g} x {t / c:.0f}, which gives away up to {target:.0%} by design "
+                f"(`adaptive-t10`, the default config with 0.1, the default before, gives away up "
+                f"to 10%, the very margin of the 0.9 goal). Its averages are one round stale: at a round's "
                 f"end each rank moves half way (`overlap_pull: 0.5`) towards the average of the "
                 f"models of the previous round's end and keeps the local steps it took since.")
             from adaptive_lsgd.tools.bench.scenarios import paired_ratio
 
             pairs = []
-            for v in ("adaptive-overlap", "adaptive-overlap-t05"):
+            for v in ("adaptive-overlap", "adaptive-t10"):
                 if v not in res:
                     continue
                 q, n = _paired_quartiles(res, v, "compute-only")

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from adaptive_lsgd.config import ConfigError, load_config, read_config_file
+from adaptive_lsgd.config import Config, ConfigError, load_config, read_config_file
 from adaptive_lsgd.sim import CHECK_MAX_RANKS, SHARE_ABOVE, ClusterSim, SimulationError
 from adaptive_lsgd.tools.cli.args import number, positive_int
 from adaptive_lsgd.topology import TopologyError
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE", help="a YAML/JSON adaptive-lsgd config file")
     s.add_argument("--policy", choices=("adaptive", "fixed"), help="default adaptive")
     s.add_argument("--periods", type=_int_list, help="initial/fixed periods, one per level: 4 or 4,8")
-    s.add_argument("--target-comm-fraction", type=float, help="default 0.1")
+    s.add_argument("--target-comm-fraction", type=float,
+                   help=f"default {Config.target_comm_fraction}")
     s.add_argument("--max-period", type=_int_list, help="cap per level: 64 or 8,64 (default 64)")
     s.add_argument("--warmup", type=int, help="mini-batch SGD steps before local SGD (default 0)")
     s.add_argument("--hysteresis", type=float, help="default 0.25")

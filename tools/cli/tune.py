@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from adaptive_lsgd.config import CHAINED_FORMS, ConfigError, load_config
+from adaptive_lsgd.config import CHAINED_FORMS, Config, ConfigError, load_config
 from adaptive_lsgd.cost_model import CostModel, LinkModel
 from adaptive_lsgd.decision_log import read_log
 from adaptive_lsgd.outer import WIRE_BYTES
@@ -695,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"link bandwidth {where}, Gbit/s (default: the profile's)")
         rc.add_argument(f"--{kind}-latency-us", type=number(0, lo_open=True), default=None,
                         help=f"allreduce latency {where}, microseconds")
-    rc.add_argument("--target-comm-fraction", type=_fraction, default=0.1)
+    rc.add_argument("--target-comm-fraction", type=_fraction,
+                    default=Config.target_comm_fraction)
     rc.add_argument("--max-period", type=positive_int, default=64)
     rc.add_argument("--max-global-period", type=positive_int, default=None,
                     help="at most this many steps between global averages (config key "
@@ -725,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--plot", metavar="OUT.png", help="plot throughput and comm share against H")
     an = sub.add_parser("analyze", help="recommend fixed periods from a run's decision log")
     an.add_argument("log", metavar="RUN.jsonl")
-    an.add_argument("--target-comm-fraction", type=_fraction, default=0.1)
+    an.add_argument("--target-comm-fraction", type=_fraction,
+                    default=Config.target_comm_fraction)
     an.add_argument("--max-period", type=positive_int, default=64)
     an.add_argument("--json", action="store_true")
     an.add_argument("--out", metavar="CFG.yaml")
