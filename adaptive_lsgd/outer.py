@@ -14,6 +14,12 @@ global sync:
   at the first step), ``update = g + mu buf`` (``nesterov``) or ``buf`` (``sgd``), and
   ``x_global = prev - outer_lr * update``. Every rank continues from ``x_global``. With
   ``outer_lr: 1`` and ``outer_momentum: 0`` it is plain averaging.
+* the momentum follows the inner learning rate, as SlowMo's slow momentum does (Wang et al.,
+  ICLR 2020: ``u <- mu u + g / lr``, a step of ``outer_lr * lr * u``): when the inner LR
+  (the smallest over the ranks, from the sync's shared table) changed since the last global
+  sync, ``buf`` is scaled by ``lr_now / lr_then`` before ``g`` is added. Under a constant LR
+  nothing changes; after a step decay the momentum of the faster phase no longer drives the
+  slower one at its old size. Unknown LRs (an integration that reports none) leave it as is.
 
 The first global sync of a run (and one that gives every rank rank 0's model) is plain
 averaging: it sets ``prev``; outer steps start at the next one. Lower levels always average.
@@ -32,6 +38,11 @@ Example, the outer step alone on numpy buffers::
     [1.0]
     >>> outer.advance(backend, [np.array([0.0])])[0].tolist()   # g = 1, buf = 1, update 1.5
     [0.25]
+    >>> outer.advance(backend, [np.array([0.25])], lr=0.1)[0].tolist()   # g = 0, buf = 0.5
+    [0.125]
+    >>> # LR 0.1 -> 0.01: buf = 0.5 x 0.1 x 0.5 + 0 = 0.025 (0.25 with a constant LR)
+    >>> outer.advance(backend, [np.array([0.125])], lr=0.01)[0].tolist()
+    [0.11875]
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ class OuterState:
     buffers of the parameters), ``buf`` (the outer momentum, or None), ``steps`` (outer steps
     taken). Identical on every rank. See the module docstring for the rule."""
 
-    __slots__ = ("optimizer", "lr", "momentum", "compression", "prev", "buf", "steps")
+    __slots__ = ("optimizer", "lr", "momentum", "compression", "prev", "buf", "steps", "inner_lr")
 
     def __init__(self, config):
         self.optimizer = config.outer_optimizer
@@ -64,6 +75,7 @@ class OuterState:
         self.prev: list | None = None
         self.buf: list | None = None
         self.steps = 0
+        self.inner_lr: float | None = None  # the inner LR at the last global sync
 
     @property
     def ready(self) -> bool:
@@ -74,31 +86,39 @@ class OuterState:
         """Forget the reference (the next global sync is plain averaging and sets it)."""
         self.prev, self.buf = None, None
 
-    def advance(self, backend, averaged: list) -> list:
+    def advance(self, backend, averaged: list, lr: float | None = None) -> list:
         """The new global model from the averaged parameters (flat buffers); updates the
-        state. Plain averaging while not :attr:`ready` or without an outer optimizer."""
+        state. Plain averaging while not :attr:`ready` or without an outer optimizer. ``lr``:
+        the inner learning rate every rank agrees on (None: unknown)."""
         new = averaged
         if self.optimizer != "none" and self.ready:
             prev = backend.load_state(self.prev)
             g = [p - a for p, a in zip(prev, averaged)]
             update = g
             if self.momentum > 0:
+                mu = self.momentum
+                if lr and self.inner_lr:  # the momentum follows the inner LR (SlowMo)
+                    mu *= lr / self.inner_lr
                 buf = g if self.buf is None else [
-                    self.momentum * b + gi for b, gi in zip(backend.load_state(self.buf), g)]
+                    mu * b + gi for b, gi in zip(backend.load_state(self.buf), g)]
                 self.buf = backend.store_state(backend.copy(buf))
                 update = [gi + self.momentum * b for gi, b in zip(g, buf)] \
                     if self.optimizer == "nesterov" else buf
             new = [p - self.lr * u for p, u in zip(prev, update)]
             self.steps += 1
+        if lr:
+            self.inner_lr = float(lr)
         self.prev = backend.store_state(backend.copy(new))
         return new
 
     def state_dict(self) -> dict:
-        """``prev`` and ``buf`` as the backend's buffers (the integrations convert them)."""
-        return {"prev": self.prev, "buf": self.buf, "steps": self.steps}
+        """``prev`` and ``buf`` as the backend's buffers (lists: the integrations convert
+        them), ``steps`` and ``inner_lr`` as numbers."""
+        return {"prev": self.prev, "buf": self.buf, "steps": self.steps, "inner_lr": self.inner_lr}
 
     def load_state_dict(self, state: dict) -> None:
         self.prev, self.buf, self.steps = state["prev"], state["buf"], int(state["steps"])
+        self.inner_lr = state.get("inner_lr")  # absent in checkpoints before it was kept
 
 
 __all__ = ["OuterState", "uses_reference", "wire_factor", "WIRE_BYTES"]

@@ -394,6 +394,15 @@ class Scheduler:
             row[BASE_COLS + lvl] = stat.median()
         return row
 
+    def sync_lr(self, plan: SyncPlan, reduced: np.ndarray) -> float | None:
+        """The inner learning rate of a top-level sync every rank agrees on: the smallest the
+        ranks reported in the reduced table (None below the top level, or if none reported)."""
+        if not plan.is_global:
+            return None
+        lrs = np.asarray(reduced[COL_LR:self.size * self.cols:self.cols], dtype=np.float64)
+        lrs = lrs[lrs > 0]
+        return float(lrs.min()) if lrs.size else None
+
     def total_weight(self, plan: SyncPlan, reduced: np.ndarray) -> float:
         """The sum of the weights in a reduced payload (what the average divides by); raises
         :class:`NonFiniteModelError` when no taking part rank was healthy."""

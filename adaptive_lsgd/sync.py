@@ -398,7 +398,7 @@ def _finish(plan, scheduler, backend: Backend, target: SyncTarget, contrib: Cont
         backend.scale(averaged, 1.0 / total)
         if contrib.wire != "none":
             averaged = [a + p for a, p in zip(averaged, backend.load_state(ref.prev))]
-        new = ref.advance(backend, averaged)
+        new = ref.advance(backend, averaged, lr=scheduler.sync_lr(plan, payload))
         for k, (values, divide_by) in enumerate([(new, 1.0), (sums[1], total)]):
             values, divide_by = _pulled(values, divide_by, keep and keep[k], pull)
             backend.unpack(values, contrib.tensors[k], divide_by, since=keep and keep[k])

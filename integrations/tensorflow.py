@@ -697,7 +697,7 @@ class LocalSGD:
         state = self.scheduler.state_dict()
         outer = self.scheduler.outer
         if outer is not None:
-            state["outer_state"] = {key: (value if key == "steps" or value is None
+            state["outer_state"] = {key: (value if not isinstance(value, list)
                                           else [np.array(t.numpy()) for t in value])
                                     for key, value in outer.state_dict().items()}
         return state
@@ -706,7 +706,7 @@ class LocalSGD:
         state = dict(state)
         outer = state.get("outer_state")
         if outer is not None:
-            state["outer_state"] = {key: (value if key == "steps" or value is None
+            state["outer_state"] = {key: (value if not isinstance(value, list)
                                           else [tf.constant(v) for v in value])
                                     for key, value in outer.items()}
         self.scheduler.load_state_dict(state, strict=strict)

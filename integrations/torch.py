@@ -284,7 +284,7 @@ def _scheduler_state(scheduler) -> dict:
     state = scheduler.state_dict()
     if scheduler.outer is not None:
         outer = scheduler.outer.state_dict()
-        state["outer_state"] = {key: (value if key == "steps" or value is None
+        state["outer_state"] = {key: (value if not isinstance(value, list)
                                       else [t.detach().clone() for t in value])
                                 for key, value in outer.items()}
     return state

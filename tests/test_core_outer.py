@@ -85,6 +85,49 @@ def test_outer_step_matches_the_reference(spec, chained, periods, kind):
     assert cluster.scheds[0].outer.steps >= 2
 
 
+@pytest.mark.parametrize("kind", ["nesterov", "sgd"])
+def test_outer_momentum_follows_the_inner_lr_as_slowmo(kind):
+    """Step decays of the inner LR (0.1 -> 0.01 -> 0.001): the outer step equals SlowMo's
+    (Wang et al. 2020) written out here, momentum in gradient units ``u <- mu u + g / lr`` and
+    a step of ``outer_lr * lr * update``; under a constant LR it is the plain rule above."""
+    topo = Topology.flat(4)
+    config = cfg(policy="fixed", periods=[3], outer_optimizer=kind, outer_lr=0.7,
+                 outer_momentum=0.9)
+    rng = np.random.default_rng(11)
+    cluster = FakeCluster(config, topo, models=[np.linspace(-1, 1, DIM) for _ in range(4)],
+                          param_len=DIM)
+    blind = FakeCluster(config, topo, models=[m.copy() for m in cluster.models], param_len=DIM)
+    ref = [m.copy() for m in cluster.models]
+    prev, u, lrs_seen = None, None, []
+    for step in range(60):
+        lr = 0.1 if step < 20 else 0.01 if step < 40 else 0.001
+        state = rng.bit_generator.state
+        for models in (cluster.models, blind.models, ref):
+            rng.bit_generator.state = state
+            _local_step(models, rng, step)
+        blind.step_all(0.01)  # no LR reported: the momentum keeps its size
+        if cluster.step_all(0.01, lr=lr) is None:
+            continue
+        lr32 = float(np.float32(lr))  # the LR travels in the float32 table
+        lrs_seen.append(lr)
+        avg = np.mean(ref, axis=0)
+        if prev is None:
+            new = avg
+        else:
+            g = (prev - avg) / lr32
+            u = g.copy() if u is None else 0.9 * u + g
+            new = prev - 0.7 * lr32 * (g + 0.9 * u if kind == "nesterov" else u)
+        prev = new.copy()
+        ref = [new.copy() for _ in ref]
+    assert {0.1, 0.01, 0.001} <= set(lrs_seen)
+    for r in range(4):
+        np.testing.assert_allclose(cluster.models[r], ref[r], rtol=1e-9, atol=1e-12)
+    assert cluster.scheds[0].outer.inner_lr == pytest.approx(0.001)
+    # and it matters: with the LR unknown the momentum of the fast phase lingers
+    assert blind.scheds[0].outer.inner_lr is None
+    assert not np.allclose(blind.models[0], cluster.models[0])
+
+
 def test_outer_lr_one_without_momentum_is_plain_averaging():
     topo = Topology.flat(2)
     plain, _ = _run(cfg(policy="fixed", periods=[3]), topo, steps=12)
@@ -172,7 +215,8 @@ def test_compressed_hierarchical_syncs_agree_under_timing_noise():
     the same decisions and holds the same model after each global sync, with per-rank noise
     in every measured time."""
     topo = Topology.from_config("2x2", ["a", "a", "b", "b"], chained="sliced")
-    config = cfg(outer_optimizer="nesterov", compression="bf16", window=4, timing_warmup=0)
+    config = cfg(outer_optimizer="nesterov", compression="bf16", window=4, timing_warmup=0,
+                 target_comm_fraction=0.1)
     rng = np.random.default_rng(5)
     noise = np.random.default_rng(6)
     cluster = FakeCluster(config, topo, models=[np.linspace(-1, 1, DIM)] * 4, param_len=DIM,
