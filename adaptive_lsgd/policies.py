@@ -170,7 +170,7 @@ class Policy:
             periods, reason = self.choose(model.with_overlap(), current, cap, settled=settled)
         split = rank_steps
         if time_budget and np.all(compute > 0):
-            periods, split = self._round_for_split(tuple(periods), compute, cap)
+            periods, split = self.round_for_split(tuple(periods), compute, cap)
         elif not time_budget:
             split = None
         mech = {"time_budget": time_budget, "overlap": overlap}
@@ -284,7 +284,7 @@ class Policy:
         times = compute.tolist()
         priced = CostModel(max(times), model.link_s, chained=model.chained, sliced=model.sliced,
                            rank_compute_s=times)
-        tb_periods, split = self._round_for_split(tuple(periods), compute, cap)
+        tb_periods, split = self.round_for_split(tuple(periods), compute, cap)
         tb_rate = priced.job_steps_per_s(tb_periods, rank_steps=split)
         ov_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
         ov_rate = priced.with_overlap().job_steps_per_s(ov_periods)
@@ -294,7 +294,7 @@ class Policy:
             return True, f"{why_tb}; {said}", False, f"{said}: time-budget rounds"
         return False, f"{why_tb}; {said}: overlap", True, f"{why_ov}; {said}"
 
-    def _round_for_split(self, periods: tuple, compute: np.ndarray, cap: int | None) -> tuple:
+    def round_for_split(self, periods: tuple, compute: np.ndarray, cap: int | None) -> tuple:
         """The periods and split of time-budget rounds: where rounding the per-rank steps idles
         ranks more than IDLE_TARGET (short rounds, a skew that is not a whole ratio), the
         smallest longer level-0 period (at most 4x the chosen one, within ``max_period`` and the

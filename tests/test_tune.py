@@ -158,6 +158,16 @@ def test_recommend_predicts_time_budget_rounds_on_a_mixed_cluster(torch_profile)
     n_slow, n_fast = mixed["rank_steps"]  # host 0 is the slow one
     assert n_fast == 2 * n_slow
     assert fixed_loop["mechanisms"]["time_budget"] is False  # a loop with fixed step counts
+    # the predictions price the slow host: in step-count rounds both ranks go at its pace (the
+    # compute of a round doubles, its communication stays); in time-budget rounds the fast rank
+    # takes twice the slow one's steps in the same wall time, 1.5x the samples
+    assert mixed["periods"][0] == n_slow and mixed["compute_s"] == pytest.approx(2 * even["compute_s"])
+    at = {r["periods"][0]: r["predicted_samples_per_s"] for r in fixed_loop["candidates"]}
+    even_at = {r["periods"][0]: r["predicted_samples_per_s"] for r in even["candidates"]}
+    budget_at = {r["periods"][0]: r["predicted_samples_per_s"] for r in mixed["candidates"]}
+    for h in (1, 8, 64):
+        assert 0.5 * even_at[h] < at[h] < even_at[h]
+        assert budget_at[h] == pytest.approx(1.5 * at[h], rel=0.02)
 
 
 def test_recommend_slow_network_gives_h_above_1_and_fast_gives_1(torch_profile):

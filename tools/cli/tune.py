@@ -426,6 +426,11 @@ def recommendation(model: CostModel, target: float, max_period: int,
     return policy.best(model, target, cap=max_global_period)
 
 
+def rank_compute(args, compute_s: float, workers: int, wph: int) -> list:
+    """Every rank's step time: the profile's, host 0's ``--slow-host-factor`` x slower."""
+    return [compute_s * (args.slow_host_factor if r < wph else 1.0) for r in range(workers)]
+
+
 def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) -> dict:
     """The mechanisms the online policy (the default config's ``auto``) would pick on this
     cluster: the scheduler's own decision, from the profile's cost model and per-rank compute
@@ -434,8 +439,7 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
     form's links as the scheduler predicts it before measuring it
     (:meth:`~adaptive_lsgd.topology.Topology.link_ratio`), and ``alternative`` is its model."""
     chained = choice in CHAINED_FORMS
-    compute = np.full(workers, model.compute_s)
-    compute[:wph] *= args.slow_host_factor
+    compute = np.asarray(rank_compute(args, model.compute_s, workers, wph))
     cfg = load_config({"target_comm_fraction": args.target_comm_fraction,
                        "max_period": args.max_period,
                        **({"overlap": True} if args.overlap else {})}, env={})
@@ -456,14 +460,24 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
                       uneven_ok=args.uneven_steps, can_overlap=args.framework == "torch" and not chained
                       and getattr(args, "compression", "none") == "none",
                       chained_model=alt, chained_predicted=True)
-    return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps, "alternative": alt}
+    return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps, "alternative": alt,
+            "policy": policy}
 
 
-def predict(model: CostModel, periods, workers: int, batch_size: int) -> dict:
-    steps_per_s = model.steps_per_s(periods)
-    base = model.steps_per_s([1] * model.num_levels)
+def predict(model: CostModel, periods, workers: int, batch_size: int,
+            rank_steps: list | None = None) -> dict:
+    """Samples/s of the whole job: with per-rank step times (``model.rank_compute_s``) every
+    rank's own steps, in step-count rounds (every rank waits for the slowest) or time-budget
+    rounds (``rank_steps``: level-0 steps per rank)."""
+    def job(p, split=None):
+        if model.rank_compute_s is None:
+            return model.steps_per_s(p) * workers
+        return model.job_steps_per_s(p, rank_steps=split)
+
+    steps_per_s = job(periods, rank_steps)
+    base = job([1] * model.num_levels)
     return {"periods": [int(h) for h in periods],
-            "predicted_samples_per_s": steps_per_s * workers * batch_size,
+            "predicted_samples_per_s": steps_per_s * batch_size,
             "predicted_comm_fraction": model.comm_fraction(periods),
             "speedup_vs_h1": steps_per_s / base if base > 0 else math.inf}
 
@@ -507,7 +521,7 @@ def cmd_recommend(args) -> int:
                                sliced=chained == "sliced", overlap=bool(args.overlap))
     workers = hosts * wph
     mech = online_mechanisms(model, args, workers, wph, choice)
-    alt = mech.pop("alternative")
+    alt, policy = mech.pop("alternative"), mech.pop("policy")
     if mech["mechanisms"].get("chained") and not chained:  # what chained_allreduce: auto runs
         levels = cluster_levels(hosts, wph, "sliced")
         model = CostModel(model.compute_s, alt.link_s, chained=True, sliced=True)
@@ -516,15 +530,25 @@ def cmd_recommend(args) -> int:
     elif args.overlap is not None:
         mech["mechanisms"]["overlap"] = bool(args.overlap)
         mech["why"]["overlap"] = "given (--overlap / --no-overlap)"
+    if args.slow_host_factor != 1:  # a mixed cluster: the slowest rank paces a round
+        compute = rank_compute(args, model.compute_s, workers, wph)
+        model = CostModel(max(compute), model.link_s, chained=model.chained, sliced=model.sliced,
+                          overlap=model.overlap, rank_compute_s=compute)
     rec = recommendation(model, args.target_comm_fraction, args.max_period, args.max_global_period)
-    result = {**predict(model, rec, workers, profile.batch_size),
+    split = None
+    if mech["mechanisms"]["time_budget"]:  # each rank takes what fits in the slowest's round
+        rec, split = policy.round_for_split(tuple(rec), np.asarray(model.rank_compute_s),
+                                            args.max_global_period)
+        mech["rank_steps"] = split
+    result = {**predict(model, rec, workers, profile.batch_size, split),
               "hosts": hosts, "workers_per_host": wph,
               "levels": [{"kind": k, "ranks": r, "allreduce_s": t}
                          for (k, r), t in zip(levels, model.link_s)],
               "compute_s": model.compute_s, "batch_size": profile.batch_size,
               "target_comm_fraction": args.target_comm_fraction, **mech}
-    rows = [predict(model, p, workers, profile.batch_size) | {"level": lvl}
-            for lvl, p in candidate_rows(model, rec, args.max_period)]
+    rows = [predict(model, p, workers, profile.batch_size,
+                    policy.split(p[0], np.asarray(model.rank_compute_s)) if split else None)
+            | {"level": lvl} for lvl, p in candidate_rows(model, rec, args.max_period)]
     if args.json:
         print(json.dumps({**result, "candidates": rows}))
     else:
