@@ -519,12 +519,22 @@ class Scheduler:
         ready = bool(np.all(table[:, COL_SAMPLES] >= min(self.config.window, SPLIT_SAMPLES)))
         plain = self._build_model(rank_compute, form=0)
         alt, predicted = self._alternative_model(rank_compute, plain)
+        was_chained = self.chained_form
         self.decision = d = self.policy.decide(
             plain, self.periods, settled=self.last_decision not in (None, "measuring"),
             compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps,
             previous=self.decision, uneven_ok=bool(np.all(table[:, COL_UNEVEN] > 0)),
             can_overlap=self.can_overlap, timing_ready=ready,
             chained_model=alt, chained_predicted=predicted)
+        if was_chained and not self.chained_form:
+            # Left because its measured syncs got dearer: the form keeps its last estimate, not
+            # a median over the change (which would price it cheaper than it is now, and the
+            # next noisy plain sync would switch it back on only to measure it dear again).
+            for hist in self._hist_forms[1][1:]:
+                if hist:
+                    last = hist[-1]
+                    hist.clear()
+                    hist.append(last)
         self.model = alt if self.chained_form else plain
         self.periods, self.rank_steps, self.last_decision = d.periods, d.rank_steps, d.reason
         if share is not None:
