@@ -82,7 +82,8 @@ MEANINGS = {
     "warmup": "mini-batch steps before local SGD, or first_lr_decay (post-local SGD)",
     "target_comm_fraction": "adaptive: the largest predicted share of time in communication",
     "max_period": "cap per level (an int, or a list per level)",
-    "max_global_period": "adaptive: at most this many steps between global averages",
+    "max_global_period": "adaptive: at most this many steps between global averages (unset: "
+                         "max_period in a hierarchy when max_period is one number)",
     "topology": "auto (one block per host; flat in elastic jobs), hosts, flat, '2x2' or "
                 "[[0, 1], [2, 3]]",
     "time_budget": "mixed-speed rounds (a time budget, the average weighted by steps): auto (on "

@@ -181,9 +181,15 @@ class Policy:
 
     def cap(self, lr: float | None) -> int | None:
         """The largest global period allowed now: ``max_global_period`` and the quadratic
-        synchronisation rule ``max(qsr_base, (qsr_alpha / lr)^2)`` (None: no cap)."""
+        synchronisation rule ``max(qsr_base, (qsr_alpha / lr)^2)`` (None: no cap). Without
+        ``max_global_period`` a hierarchy whose ``max_period`` is one number keeps its global
+        period under that number too, as a flat job does (its levels' periods would otherwise
+        multiply to ``max_period ** levels`` steps between global averages); per-level caps
+        (a list) leave the product."""
         cfg = self.config
         caps = [cfg.max_global_period] if cfg.max_global_period is not None else []
+        if cfg.max_global_period is None and self.num_levels > 1 and isinstance(cfg.max_period, int):
+            caps.append(cfg.max_period)
         if cfg.qsr_alpha is not None and lr and lr > 0:
             caps.append(max(cfg.qsr_base, int(math.floor((cfg.qsr_alpha / lr) ** 2))))
         return min(caps) if caps else None

@@ -421,9 +421,10 @@ def recommendation(model: CostModel, target: float, max_period: int,
                    max_global_period: int | None = None) -> tuple:
     """The periods the core's adaptive policy picks for ``model`` (the product of the periods
     at most ``max_global_period``, as the scheduler caps it)."""
-    cfg = load_config({"target_comm_fraction": target, "max_period": max_period}, env={})
+    cfg = load_config({"target_comm_fraction": target, "max_period": max_period,
+                       "max_global_period": max_global_period}, env={})
     policy = make_policy(cfg, model.num_levels)
-    return policy.best(model, target, cap=max_global_period)
+    return policy.best(model, target, cap=policy.cap(None))
 
 
 def rank_compute(args, compute_s: float, workers: int, wph: int) -> list:
@@ -441,7 +442,7 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
     chained = choice in CHAINED_FORMS
     compute = np.asarray(rank_compute(args, model.compute_s, workers, wph))
     cfg = load_config({"target_comm_fraction": args.target_comm_fraction,
-                       "max_period": args.max_period,
+                       "max_period": args.max_period, "max_global_period": args.max_global_period,
                        **({"overlap": True} if args.overlap else {})}, env={})
     policy = make_policy(cfg, model.num_levels)
     slowest = CostModel(float(compute.max()), model.link_s, chained=model.chained,
@@ -538,7 +539,7 @@ def cmd_recommend(args) -> int:
     split = None
     if mech["mechanisms"]["time_budget"]:  # each rank takes what fits in the slowest's round
         rec, split = policy.round_for_split(tuple(rec), np.asarray(model.rank_compute_s),
-                                            args.max_global_period)
+                                            policy.cap(None))
         mech["rank_steps"] = split
     result = {**predict(model, rec, workers, profile.batch_size, split),
               "hosts": hosts, "workers_per_host": wph,
