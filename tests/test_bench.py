@@ -184,3 +184,23 @@ def test_accuracy_over_seeds_is_averaged_on_the_results_page(tmp_path):
         bench.seed_summary([doc, doc])
     proc = _bench("accuracy", "--out", str(tmp_path), "--seed", "-1", timeout=60)
     assert proc.returncode == 2 and "--seed must be >= 0" in proc.stderr
+
+
+def test_validate_tune_compares_every_part_and_refuses_unknown_cases():
+    """The tune validator's verdict (``validate_tune``, root-only as a whole): samples/s, compute
+    and every level's allreduce against the recommendation, each within 10% or not."""
+    from adaptive_lsgd.tools.bench import validate_tune as vt
+
+    rec = {"periods": [7], "mechanisms": {"time_budget": True}, "rank_steps": [7, 14],
+           "predicted_samples_per_s": 1000.0, "compute_s": 0.05,
+           "levels": [{"kind": "inter", "ranks": 2, "allreduce_s": 0.04}]}
+    run = {"samples_per_s": 950.0, "model": {"compute_s": 0.052, "link_s": [0.043]}}
+    ok = vt.compare("time-budget", rec, [run, {**run, "samples_per_s": 1040.0}, run])
+    assert ok["measured_samples_per_s"] == 950.0 and ok["within"] is True
+    assert ok["measured_over_predicted"]["link_s_level0"] == pytest.approx(0.043 / 0.04)
+    slow_link = {**run, "model": {"compute_s": 0.052, "link_s": [0.06]}}
+    bad = vt.compare("time-budget", rec, [slow_link] * 3)
+    assert bad["within"] is False and bad["measured_over_predicted"]["samples_per_s"] == 0.95
+    with pytest.raises(SystemExit):
+        vt.parse_args(["--cases", "plain,warp-drive"])
+    assert vt.parse_args(["--cases", "overlap, chained"]).cases == ["overlap", "chained"]
