@@ -540,7 +540,10 @@ def report(out_dir: str, doc_path: str | None = None) -> str:
              "# re-plot only", "```", "",
              "One scenario: `alsgd-bench comm-bound --json comm-bound.json [--quick]`.", "",
              METHOD, f"![throughput]({rel}/throughput.png)", ""]
+    from adaptive_lsgd.tools.bench.scenarios import goals
+
     for name, doc in docs.items():
+        doc["goals"] = goals(name, doc)  # the goals as this code states them, from the results
         cl = doc["cluster"]
         lines += [f"## `{name}`", "", f"{doc['about']}. {doc['ranks']} ranks, {doc['params']} "
                   f"parameters, batch {doc['settings']['batch']} per rank, {doc['settings']['rounds']} "
