@@ -369,6 +369,16 @@ def _notes(name: str, doc: dict) -> list:
                    f"by how much the fixed H loses after the drop; and the policy raises H over "
                    f"a few syncs (the timing window restarts after 3 samples beyond 2x its median, "
                    f"then a shared history of 5 link estimates and the hysteresis).")
+        fixed = [k for k in res if k.startswith("local-h")]
+        if ref in res and fixed and all(len(res[k]["rates"]) == len(res[ref]["rates"]) for k in fixed):
+            # the best any fixed-per-round choice of the grid could do: each round at the rate of
+            # the fastest fixed variant in that round (equal samples per round)
+            best = [max(res[k]["rates"][i] for k in fixed) for i in range(len(res[ref]["rates"]))]
+            bound = sum(1 / r for r in res[ref]["rates"]) / sum(1 / r for r in best)
+            out.append(f"An oracle that ran every round at the fastest fixed H of that round (the "
+                       f"grid and `{ref}`) would reach {bound:.2f}x `{ref}` over the whole run: "
+                       f"the goal's 1.3x needs a starting choice that loses more after the drop "
+                       f"than this one does.")
     if name == "heterogeneous":
         out.append("compute-only is the sum of each rank's own rate, so with one host 2x slower the "
                    "fixed-step variants (the fast rank waits at every average) can reach at most "
