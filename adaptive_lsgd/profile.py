@@ -9,7 +9,11 @@ allreduce of ``n`` bytes over ``p`` ranks moves ``2 (p - 1) / p * n`` bytes per 
     t(n, p) = alpha_s + 2 (p - 1) / p * n / bus_bytes_per_s
 
 which carries a fit made with one number of ranks over to another. The same formula answers
-"what if my link were B Gbit/s" (:meth:`Profile.with_link`). :data:`PROFILE_SCHEMA` is the
+"what if my link were B Gbit/s" (:meth:`Profile.with_link`). ``sync.overhead_s`` (optional)
+is what one sync of the model costs outside its collective on this machine (packing, the
+finiteness check, unpacking): the scheduler measures whole syncs, so the predicted link time
+of a sync includes it (once per sync: at every level of a plain hierarchy, at the top one of a
+chained sync, whose lower stages share the top's packing). :data:`PROFILE_SCHEMA` is the
 JSON schema (the tuning tool validates whole files with it); :func:`load_profile` checks what
 the scheduler reads with the standard library only, so the core needs no schema package.
 
@@ -82,6 +86,10 @@ PROFILE_SCHEMA = {
                 "samples_s": {"type": "array", "items": _POS},
             },
         },
+        "sync": {
+            "type": "object",
+            "properties": {"overhead_s": _NONNEG},
+        },
         "links": {
             "type": "object",
             "minProperties": 1,
@@ -104,6 +112,7 @@ class Profile:
     param_bytes: int
     batch_size: int
     links: Mapping
+    sync_overhead_s: float = 0.0
 
     def link_time(self, kind: str, nbytes: float, ranks: int) -> float:
         """Predicted allreduce seconds of ``nbytes`` over ``ranks`` ranks on a ``kind`` link."""
@@ -147,8 +156,10 @@ class Profile:
         ``shares[l]`` is the part of it a level-``l`` link carries (sliced chained sync)."""
         nbytes = self.param_bytes if nbytes is None else nbytes
         shares = [1.0] * len(levels) if shares is None else list(shares)
+        top = len(levels) - 1
         link_s = [self.link_time(kind, nbytes * share, ranks)
-                  for (kind, ranks), share in zip(levels, shares)]
+                  + (self.sync_overhead_s if ranks > 1 and (lvl == top or not chained) else 0.0)
+                  for lvl, ((kind, ranks), share) in enumerate(zip(levels, shares))]
         return CostModel(self.compute_s if compute_s is None else compute_s, link_s, chained=chained,
                          sliced=sliced, overlap=overlap)
 
@@ -204,10 +215,13 @@ def profile_from_dict(data) -> Profile:
                                f"{' or '.join(LINK_KINDS)}")
         parsed[kind] = (_number(data, f"links.{kind}.alpha_s", positive=False),
                         _number(data, f"links.{kind}.bus_bytes_per_s"))
+    overhead = 0.0
+    if isinstance(data.get("sync"), Mapping) and "overhead_s" in data["sync"]:
+        overhead = _number(data, "sync.overhead_s", positive=False)
     return Profile(compute_s=_number(data, "compute.step_s"),
                    param_bytes=_number(data, "model.bytes", integer=True),
                    batch_size=_number(data, "model.batch_size", integer=True),
-                   links=parsed)
+                   links=parsed, sync_overhead_s=overhead)
 
 
 def read_profile_json(path: str | os.PathLike) -> dict:

@@ -51,6 +51,27 @@ def test_link_time_is_the_ring_formula():
     assert fast.link_time("inter", 1e6, 2) == prof.link_time("inter", 1e6, 2)
 
 
+def test_sync_overhead_is_priced_once_per_sync():
+    """``sync.overhead_s`` (packing and unpacking outside the collective) adds to every level
+    of a plain hierarchy and, in a chained one, to the top only (its stages share one packing);
+    a what-if link keeps it; profiles without it price none."""
+    data = {**profile_dict(alpha=1e-3, gbps=8.0, kinds=("intra", "inter")),
+            "sync": {"overhead_s": 0.01}}
+    with_it, without = profile_from_dict(data), profile_from_dict(profile_dict(alpha=1e-3, gbps=8.0))
+    assert with_it.sync_overhead_s == 0.01 and without.sync_overhead_s == 0.0
+    levels = [("intra", 2), ("inter", 4)]
+    base = [with_it.link_time(k, 4e6, r) for k, r in levels]
+    plain = with_it.cost_model(levels).link_s
+    assert plain == pytest.approx([base[0] + 0.01, base[1] + 0.01])
+    assert with_it.cost_model(levels, chained=True).link_s == pytest.approx([base[0], base[1] + 0.01])
+    assert with_it.with_link("inter", gbps=0.1).cost_model([("inter", 2)]).link_s[0] == \
+        pytest.approx(1e-3 + 4e6 / (0.1e9 / 8) + 0.01)
+    assert with_it.cost_model([("intra", 1)]).link_s == [0.0]  # a block of one: no sync
+    bad = {**data, "sync": {"overhead_s": -1}}
+    with pytest.raises(ProfileError, match="sync.overhead_s"):
+        profile_from_dict(bad)
+
+
 def test_level_kinds_from_hosts_and_defaults():
     topo = Topology.from_config("auto", ["a", "a", "b", "b"])
     assert topo.spans_hosts() == [False, True]

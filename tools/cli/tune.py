@@ -257,7 +257,8 @@ def worker(settings: dict) -> int:
             raw.append((n, times))
             progress(f"level {lvl} ({kind}) {n} B")
         links[lvl] = (kind, len(block), raw)
-    gathered = hvd.allgather_object({"steps": step_times, "links": {
+    overhead = _sync_overhead(framework, model, reps)
+    gathered = hvd.allgather_object({"steps": step_times, "overhead": overhead, "links": {
         str(lvl): raw for lvl, (_, _, raw) in links.items()}}, name="alsgd_tune_samples")
     if rank == 0:
         profile = make_profile(settings, framework, count, nbytes, hosts, topo, links, gathered)
@@ -267,6 +268,27 @@ def worker(settings: dict) -> int:
         progress("written")
     barrier()
     return 0
+
+
+def _sync_overhead(framework: str, model, reps: int) -> float:
+    """Median seconds one sync of ``model`` costs outside its collective: the integration's
+    own packing (with the finiteness check) and unpacking of the parameters, on this rank."""
+    if framework == "torch":
+        from adaptive_lsgd.integrations.torch import TorchBackend
+
+        backend, tensors = TorchBackend({}), [p.data for p in model.parameters()]
+    else:
+        from adaptive_lsgd.integrations.tensorflow import TFBackend
+
+        backend, tensors = TFBackend({}), list(model.trainable_variables)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        buffers = backend.pack(tensors, 1)
+        backend.all_finite(buffers)
+        backend.unpack(buffers, tensors, 1.0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])  # the first one traces / allocates
 
 
 def make_profile(settings, framework, count, nbytes, hosts, topo, links, gathered) -> dict:
@@ -308,6 +330,8 @@ def make_profile(settings, framework, count, nbytes, hosts, topo, links, gathere
         "model": {"source": settings["model"], "framework": framework, "parameters": count,
                   "bytes": nbytes, "batch_size": settings["batch_size"]},
         "compute": {"step_s": max(compute), "samples_s": compute},
+        # the slowest rank's: every rank's sync waits for it
+        "sync": {"overhead_s": max(g["overhead"] for g in gathered)},
         "links": fits,
     }
 
