@@ -194,9 +194,12 @@ def test_validate_tune_compares_every_part_and_refuses_unknown_cases():
     rec = {"periods": [7], "mechanisms": {"time_budget": True}, "rank_steps": [7, 14],
            "predicted_samples_per_s": 1000.0, "compute_s": 0.05,
            "levels": [{"kind": "inter", "ranks": 2, "allreduce_s": 0.04}]}
-    run = {"samples_per_s": 950.0, "model": {"compute_s": 0.052, "link_s": [0.043]}}
+    run = {"samples_per_s": 950.0, "model": {"compute_s": 0.052, "link_s": [0.043]},
+           "rank_parts": [{"step_s": 0.06, "sync_step_s": 0.2}, {"step_s": 0.03, "sync_step_s": 0.3}]}
     ok = vt.compare("time-budget", rec, [run, {**run, "samples_per_s": 1040.0}, run])
     assert ok["measured_samples_per_s"] == 950.0 and ok["within"] is True
+    # where the time went: the slowest rank's mean local step and syncing step
+    assert ok["measured_mean_step_s"] == 0.06 and ok["measured_mean_sync_step_s"] == 0.3
     assert ok["measured_over_predicted"]["link_s_level0"] == pytest.approx(0.043 / 0.04)
     slow_link = {**run, "model": {"compute_s": 0.052, "link_s": [0.06]}}
     bad = vt.compare("time-budget", rec, [slow_link] * 3)

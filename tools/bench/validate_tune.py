@@ -101,34 +101,47 @@ def worker(s: dict) -> None:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     sched = opt.alsgd.scheduler
 
-    def step():
+    laps, sync_laps = [], []  # seconds per step in the window: local steps, steps that synced
+
+    def step(record: bool):
         start = time.perf_counter()
+        syncs = sched.global_syncs
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         if slowdown > 1:  # this host computes slowdown x slower
             time.sleep((slowdown - 1) * (time.perf_counter() - start))
         opt.step()
+        if record:
+            (sync_laps if sched.global_syncs != syncs else laps).append(time.perf_counter() - start)
 
-    def rounds(n):  # whole global rounds (ranks may take different numbers of steps)
+    def rounds(n, record=False):  # whole global rounds (ranks may take different numbers of steps)
         target, steps = sched.global_syncs + n, 0
         while sched.global_syncs < target:
-            step()
+            step(record)
             steps += 1
         return steps
 
-    rounds(2)  # warm-up: the first syncs, the allocator, the timing windows
-    hvd.allreduce(torch.zeros(1), name="validate.start")
+    # Warm-up (the first syncs, the allocator, the timing windows), then the window from one
+    # sync to the n-th after it on every rank: the same phase of the round at both ends, so an
+    # overlapped average is in flight at both (a window opened after a barrier would time the
+    # pipeline filling: one round of compute with no average to hide behind).
+    rounds(3)
     start = time.perf_counter()
-    steps = rounds(s["rounds"])
-    hvd.allreduce(torch.zeros(1), name="validate.end")
+    steps = rounds(s["rounds"], record=True)
     wall = time.perf_counter() - start
+    opt.wait_for_average()
     total = hvd.allreduce(torch.tensor([float(steps)]), op=hvd.Sum, name="validate.steps").item()
+    walls = hvd.allgather_object(wall, name="validate.wall")
+    parts = hvd.allgather_object({"step_s": statistics.mean(laps) if laps else None,
+                                  "sync_step_s": statistics.mean(sync_laps) if sync_laps else None},
+                                 name="validate.parts")
     summ = sched.summary()
     if hvd.rank() == 0:
+        wall = statistics.mean(walls)
         print("RESULT " + json.dumps({
             "samples_per_s": total * s["batch_size"] / wall, "steps": total, "wall_s": wall,
             "model": summ["model"], "mechanisms": summ["mechanisms"],
-            "rank_steps": summ["rank_steps"]}), flush=True)
+            "rank_steps": summ["rank_steps"], "rank_parts": parts}), flush=True)
 
 
 def recommend(profile: str, extra: list) -> dict:
@@ -188,7 +201,15 @@ def compare(name: str, rec: dict, details: list) -> dict:
         ratios["compute_s"] = _ratio(compute, rec["compute_s"])
     for lvl, (m, p) in enumerate(zip(links, predicted_links)):
         ratios[f"link_s_level{lvl}"] = _ratio(m, p)
+    # Where the time went, per run: the slowest rank's mean local step and mean syncing step
+    # (a whole step that ended with a sync: its compute and everything the sync cost it).
+    mean_step = [max(p["step_s"] for p in d["rank_parts"] if p["step_s"] is not None)
+                 for d in details if d.get("rank_parts")]
+    sync_step = [max(p["sync_step_s"] for p in d["rank_parts"] if p["sync_step_s"] is not None)
+                 for d in details if d.get("rank_parts")]
     return {"periods": rec["periods"], "mechanisms": rec.get("mechanisms"),
+            "measured_mean_step_s": statistics.median(mean_step) if mean_step else None,
+            "measured_mean_sync_step_s": statistics.median(sync_step) if sync_step else None,
             "rank_steps": rec.get("rank_steps"),
             "predicted_samples_per_s": rec["predicted_samples_per_s"],
             "measured_samples_per_s": got, "measured_runs": runs,

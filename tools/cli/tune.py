@@ -231,6 +231,7 @@ def worker(settings: dict) -> int:
 
     step = _stepper(framework, model, loss_fn, batch, settings["batch_size"])
     step_times = []
+    barrier()  # every rank computes at once, as in training (not one alone while another waits)
     for i in range(warm + steps):
         start = time.perf_counter()
         step()
