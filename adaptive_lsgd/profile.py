@@ -84,6 +84,7 @@ PROFILE_SCHEMA = {
             "properties": {
                 "step_s": _POS,
                 "samples_s": {"type": "array", "items": _POS},
+                "mean_step_s": _POS,
             },
         },
         "sync": {
@@ -113,6 +114,14 @@ class Profile:
     batch_size: int
     links: Mapping
     sync_overhead_s: float = 0.0
+    mean_step_s: float | None = None
+
+    @property
+    def rate_factor(self) -> float:
+        """Mean over median step time (1 when the profile has no mean). Decisions use the
+        median (robust to a stall), as the scheduler does; a round lasts the *sum* of its
+        steps, so a predicted rate uses the mean: ``compute_s * rate_factor``."""
+        return self.mean_step_s / self.compute_s if self.mean_step_s else 1.0
 
     def link_time(self, kind: str, nbytes: float, ranks: int) -> float:
         """Predicted allreduce seconds of ``nbytes`` over ``ranks`` ranks on a ``kind`` link."""
@@ -218,10 +227,13 @@ def profile_from_dict(data) -> Profile:
     overhead = 0.0
     if isinstance(data.get("sync"), Mapping) and "overhead_s" in data["sync"]:
         overhead = _number(data, "sync.overhead_s", positive=False)
+    mean = None
+    if isinstance(data.get("compute"), Mapping) and "mean_step_s" in data["compute"]:
+        mean = _number(data, "compute.mean_step_s")
     return Profile(compute_s=_number(data, "compute.step_s"),
                    param_bytes=_number(data, "model.bytes", integer=True),
                    batch_size=_number(data, "model.batch_size", integer=True),
-                   links=parsed, sync_overhead_s=overhead)
+                   links=parsed, sync_overhead_s=overhead, mean_step_s=mean)
 
 
 def read_profile_json(path: str | os.PathLike) -> dict:

@@ -74,6 +74,7 @@ def test_profile_is_versioned_json_with_model_machine_and_samples(torch_profile)
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["memory_bytes"] > 2**30
     assert data["cluster"]["np"] == 2 and data["cluster"]["workers_per_host"] == 2
     assert len(data["compute"]["samples_s"]) == 2 and data["compute"]["step_s"] > 0
+    assert data["compute"]["mean_step_s"] > 0  # the slowest rank's mean: what a round costs
     intra = data["links"]["intra"]
     sizes = sorted({n for n, _ in intra["samples"]})
     assert sizes[0] == 4096 and 4 * 1_186_826 in sizes and len(intra["samples"]) == 6 * len(sizes)
@@ -205,7 +206,8 @@ def test_recommend_uses_the_core_cost_model(torch_profile):
     rec = json.loads(out)
     assert rc == 0 and len(rec["periods"]) == 2 and [lv["kind"] for lv in rec["levels"]] == ["intra", "inter"]
     prof = tune.load_profile_checked(path).with_link("inter", gbps=0.1).with_link("intra", gbps=40)
-    model = prof.cost_model([("intra", 2), ("inter", 4)])
+    # the rate at the decided periods: every step at the profile's mean (see the next test)
+    model = prof.cost_model([("intra", 2), ("inter", 4)], compute_s=prof.compute_s * prof.rate_factor)
     assert rec["predicted_comm_fraction"] == pytest.approx(model.comm_fraction(rec["periods"]))
     assert rec["predicted_samples_per_s"] == pytest.approx(
         model.steps_per_s(rec["periods"]) * 4 * 512)
@@ -213,6 +215,30 @@ def test_recommend_uses_the_core_cost_model(torch_profile):
     assert best and all(r["predicted_comm_fraction"] >= rec["predicted_comm_fraction"] - 1e-12
                         or r["periods"][r["level"]] > rec["periods"][r["level"]]
                         for r in rec["candidates"])
+
+
+def test_recommend_decides_on_the_median_step_and_prices_the_mean(tmp_path):
+    """A round lasts the sum of its steps: with a profile whose mean step is 1.25x its median,
+    the periods are the median's (what the scheduler would decide) and the predicted rate is
+    the cost model's at the mean."""
+    recs = {}
+    for name, mean in (("median", None), ("mean", 0.0125)):
+        data = _valid_profile()
+        if mean:
+            data["compute"]["mean_step_s"] = mean
+        file = tmp_path / f"{name}.json"
+        file.write_text(json.dumps(data))
+        rc, out, err = tune_main("recommend", "--profile", file, "--inter-gbps", 0.001, "--json")
+        assert rc == 0, err
+        recs[name] = json.loads(out)
+    assert recs["mean"]["periods"] == recs["median"]["periods"] and recs["mean"]["periods"][0] > 1
+    assert recs["mean"]["compute_s"] == recs["median"]["compute_s"] == 0.01
+    assert recs["mean"]["mean_step_s"] == pytest.approx(0.0125)
+    prof = tune.load_profile_checked(tmp_path / "mean.json").with_link("inter", gbps=0.001)
+    at_mean = prof.cost_model([("inter", 2)], compute_s=0.0125)
+    assert recs["mean"]["predicted_samples_per_s"] == pytest.approx(
+        at_mean.steps_per_s(recs["mean"]["periods"]) * 2 * 8)
+    assert recs["mean"]["predicted_samples_per_s"] < recs["median"]["predicted_samples_per_s"]
 
 
 def test_recommend_table_config_and_plot(torch_profile, tmp_path):

@@ -300,6 +300,7 @@ def make_profile(settings, framework, count, nbytes, hosts, topo, links, gathere
     import psutil
 
     compute = [statistics.median(g["steps"]) for g in gathered]
+    means = [statistics.mean(g["steps"]) for g in gathered]
     fits = {}
     for lvl, (kind, ranks, raw) in links.items():
         samples = []
@@ -330,7 +331,8 @@ def make_profile(settings, framework, count, nbytes, hosts, topo, links, gathere
                     "levels": topo.describe()["levels"]},
         "model": {"source": settings["model"], "framework": framework, "parameters": count,
                   "bytes": nbytes, "batch_size": settings["batch_size"]},
-        "compute": {"step_s": max(compute), "samples_s": compute},
+        # medians decide (as the scheduler's do); the mean prices a round (the sum of its steps)
+        "compute": {"step_s": max(compute), "samples_s": compute, "mean_step_s": max(means)},
         # the slowest rank's: every rank's sync waits for it
         "sync": {"overhead_s": max(g["overhead"] for g in gathered)},
         "links": fits,
@@ -490,6 +492,17 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
             "policy": policy}
 
 
+def at_mean_step(model: CostModel, factor: float) -> CostModel:
+    """``model`` with every rank's step time scaled by ``factor`` (the profile's mean over
+    median): the periods are decided on medians, as the scheduler decides, but a round lasts
+    the sum of its steps, so a predicted rate uses the mean."""
+    if factor == 1.0:
+        return model
+    ranks = None if model.rank_compute_s is None else [t * factor for t in model.rank_compute_s]
+    return CostModel(model.compute_s * factor, model.link_s, chained=model.chained,
+                     sliced=model.sliced, overlap=model.overlap, rank_compute_s=ranks)
+
+
 def predict(model: CostModel, periods, workers: int, batch_size: int,
             rank_steps: list | None = None) -> dict:
     """Samples/s of the whole job: with per-rank step times (``model.rank_compute_s``) every
@@ -566,20 +579,23 @@ def cmd_recommend(args) -> int:
         rec, split = policy.round_for_split(tuple(rec), np.asarray(model.rank_compute_s),
                                             policy.cap(None))
         mech["rank_steps"] = split
-    result = {**predict(model, rec, workers, profile.batch_size, split),
+    rate = at_mean_step(model, profile.rate_factor)  # what the decided periods will run at
+    result = {**predict(rate, rec, workers, profile.batch_size, split),
               "hosts": hosts, "workers_per_host": wph,
               "levels": [{"kind": k, "ranks": r, "allreduce_s": t}
                          for (k, r), t in zip(levels, model.link_s)],
-              "compute_s": model.compute_s, "batch_size": profile.batch_size,
+              "compute_s": model.compute_s, "mean_step_s": rate.compute_s,
+              "batch_size": profile.batch_size,
               "target_comm_fraction": args.target_comm_fraction, **mech}
-    rows = [predict(model, p, workers, profile.batch_size,
+    rows = [predict(rate, p, workers, profile.batch_size,
                     policy.split(p[0], np.asarray(model.rank_compute_s)) if split else None)
             | {"level": lvl} for lvl, p in candidate_rows(model, rec, args.max_period)]
     if args.json:
         print(json.dumps({**result, "candidates": rows}))
     else:
         print(f"cluster: {hosts} host(s) x {wph} worker(s), batch {profile.batch_size}/worker, "
-              f"compute {model.compute_s * 1e3:.2f} ms/step, {profile.param_bytes} bytes/sync")
+              f"compute {model.compute_s * 1e3:.2f} ms/step (median; mean "
+              f"{rate.compute_s * 1e3:.2f}), {profile.param_bytes} bytes/sync")
         for lvl, ((kind, ranks), t) in enumerate(zip(levels, model.link_s)):
             print(f"level {lvl}: {kind}-host link, {ranks} ranks, allreduce {t * 1e3:.2f} ms")
         print(f"{'level':>5} {'periods':>14} {'samples/s':>12} {'comm share':>11} {'vs H=1':>8}")
