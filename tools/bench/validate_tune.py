@@ -232,7 +232,7 @@ def run_case(name: str, args, tmp: str, cache: dict) -> dict:
     with EmulatedCluster(hosts=case["hosts"], workers_per_host=case["wph"], rate_mbit=rate,
                          slowdown=case["slowdown"] or 1.0, echo=False) as cluster:
         on_cluster = os.path.join(tmp, f"profile-{name}.json")
-        settings = {"model": args.model, "batch_size": args.batch_size, "steps": 30, "reps": 10,
+        settings = {"model": args.model, "batch_size": args.batch_size, "steps": 100, "reps": 10,
                     "out": on_cluster}
         res = cluster.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.tune", "--worker"],
                           env={SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": "1"},

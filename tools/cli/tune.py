@@ -749,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="number of workers (as horovodrun -np)")
     pr.add_argument("-H", "--hosts", default=None, help="as horovodrun -H (default localhost:NP)")
     pr.add_argument("--out", required=True, help="the profile to write (JSON)")
-    pr.add_argument("--steps", type=positive_int, default=30, help="timed training steps")
+    pr.add_argument("--steps", type=positive_int, default=100,
+                    help="timed training steps (default 100: a second of steps swings on a busy host)")
     pr.add_argument("--reps", type=positive_int, default=10, help="allreduces per size")
     rc = sub.add_parser("recommend", help="recommend periods per level from a profile")
     rc.add_argument("--profile", required=True)
