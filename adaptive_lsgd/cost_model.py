@@ -111,6 +111,21 @@ class CostModel:
         return CostModel(self.compute_s, self.link_s, chained=self.chained, sliced=self.sliced,
                          overlap=overlap, rank_compute_s=self.rank_compute_s)
 
+    def with_compute(self, compute_s: float | Sequence[float]) -> CostModel:
+        """The same links and flags with other step times: one number, or one per rank (then
+        ``compute_s`` is their largest: the slowest rank paces a step-count round).
+
+        >>> CostModel(0.01, [0.1]).with_compute([0.02, 0.01]).compute_s
+        0.02
+        """
+        if isinstance(compute_s, (int, float)):
+            slowest, ranks = compute_s, None
+        else:
+            ranks = [float(t) for t in compute_s]
+            slowest = max(ranks)
+        return CostModel(slowest, self.link_s, chained=self.chained, sliced=self.sliced,
+                         overlap=self.overlap, rank_compute_s=ranks)
+
     def job_steps_per_s(self, periods: Sequence[int], rank_steps: Sequence[int] | None = None) -> float:
         """Useful work per second: local steps of *all* ranks per second of wall time, with
         step-count rounds (``rank_steps`` None: everyone takes ``periods[0]`` steps and waits

@@ -288,8 +288,7 @@ class Policy:
             return False, "overlap: true is configured (per-rank round lengths do not fit it)", \
                 True, why_ov
         times = compute.tolist()
-        priced = CostModel(max(times), model.link_s, chained=model.chained, sliced=model.sliced,
-                           rank_compute_s=times)
+        priced = model.with_overlap(False).with_compute(times)
         tb_periods, split = self.round_for_split(tuple(periods), compute, cap)
         tb_rate = priced.job_steps_per_s(tb_periods, rank_steps=split)
         ov_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)

@@ -472,8 +472,7 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
                        "max_period": args.max_period, "max_global_period": args.max_global_period,
                        **({"overlap": True} if args.overlap else {})}, env={})
     policy = make_policy(cfg, model.num_levels)
-    slowest = CostModel(float(compute.max()), model.link_s, chained=model.chained,
-                        sliced=model.sliced, rank_compute_s=compute.tolist())
+    slowest = model.with_overlap(False).with_compute(compute.tolist())
     alt = None
     if model.num_levels > 1:  # chained_allreduce: auto, predicted as the scheduler predicts it
         topo = Topology.from_config(f"{workers // wph}x{wph}", ["h"] * workers, chained="auto")
@@ -498,9 +497,8 @@ def at_mean_step(model: CostModel, factor: float) -> CostModel:
     the sum of its steps, so a predicted rate uses the mean."""
     if factor == 1.0:
         return model
-    ranks = None if model.rank_compute_s is None else [t * factor for t in model.rank_compute_s]
-    return CostModel(model.compute_s * factor, model.link_s, chained=model.chained,
-                     sliced=model.sliced, overlap=model.overlap, rank_compute_s=ranks)
+    return model.with_compute(model.compute_s * factor if model.rank_compute_s is None
+                              else [t * factor for t in model.rank_compute_s])
 
 
 def predict(model: CostModel, periods, workers: int, batch_size: int,
@@ -570,9 +568,7 @@ def cmd_recommend(args) -> int:
         mech["mechanisms"]["overlap"] = bool(args.overlap)
         mech["why"]["overlap"] = "given (--overlap / --no-overlap)"
     if args.slow_host_factor != 1:  # a mixed cluster: the slowest rank paces a round
-        compute = rank_compute(args, model.compute_s, workers, wph)
-        model = CostModel(max(compute), model.link_s, chained=model.chained, sliced=model.sliced,
-                          overlap=model.overlap, rank_compute_s=compute)
+        model = model.with_compute(rank_compute(args, model.compute_s, workers, wph))
     rec = recommendation(model, args.target_comm_fraction, args.max_period, args.max_global_period)
     split = None
     if mech["mechanisms"]["time_budget"]:  # each rank takes what fits in the slowest's round
