@@ -158,6 +158,9 @@ class Policy:
             else:
                 chained, why_ch = self._chained(model, chained_model, chained_predicted,
                                                 before.get("chained", False))
+                if chained and can_overlap and self.config.overlap == "auto":
+                    chained, why_ch = self._chained_or_overlap(model, chained_model, current, cap,
+                                                               settled, why_ch)
             if chained:
                 model, can_overlap = chained_model, False
         periods, reason = self.choose(model, current, cap, settled=settled)
@@ -246,6 +249,23 @@ class Policy:
                     f"{sliced * 1e3:.1f} ms sliced ({'predicted' if predicted else 'measured'}: "
                     f"the blocks' reduce-scatter and allgather, the slices' allreduce): "
                     f"{gain:.2f}x ({'>=' if on else '<'} {need:.3g})")
+
+    def _chained_or_overlap(self, plain, alt, current, cap, settled, why_ch) -> tuple:
+        """The chained sync blocks (its stages depend on each other); one allreduce over all
+        ranks can run in the background instead. Keep the chained sync unless ``overlap: auto``
+        would overlap the plain form and the cost model prices that faster than the chained
+        sync at its own periods (the overlap then decides the periods, as in a flat job)."""
+        overlap, _ = self._overlap(plain, current, cap, settled, True, False)
+        if not overlap:
+            return True, why_ch
+        ch_periods, _ = self.choose(alt, current, cap, settled=settled)
+        ov_periods, _ = self.choose(plain.with_overlap(), current, cap, settled=settled)
+        ch_rate = alt.steps_per_s(ch_periods)
+        ov_rate = plain.with_overlap().steps_per_s(ov_periods)
+        on = ch_rate >= ov_rate
+        return on, (f"{why_ch}; blocking at {list(ch_periods)} {ch_rate:.1f} steps/s, one "
+                    f"allreduce overlapped at {list(ov_periods)} {ov_rate:.1f} steps/s: "
+                    f"{'the chained sync' if on else 'overlap'}")
 
     def _overlap(self, model, current, cap, settled, can_overlap, was_on) -> tuple:
         cfg = self.config

@@ -164,6 +164,27 @@ class FakeCluster:
             return None
         assert all(p is not None for p in plans), f"only some ranks sync: {plans}"
         results = self.finish_inflight(waited_s)
+        self._start_inflight(plans, healthy)
+        return results
+
+    def step_all_auto(self, compute_s):
+        """One local step on every rank (``compute_s(rank)`` gives its time) under ``overlap:
+        auto``: at a round's end finish the sync in flight, then start this one in the
+        background or run it, as the plans say (the same on every rank). Returns the plans'
+        ``overlap`` flag, or None where no round ended."""
+        plans = [s.step_done(float(compute_s(r))) for r, s in enumerate(self.scheds)]
+        if plans[0] is None:
+            assert all(p is None for p in plans), f"only some ranks sync: {plans}"
+            return None
+        assert len({p.overlap for p in plans}) == 1, plans
+        self.finish_inflight()
+        if plans[0].overlap:
+            self._start_inflight(plans)
+        else:
+            self.sync(plans)
+        return plans[0].overlap
+
+    def _start_inflight(self, plans, healthy=None):
         healthy = [True] * self.size if healthy is None else list(healthy)
         pending: dict = {}
         backends = [_FakeAsync(r, pending) for r in range(self.size)]
@@ -171,7 +192,6 @@ class FakeCluster:
             b.healthy = h
         self.inflight = ([start_overlapped(p, s, b, t) for p, s, b, t
                           in zip(plans, self.scheds, backends, self.targets)], backends)
-        return results
 
     def finish_inflight(self, waited_s=0.0):
         """Complete the sync in flight (None if there is none) and apply it: the transfer is

@@ -111,6 +111,63 @@ def test_policy_takes_the_sliced_form_when_it_prices_a_global_sync_cheaper():
     assert d.mechanisms["chained"] is False and "fixed" in d.why["chained"]
 
 
+def test_overlap_auto_takes_one_overlapped_allreduce_where_it_beats_the_chained_sync():
+    """The chained sync blocks; where one allreduce over all ranks hides behind a round
+    (overlap: auto would take it) and the cost model prices that faster, the policy overlaps
+    the plain form instead; where the plain sync cannot hide, the chained sync stays."""
+    kw = dict(settled=True, compute=np.array([0.01] * 4), lr=None, can_overlap=True)
+    cheap = CostModel(0.01, [0.004, 0.08], chained=True, sliced=True)
+    policy = make_policy(cfg(), 2)
+    policy.first(chained="auto")
+    hidden = CostModel(0.01, [0.004, 0.2])  # 0.2 s hides behind 64 steps of 10 ms
+    d = policy.decide(hidden, (1, 1), chained_model=cheap, **kw)
+    assert d.mechanisms == {"time_budget": False, "overlap": True, "chained": False}, d.why
+    assert d.why["chained"].endswith(": overlap"), d.why
+    rate_ov = hidden.with_overlap().steps_per_s(d.periods)
+    rate_ch = cheap.steps_per_s(policy.choose(cheap, (1, 1), 64)[0])
+    assert rate_ov > rate_ch
+    # without the background form (TensorFlow, elastic jobs) the chained sync is kept
+    d = policy.decide(hidden, (1, 1), chained_model=cheap, **{**kw, "can_overlap": False})
+    assert d.mechanisms["chained"] is True and d.mechanisms["overlap"] is False
+    # a plain sync too slow to hide: overlapped it would still beat blocking plain syncs by
+    # OVERLAP_MIN_GAIN, but the chained sync prices faster, so it stays
+    slow = CostModel(0.01, [0.004, 2.0])
+    assert policy._overlap(slow, (1, 1), 64, True, True, False)[0] is True
+    d = policy.decide(slow, (1, 1), chained_model=cheap, **kw)
+    assert d.mechanisms["chained"] is True and d.mechanisms["overlap"] is False, d.why
+    assert d.why["chained"].endswith(": the chained sync"), d.why
+    # overlap: false keeps the chained sync whatever the prices
+    no_ov = make_policy(cfg(overlap=False), 2)
+    no_ov.first(chained="auto")
+    d = no_ov.decide(hidden, (1, 1), chained_model=cheap, **kw)
+    assert d.mechanisms["chained"] is True and d.mechanisms["overlap"] is False
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_overlap_instead_of_the_chained_sync_is_the_same_on_every_rank_under_noise(seed):
+    """A hierarchy whose plain global sync (0.8 s) hides behind a round: the ranks leave the
+    plain blocking form for overlapped averages, never run a sliced sync, and agree."""
+    rng = np.random.default_rng(seed)
+    links = Links(rng, plain_s=0.8)
+    topo = Topology.from_config("2x2", HOSTS_2X2, chained="auto")
+    c = FakeCluster(cfg(window=4, history=3), topo, stage_time=links, param_len=5,
+                    can_overlap=True)
+    overlapped = 0
+    for _ in range(1500):
+        overlapped += bool(c.step_all_auto(
+            lambda r: 0.01 * max(0.05, 1 + 0.3 * rng.standard_normal())))
+        state = {(s.periods, tuple(sorted(s.decision.mechanisms.items()))) for s in c.scheds}
+        assert len(state) == 1, state
+    assert overlapped >= 5
+    mech = c.scheds[0].decision.mechanisms
+    assert mech["overlap"] is True and mech["chained"] is False, c.scheds[0].decision.why
+    assert not any(form for form, _ in links.ran)  # no sliced sync ran
+    logs = [c.records(r) for r in range(4)]
+    assert all(log == logs[0] for log in logs[1:])
+    reasons = [rec["mechanism_reason"]["chained"] for rec in logs[0] if "mechanism_reason" in rec]
+    assert any(r.endswith(": overlap") for r in reasons), reasons
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_auto_switches_to_the_sliced_sync_the_same_on_every_rank_under_noise(seed):
     rng = np.random.default_rng(seed)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fake_collective import FakeCluster, MemoryLog, _FakeAsync
+from fake_collective import FakeCluster, MemoryLog
 
 from adaptive_lsgd import Scheduler, Topology, load_config
 from adaptive_lsgd.cost_model import CostModel, idle_share, rank_split
 from adaptive_lsgd.policies import make_policy
-from adaptive_lsgd.sync import start_overlapped
 
 
 def cfg(**kw):
@@ -223,21 +222,7 @@ def test_overlap_auto_is_the_same_on_every_rank_and_runs_overlapped(seed):
                     stage_time=lambda r, stage, plan: noise(0.8))
     overlapped = 0
     for _ in range(400):
-        plans = [s.step_done(noise(0.008)) for s in c.scheds]
-        if plans[0] is None:
-            assert all(p is None for p in plans)
-            continue
-        assert len({p.overlap for p in plans}) == 1
-        if plans[0].overlap:
-            overlapped += 1
-            c.finish_inflight()
-            pending: dict = {}
-            backends = [_FakeAsync(r, pending) for r in range(3)]
-            c.inflight = ([start_overlapped(p, s, b, t) for p, s, b, t
-                           in zip(plans, c.scheds, backends, c.targets)], backends)
-        else:
-            c.finish_inflight()
-            c.sync(plans)
+        overlapped += bool(c.step_all_auto(lambda r: noise(0.008)))
         state = {(s.periods, tuple(sorted(s.decision.mechanisms.items()))) for s in c.scheds}
         assert len(state) == 1, state
     assert overlapped >= 3

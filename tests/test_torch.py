@@ -21,8 +21,8 @@ TWO = ["minibatch_equals_horovod", "fixed_h4_equals_reference", "peer_periodic_m
 # collectives than the other ranks, and outer_reference's leaders' form has the block leaders
 # issue more; the chained case runs an unnamed allreduce, which Horovod names by the count of
 # operations a process enqueued (README, "Known limits"), so it must come before both.
-FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "chained_auto", "adaptive_noise",
-        "overlap_adaptive_noise", "auto_mechanisms", "process_sets", "outer_reference"]
+FOUR = ["hierarchical_2x2", "hierarchical_2x2_chained", "chained_auto", "overlap_instead_of_chained",
+        "adaptive_noise", "overlap_adaptive_noise", "auto_mechanisms", "process_sets", "outer_reference"]
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +211,18 @@ def test_chained_auto_switches_forms_the_same_on_every_rank(four_ranks):
     chained = [rec["mechanism"]["chained"] for rec in switches]
     assert chained[0] is True and "predicted" in switches[0]["mechanism_reason"]["chained"]
     assert "measured" in rows[0]["why"], rows[0]["why"]  # the sliced form's links as it ran
+
+
+def test_overlap_auto_replaces_the_chained_sync_where_it_prices_faster(four_ranks):
+    rows = per_rank(four_ranks, "overlap_instead_of_chained", 4)
+    log = agreed_logs(rows, 160)
+    for r in rows:
+        assert r["mechanisms"] == {"time_budget": False, "overlap": True, "chained": False}, r["why"]
+        assert not any(r["forms"])  # no sliced sync ran
+        assert r["inflight"] > 10  # averages ran in the background
+    first = [rec for rec in log if "mechanism_reason" in rec][0]
+    assert first["mechanism"]["overlap"] is True
+    assert first["mechanism_reason"]["chained"].endswith(": overlap"), first["mechanism_reason"]
 
 
 def test_adaptive_under_random_sleeps_agrees(four_ranks):

@@ -241,6 +241,29 @@ def test_recommend_decides_on_the_median_step_and_prices_the_mean(tmp_path):
     assert recs["mean"]["predicted_samples_per_s"] < recs["median"]["predicted_samples_per_s"]
 
 
+def test_recommend_predicts_overlap_instead_of_the_chained_sync_where_it_hides(tmp_path):
+    """2 hosts x 2 workers, 10 ms steps, one allreduce over all ranks about 0.4 s: blocking
+    it costs over a third of a 64-step round, the sliced chained sync (2/3 of it) still a
+    quarter, overlapped it hides: the default predicts overlap, as the scheduler decides;
+    with blocking averages (--no-overlap) the chained sync."""
+    file = tmp_path / "p.json"
+    file.write_text(json.dumps(_valid_profile()))
+    ask = ("recommend", "--profile", file, "--hosts", 2, "--workers-per-host", 2,
+           "--inter-gbps", 0.00012, "--json")
+    rc, out, err = tune_main(*ask)
+    assert rc == 0, err
+    auto = json.loads(out)
+    assert auto["mechanisms"] == {"time_budget": False, "overlap": True, "chained": False}, auto["why"]
+    assert auto["why"]["chained"].endswith(": overlap")
+    assert auto["levels"][1]["ranks"] == 4  # one allreduce over all ranks
+    rc, out, err = tune_main(*ask, "--no-overlap")
+    assert rc == 0, err
+    blocking = json.loads(out)
+    assert blocking["mechanisms"]["chained"] is True and blocking["mechanisms"]["overlap"] is False
+    assert blocking["levels"][1]["ranks"] == 2  # a slice across the hosts
+    assert auto["predicted_samples_per_s"] > blocking["predicted_samples_per_s"]
+
+
 def test_recommend_table_config_and_plot(torch_profile, tmp_path):
     path, _ = torch_profile
     cfg, png = tmp_path / "cfg.yaml", tmp_path / "tune.png"

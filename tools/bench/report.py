@@ -402,15 +402,21 @@ def _notes(name: str, doc: dict) -> list:
                            "hier-4x4-allreduce")
                  for q, _ in [_paired_quartiles(res, v, "local-h16")] if q]
         periods = res.get("adaptive", {}).get("periods")
+        mech = res.get("adaptive", {}).get("mechanisms") or {}
         chained = res.get("adaptive-chained", {}).get("periods")
         out.append(
             "The fixed and chained variants average all four ranks every 16 steps "
             f"(`adaptive-chained`: at most every 16, `max_global_period: 16`; it chose periods "
             f"{chained} per level). `adaptive` is the default config, whose global period is at "
             f"most `max_period` (64) in a hierarchy too: it chose periods {periods} per level "
-            f"(global period {math.prod(periods or [0])}); its goal compares it with the flat "
-            f"variant at that global period where the run has one (`local-h64`), its per-round "
-            f"ratio to `local-h16` below is for reference only. `local-h16` averages with one "
+            f"(global period {math.prod(periods or [0])}"
+            + (", its averages overlapped: one allreduce over all ranks in the background, "
+               "which the cost model priced faster than the blocking chained sync"
+               if mech.get("overlap") else "")
+            + "); its goal compares it with the flat variant at that global period where the "
+            "run has one, else the one with the next longer period (`local-h64`: fewer "
+            "averages, a comparison no kinder to it); its per-round ratio to `local-h16` below "
+            "is for reference only. `local-h16` averages with one "
             "allreduce over all ranks: in "
             "Gloo's ring each host's link carries 1.5x the model each way. `adaptive-chained` and "
             "`hier-4x4` use the sliced chained sync (`chained_allreduce: true`): a reduce-scatter "

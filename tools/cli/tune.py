@@ -470,7 +470,7 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
     compute = np.asarray(rank_compute(args, model.compute_s, workers, wph))
     cfg = load_config({"target_comm_fraction": args.target_comm_fraction,
                        "max_period": args.max_period, "max_global_period": args.max_global_period,
-                       **({"overlap": True} if args.overlap else {})}, env={})
+                       **({"overlap": args.overlap} if args.overlap is not None else {})}, env={})
     policy = make_policy(cfg, model.num_levels)
     slowest = model.with_overlap(False).with_compute(compute.tolist())
     alt = None
