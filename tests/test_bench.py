@@ -138,6 +138,10 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert bench.paired_ratio(r, "a", "b") == pytest.approx((1.0 + 2.0) / 2)  # ratios 2, 3, .9, 1
     assert bench.paired_ratios(r, "a", "b") == [2.0, 3.0, 0.9, 1.0]
     assert bench.paired_ratio(r, "a", "missing") is None
+    # windows of 2 rounds: samples over summed wall time, then the ratio per window
+    r["a"]["walls"], r["b"]["walls"] = [1.0, 1.0, 2.0, 1.0], [2.0, 1.0, 1.0, 1.0]
+    window = bench.paired_ratios(r, "a", "b", window=2)
+    assert window == pytest.approx([(400 / 2) / (200 / 3), (280 / 3) / (200 / 2)])
 
 
 def bench_report_page(out) -> str:

@@ -56,6 +56,8 @@ METHOD = """\
   `overlap: auto`; the worker's loop streams batches and calls `allow_uneven_steps`);
   `adaptive-chained` in `hierarchical` the chained sync and `max_global_period: 16`, see there;
   `adaptive-leaders` the same with the leaders' form of the chained sync;
+  `adaptive-blocking` the default with `overlap: false` (blocking averages: in `hierarchical`
+  the chained sync the default took before `overlap: auto` could replace it);
   `adaptive-overlap` with `overlap: true`, each average running in the
   background during the next round; at a segment's end it waits for the one in flight, so the
   other variants never run beside it, and the segment is charged only the part of that wait

@@ -463,12 +463,21 @@ def whole_run_rate(row: dict) -> float | None:
     return row["samples"] / wall if wall > 0 else None
 
 
-def paired_ratios(r: dict, a: str, b: str) -> list:
+def paired_ratios(r: dict, a: str, b: str, window: int = 1) -> list:
     """Per round, ``a``'s samples/s over ``b``'s in the *same* round (the variants of a round
-    run one after the other, so slow drift of the shared machine cancels); [] if one is missing."""
+    run one after the other, so slow drift of the shared machine cancels); [] if one is missing.
+    ``window`` > 1: per run of that many consecutive rounds (samples over summed wall time), for
+    a period longer than a round, which syncs in some rounds only."""
     if a not in r or b not in r:
         return []
-    return [x / y for x, y in zip(r[a]["rates"], r[b]["rates"]) if x and y]
+    if window == 1:
+        return [x / y for x, y in zip(r[a]["rates"], r[b]["rates"]) if x and y]
+
+    def rates(row):
+        walls, per = row["walls"], row["rates"]
+        return [sum(per[j] * walls[j] for j in range(i, i + window)) / sum(walls[i:i + window])
+                for i in range(0, len(walls) - window + 1, window)]
+    return [x / y for x, y in zip(rates(r[a]), rates(r[b])) if x and y]
 
 
 def paired_ratio(r: dict, a: str, b: str) -> float | None:
@@ -518,10 +527,17 @@ def goals(name: str, doc: dict) -> list:
                         f"at a longer global period ({v} ended at {period})"
                         if r[flat]["H"] > period else
                         f"(NOT at the same global period: {v} ended at {period})")
-                if r[flat]["H"] > doc["settings"]["segment_steps"]:
+                seg = doc["settings"]["segment_steps"]
+                if r[flat]["H"] > seg:
                     # a period longer than a segment syncs in some segments only, each variant
-                    # in its own phase: per-round pairs would pair a sync with none
-                    x, how = _ratio(whole_run_rate(r[v]), whole_run_rate(r[flat])), "whole run"
+                    # in its own phase: pairs of windows of that period (one flat sync each);
+                    # the whole run, which one stalled transfer swings, beside them
+                    k = -(-r[flat]["H"] // seg)
+                    pairs = paired_ratios(r, v, flat, window=k)
+                    whole = _ratio(whole_run_rate(r[v]), whole_run_rate(r[flat]))
+                    x = statistics.median(pairs) if pairs else None
+                    how = (f"median of per-window ratios, windows of {k} rounds = {k * seg} "
+                           f"steps; whole run {whole:.2f}" if whole else "")
                 else:  # a single stalled transfer swings a segment: per-round pairs
                     x, how = paired_ratio(r, v, flat), "median of per-round ratios"
                 add(f"{v} (hierarchical) >= 1.2x flat local SGD {same} ({flat}; {how})",
