@@ -103,13 +103,19 @@ class CostModel:
         self.sync_s = [sum(below * self.link_s[j] for j in range(lvl) if chained) + self.link_s[lvl]
                        for lvl in range(len(self.link_s))]
         self._fractions: dict = {}  # periods -> comm fraction (the model never changes)
+        self._other: CostModel | None = None  # the same model with the other overlap flag
 
     def with_overlap(self, overlap: bool = True) -> CostModel:
-        """The same links and compute with (or without) overlapped averages."""
+        """The same links and compute with (or without) overlapped averages (built once: a
+        decision asks for it several times, and the policy's grid cache keys on the model)."""
         if overlap == self.overlap:
             return self
-        return CostModel(self.compute_s, self.link_s, chained=self.chained, sliced=self.sliced,
-                         overlap=overlap, rank_compute_s=self.rank_compute_s)
+        if self._other is None:
+            self._other = CostModel(self.compute_s, self.link_s, chained=self.chained,
+                                    sliced=self.sliced, overlap=overlap,
+                                    rank_compute_s=self.rank_compute_s)
+            self._other._other = self
+        return self._other
 
     def with_compute(self, compute_s: float | Sequence[float]) -> CostModel:
         """The same links and flags with other step times: one number, or one per rank (then

@@ -116,7 +116,9 @@ def test_recommend_caps_the_global_period_and_predicts_the_chained_sync(torch_pr
     # saw [46, 3] at 35993/s against flat's [50, 4] at 36041/s); at flat's periods it is faster
     assert math.prod(auto["periods"]) <= math.prod(flat["periods"])
     assert auto["predicted_comm_fraction"] <= 0.1 + 1e-9
-    chained = CostModel(auto["compute_s"], [lv["allreduce_s"] for lv in auto["levels"]],
+    # priced as recommend prices its rates: at the profile's mean step (the same for both)
+    assert auto["mean_step_s"] == flat["mean_step_s"]
+    chained = CostModel(auto["mean_step_s"], [lv["allreduce_s"] for lv in auto["levels"]],
                         chained=True, sliced=True)
     at_flat = chained.steps_per_s(flat["periods"]) * 4 * auto["batch_size"]
     assert at_flat > flat["predicted_samples_per_s"]

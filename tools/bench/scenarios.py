@@ -536,8 +536,9 @@ def goals(name: str, doc: dict) -> list:
                     pairs = paired_ratios(r, v, flat, window=k)
                     whole = _ratio(whole_run_rate(r[v]), whole_run_rate(r[flat]))
                     x = statistics.median(pairs) if pairs else None
-                    how = (f"median of per-window ratios, windows of {k} rounds = {k * seg} "
-                           f"steps; whole run {whole:.2f}" if whole else "")
+                    how = f"median of per-window ratios, windows of {k} rounds = {k * seg} steps"
+                    if whole:
+                        how += f"; whole run {whole:.2f}"
                 else:  # a single stalled transfer swings a segment: per-round pairs
                     x, how = paired_ratio(r, v, flat), "median of per-round ratios"
                 add(f"{v} (hierarchical) >= 1.2x flat local SGD {same} ({flat}; {how})",
