@@ -222,11 +222,12 @@ def rank_split(base: int, compute: Sequence[float], max_ratio: int) -> list:
             for c in compute]
 
 
-def idle_share(rank_steps: Sequence[int], compute: Sequence[float]) -> float:
-    """The share of a round's rank-seconds spent waiting for the rank that finishes last."""
-    busy = [int(n) * float(t) for n, t in zip(rank_steps, compute)]
-    longest = max(busy)
-    return 1.0 - sum(busy) / (len(busy) * longest) if longest > 0 else 0.0
+def wasted_share(model: CostModel, periods: tuple, rank_steps: list) -> float:
+    """The share of the ranks' compute that time-budget rounds of ``periods`` split as
+    ``rank_steps`` lose to communication and to ranks idling for the last one: 1 - the job's
+    steps per second / the sum of every rank's steps per second (``model.rank_compute_s``)."""
+    ideal = sum(1.0 / t for t in model.rank_compute_s)
+    return 1.0 - model.job_steps_per_s(periods, rank_steps=rank_steps) / ideal
 
 
 def grid_mesh(candidates: Sequence[Sequence[int]]) -> tuple:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Config, ConfigError
-from .cost_model import CostModel, candidate_periods, grid_mesh, idle_share, rank_split
+from .cost_model import CostModel, candidate_periods, grid_mesh, rank_split, wasted_share
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,6 @@ class Decision:
     why: dict = field(default_factory=dict)
 
 
-IDLE_TARGET = 0.05  # time-budget rounds: a longer round when rounding idles ranks more than this
 # overlap: auto: overlapped averages must promise this many times the blocking ones' steps per
 # second (a late average is stale: worth it where communication dominates, not for a few %).
 # Measured: the accuracy scenario, where forced overlap cost 10.6-10.8 points, promises
@@ -173,7 +172,7 @@ class Policy:
             periods, reason = self.choose(model.with_overlap(), current, cap, settled=settled)
         split = rank_steps
         if time_budget and np.all(compute > 0):
-            periods, split = self.round_for_split(tuple(periods), compute, cap)
+            periods, split = self.round_for_split(tuple(periods), compute, cap, model)
         elif not time_budget:
             split = None
         mech = {"time_budget": time_budget, "overlap": overlap}
@@ -309,7 +308,7 @@ class Policy:
                 True, why_ov
         times = compute.tolist()
         priced = model.with_overlap(False).with_compute(times)
-        tb_periods, split = self.round_for_split(tuple(periods), compute, cap)
+        tb_periods, split = self.round_for_split(tuple(periods), compute, cap, model)
         tb_rate = priced.job_steps_per_s(tb_periods, rank_steps=split)
         ov_periods, _ = self.choose(model.with_overlap(), current, cap, settled=settled)
         ov_rate = priced.with_overlap().job_steps_per_s(ov_periods)
@@ -319,28 +318,37 @@ class Policy:
             return True, f"{why_tb}; {said}", False, f"{said}: time-budget rounds"
         return False, f"{why_tb}; {said}: overlap", True, f"{why_ov}; {said}"
 
-    def round_for_split(self, periods: tuple, compute: np.ndarray, cap: int | None) -> tuple:
-        """The periods and split of time-budget rounds: where rounding the per-rank steps idles
-        ranks more than IDLE_TARGET (short rounds, a skew that is not a whole ratio), the
-        smallest longer level-0 period (at most 4x the chosen one, within ``max_period`` and the
-        cap) that does not, or the one that idles least."""
+    def round_for_split(self, periods: tuple, compute: np.ndarray, cap: int | None,
+                        model: CostModel | None) -> tuple:
+        """The periods and split of time-budget rounds. Rounding the per-rank steps idles the
+        ranks that finish first (short rounds, a skew that is not a whole ratio); that idling
+        and the syncs together must waste at most ``target_comm_fraction`` of the ranks' time
+        (:func:`wasted_share`: what the job does against the sum of every rank's rate). Where
+        they waste more, the smallest longer level-0 period (at most 4x the chosen one, within
+        ``max_period`` and the cap) that does not, or the one that wastes least (``model``
+        None: the links not measured yet, priced free)."""
         times = compute.tolist()
+        if model is None:
+            model = CostModel(max(times), [0.0] * len(periods))
+        priced = model.with_overlap(False).with_compute(times)
         split = self.split(periods[0], compute)
-        if idle_share(split, times) <= IDLE_TARGET or self.name != "adaptive":
+        target = self.config.target_comm_fraction
+        waste = wasted_share(priced, periods, split)
+        if waste <= target or self.name != "adaptive":
             return periods, split
         rest = math.prod(periods[1:])
         limit = min(self.max_period[0], 4 * periods[0])  # a longer round, not a different regime
         if cap is not None:
             limit = min(limit, max(periods[0], cap // rest))
-        best = (idle_share(split, times), periods[0], split)
+        best = (waste, periods[0], split)
         for h0 in candidate_periods(limit):
             if h0 <= periods[0]:
                 continue
             cand = self.split(h0, compute)
-            idle = idle_share(cand, times)
-            if idle < best[0] - 1e-12:
-                best = (idle, h0, cand)
-            if idle <= IDLE_TARGET:
+            waste = wasted_share(priced, (h0,) + tuple(periods[1:]), cand)
+            if waste < best[0] - 1e-12:
+                best = (waste, h0, cand)
+            if waste <= target:
                 break
         return (best[1],) + tuple(periods[1:]), best[2]
 

@@ -9,7 +9,7 @@ import pytest
 from fake_collective import FakeCluster, MemoryLog
 
 from adaptive_lsgd import Scheduler, Topology, load_config
-from adaptive_lsgd.cost_model import CostModel, idle_share, rank_split
+from adaptive_lsgd.cost_model import CostModel, rank_split, wasted_share
 from adaptive_lsgd.policies import make_policy
 
 
@@ -126,8 +126,10 @@ def test_split_rounds_to_the_nearest_step_and_caps_the_staleness():
     assert rank_split(1, [0.0204, 0.0404], max_ratio=4) == [2, 1]  # floor would give [1, 1]
     assert rank_split(4, [0.01, 0.1], max_ratio=4) == [16, 4]  # 40 steps capped at 4 x 4
     assert rank_split(4, [0.01, 0.1], max_ratio=8) == [32, 4]
-    assert idle_share([2, 1], [0.02, 0.04]) == pytest.approx(0.0)
-    assert idle_share([1, 1], [0.03, 0.04]) == pytest.approx(0.125)
+    free = CostModel(0.04, [0.0], rank_compute_s=[0.02, 0.04])
+    assert wasted_share(free, (1,), [2, 1]) == pytest.approx(0.0)
+    # 2 steps in 0.04 s against 1/0.03 + 1/0.04 steps per second: 1/7 of the work lost
+    assert wasted_share(free.with_compute([0.03, 0.04]), (1,), [1, 1]) == pytest.approx(1 / 7)
     policy = make_policy(cfg(max_step_ratio=2), 1)
     d = policy.decide(CostModel(0.04, [0.0001]), (1,), settled=True,
                       compute=np.array([0.01, 0.04]), lr=None, uneven_ok=True)
@@ -136,12 +138,16 @@ def test_split_rounds_to_the_nearest_step_and_caps_the_staleness():
 
 def test_time_budget_round_is_long_enough_for_an_even_split():
     """Short rounds of a skew that is no whole ratio idle the fast ranks (1 step each at
-    0.03 s against 0.04 s): the policy takes the shortest longer round that splits evenly."""
+    0.03 s against 0.04 s: 1/7 of the work lost): the policy takes the shortest longer round
+    whose idling and syncs together waste at most target_comm_fraction (2 rounds of the slow
+    rank: [3, 2] steps, 4.8%), not the first one that splits exactly ([4, 3])."""
     policy = make_policy(cfg(), 1)
-    d = policy.decide(CostModel(0.04, [0.0001]), (1,), settled=True,
-                      compute=np.array([0.03, 0.04]), lr=None, uneven_ok=True)
-    assert d.periods == (3,) and d.rank_steps == [4, 3]
-    assert idle_share(d.rank_steps, [0.03, 0.04]) <= 0.05
+    link = CostModel(0.04, [0.0001])
+    d = policy.decide(link, (1,), settled=True, compute=np.array([0.03, 0.04]), lr=None,
+                      uneven_ok=True)
+    assert d.periods == (2,) and d.rank_steps == [3, 2]
+    priced = link.with_compute([0.03, 0.04])
+    assert wasted_share(priced, d.periods, d.rank_steps) <= 0.05 < wasted_share(priced, (1,), [1, 1])
     capped = policy.decide(CostModel(0.04, [0.0001]), (1,), settled=True,
                            compute=np.array([0.03, 0.04]), lr=None, uneven_ok=True,
                            previous=None)
@@ -150,6 +156,21 @@ def test_time_budget_round_is_long_enough_for_an_even_split():
         CostModel(0.04, [0.0001]), (1,), settled=True, compute=np.array([0.03, 0.04]), lr=None,
         uneven_ok=True)
     assert with_cap.periods[0] <= 2
+
+
+def test_time_budget_rounds_count_the_syncs_with_the_idling():
+    """The same skew where a sync costs 4 ms: the round that splits into [3, 2] idles the
+    slow rank 4.8% and syncs 4.3% of the time; a longer one keeps both under 5% together."""
+    link = CostModel(0.04, [0.004])
+    policy = make_policy(cfg(), 1)
+    d = policy.decide(link, (1,), settled=True, compute=np.array([0.03, 0.04]), lr=None,
+                      uneven_ok=True)
+    priced = link.with_compute([0.03, 0.04])
+    assert wasted_share(priced, (2,), [3, 2]) > 0.05
+    assert d.periods[0] > 2 and wasted_share(priced, d.periods, d.rank_steps) <= 0.05
+    shorter = [h for h in range(2, d.periods[0])
+               if wasted_share(priced, (h,), policy.split(h, np.array([0.03, 0.04]))) <= 0.05]
+    assert shorter == []
 
 
 def test_the_cost_model_prices_stragglers():

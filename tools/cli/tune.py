@@ -573,7 +573,7 @@ def cmd_recommend(args) -> int:
     split = None
     if mech["mechanisms"]["time_budget"]:  # each rank takes what fits in the slowest's round
         rec, split = policy.round_for_split(tuple(rec), np.asarray(model.rank_compute_s),
-                                            policy.cap(None))
+                                            policy.cap(None), model)
         mech["rank_steps"] = split
     rate = at_mean_step(model, profile.rate_factor)  # what the decided periods will run at
     result = {**predict(rate, rec, workers, profile.batch_size, split),
