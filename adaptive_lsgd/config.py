@@ -106,7 +106,7 @@ MEANINGS = {
     "chained_allreduce": "hierarchical allreduce for upper-level syncs: auto (the sliced form "
                          "while the cost model prices it cheaper than one allreduce over all "
                          "ranks), true, sliced, leaders or false",
-    "overlap": "PyTorch: run each average in the background during the next round: auto (when "
+    "overlap": "run each average in the background during the next round: auto (when "
                "the target cannot be reached otherwise), true or false",
     "overlap_pull": "overlap: the share of a late average's correction applied, "
                     "x <- x + pull * (average - x at the round's end) (0 < pull <= 1; 1 applies "
@@ -393,9 +393,6 @@ def load_config(config: Mapping | str | os.PathLike | Config | None = None,
 
 # What each place that runs syncs cannot do, and why (``check_supported``).
 _NO_OVERLAP = {
-    "tensorflow": "config key 'overlap' is supported by the PyTorch integration only (Horovod's "
-                  "TensorFlow API has no asynchronous collective to run in the background of "
-                  "eager steps); set overlap: false",
     "sim": "config key 'overlap': the simulator models averages that block the ranks; "
            "overlapped averaging is not simulated (set overlap: false, or ask alsgd-tune "
            "recommend --overlap)",

@@ -273,7 +273,7 @@ class Policy:
         if self.name != "adaptive":
             return False, "auto is the adaptive policy's (policy: fixed keeps blocking averages)"
         if not can_overlap:
-            return False, ("not available here (TensorFlow, elastic jobs, chained syncs and the "
+            return False, ("not available here (elastic jobs, chained syncs, compressed syncs and the "
                            "simulator block on averages)")
         if model is None or not hasattr(self, "best"):
             return False, "not measured yet"

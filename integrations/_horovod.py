@@ -255,6 +255,20 @@ class Runtime:
 _EXIT: dict = {"barrier": None, "crashed": False, "hooked": False}
 
 
+_WARNED_INFLIGHT: list = []  # state_dict() with an average in flight: warned once per process
+
+
+def warn_if_in_flight(inflight, wait_call: str) -> None:
+    """``state_dict()`` while an overlapped average is in flight (``inflight`` not None): warn
+    once per process that the checkpoint misses it; ``wait_call`` names what applies it."""
+    if inflight is None or _WARNED_INFLIGHT:
+        return
+    _WARNED_INFLIGHT.append(True)
+    warnings.warn("adaptive-lsgd: state_dict() while an overlapped average is in flight: the "
+                  "checkpoint misses it, and a resume will not repeat this run exactly. Call "
+                  f"{wait_call} (or average_now()) on every rank before saving", stacklevel=3)
+
+
 def install_exit_barrier(barrier: Callable[[], object],
                          timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
     """At interpreter exit, before Horovod's own ``shutdown`` (an ``atexit`` handler that

@@ -64,6 +64,7 @@ os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 import contextlib  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import horovod.tensorflow as hvd  # noqa: E402
 import horovod.tensorflow.keras as hvd_keras  # noqa: E402
@@ -79,10 +80,18 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     host_name,
     keras_allreduce,
     tf_tape_base,
+    warn_if_in_flight,
 )
 from adaptive_lsgd.scheduler import SyncPlan, SyncResult, starts_local  # noqa: E402
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
-from adaptive_lsgd.sync import Backend, SyncTarget, note_local_start, run_sync  # noqa: E402
+from adaptive_lsgd.sync import (  # noqa: E402
+    Backend,
+    SyncTarget,
+    finish_overlapped,
+    note_local_start,
+    run_sync,
+    sync_round,
+)
 
 # Horovod was initialised before this module could ask for dynamic process sets.
 _HVD_INIT_BEFORE_IMPORT = _HVD_INIT_BEFORE_IMPORT and hvd.is_initialized()
@@ -216,12 +225,26 @@ class TFBackend(Backend):
     """The core's sync protocol (:mod:`adaptive_lsgd.sync`) over Horovod's TensorFlow
     collectives: compiled packing (:class:`_Packer`), one grouped allreduce per dtype over the
     process set of the stage's ranks. Buffers are immutable tensors, so the in-place ops
-    replace the items of the list they are given."""
+    replace the items of the list they are given. An overlapped average (:meth:`start`) runs
+    on a thread of its own: Horovod's eager TensorFlow ops block their caller (and release the
+    GIL while they wait), so the next round's steps run meanwhile."""
 
     def __init__(self, process_sets: dict, gpu: bool = False):
         self.process_sets, self.gpu = process_sets, gpu
         self._packers: dict = {}
         self._packed: tuple = (None, None)  # the buffers pack() returned last, their finiteness
+        self._thread: ThreadPoolExecutor | None = None
+
+    def start(self, collective):
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alsgd-overlap")
+        return self._thread.submit(self.run, collective)
+
+    def poll(self, handle) -> bool:
+        return handle.done()
+
+    def wait(self, handle) -> list:
+        return handle.result()
 
     def _packer(self, variables: list) -> _Packer:
         key = tuple(map(id, variables))  # the packer holds them: no id is reused while cached
@@ -394,6 +417,7 @@ class LocalSGD:
                                                    dtype=tf.bool, name="alsgd_allreduce_gradients")
         self._flag = mini_batch
         self.runtime = None
+        self._inflight = None
         if self.member:
             self.build()
         self.attach(model, optimizer)
@@ -411,8 +435,9 @@ class LocalSGD:
 
         self.runtime = Runtime(hvd, _PROCESS_SETS, self.config, self._param_bytes or 0,
                                exit_barrier=_exit_barrier, carry=carry, scope=tf.init_scope,
-                               process_set=ps, gather=gather, check_origin=True)
+                               process_set=ps, gather=gather, check_origin=True, can_overlap=True)
         self._backend = TFBackend(self.runtime.process_sets, self._gpu)
+        self._inflight = None  # overlap: the average started at the end of the last round
         self._update_flag()
 
     def _built(self) -> Runtime:
@@ -562,6 +587,8 @@ class LocalSGD:
             lr = float(hvd.allreduce(tf.constant(lr, tf.float64), op=hvd.Min, name="alsgd.lr",
                                      process_set=self.process_set))
         plan = sched.step_done(compute_s, lr=lr)
+        if self._inflight is not None:
+            self._inflight.note(self._backend, time.perf_counter())
         result = self._sync(plan) if plan is not None else None
         self._update_flag()
         self._t = time.perf_counter()
@@ -580,14 +607,31 @@ class LocalSGD:
         evaluation, a checkpoint) is not compute. Not a collective."""
         self._t = time.perf_counter()
 
+    def wait_for_average(self) -> float:
+        """With ``overlap``: wait for the average in flight (started at the end of the last
+        round) and apply it, ``x <- x + pull * (average - x at the round's end)`` (config key
+        ``overlap_pull``), keeping the local steps taken meanwhile. No new collective (every
+        rank started this one); nothing to do without overlap or when none is in flight.
+        Returns the seconds it waited. Call it before saving, or use :meth:`average_now`,
+        which calls it first."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return 0.0
+        start = time.perf_counter()
+        finish_overlapped(inflight, self.scheduler, self._backend, self._target())
+        self._t = time.perf_counter()
+        return self._t - start
+
     def average_now(self) -> SyncResult | None:
         """Average the model over the process set now (collective: call on every rank at the
-        same point, e.g. before evaluating or saving). Nothing to do in the mini-batch phase
-        or on a rank outside the process set."""
+        same point, e.g. before evaluating or saving). With ``overlap`` it first applies the
+        average in flight. Nothing to do in the mini-batch phase or on a rank outside the
+        process set."""
         if self.runtime is None:
             return None
+        self.wait_for_average()
         plan = self.scheduler.sync_now()
-        result = self._sync(plan) if plan is not None else None
+        result = self._sync(plan, blocking=True) if plan is not None else None
         self._t = time.perf_counter()
         return result
 
@@ -681,19 +725,31 @@ class LocalSGD:
         skip = {opt.iterations.ref()}
         return [v for v in _floating(_variables_of(opt)) if v.ref() not in skip]
 
-    def _sync(self, plan: SyncPlan) -> SyncResult:
-        target = SyncTarget(self._parameters, self._buffers, self.slot_variables)
+    def _target(self) -> SyncTarget:
+        return SyncTarget(self._parameters, self._buffers, self.slot_variables)
+
+    def _sync(self, plan: SyncPlan, blocking: bool = False) -> SyncResult | None:
+        """Run ``plan`` (with overlap: finish the average in flight, start this one; returns
+        the result of the sync that completed now, if any)."""
+        target = self._target()
         if self._param_bytes is None:
             self._param_bytes = int(sum(v.shape.num_elements() * v.dtype.size
                                         for v in target.averaged(self.config)))
             self.scheduler.param_bytes = self._param_bytes
-        return run_sync(plan, self.scheduler, self._backend, target)
+        if blocking:
+            return run_sync(plan, self.scheduler, self._backend, target)
+        result, self._inflight = sync_round(plan, self.scheduler, self._backend, target,
+                                            self._inflight)
+        return result
 
     # -- state and figures ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The scheduler's state; save it with your checkpoint. Plain and JSON-serialisable,
         except ``outer_state`` (with ``outer_optimizer`` or ``compression``: the last global
-        model and the outer momentum as numpy arrays)."""
+        model and the outer momentum as numpy arrays). Never a collective: with an overlapped
+        average in flight it warns (the checkpoint would miss it; call
+        :meth:`wait_for_average` on every rank first)."""
+        warn_if_in_flight(self._inflight, "wait_for_average()")
         state = self.scheduler.state_dict()
         outer = self.scheduler.outer
         if outer is not None:
@@ -776,6 +832,10 @@ class _OptimizerMethods:
         """Average the model over the process set now (collective, e.g. before evaluating)."""
         self._alsgd.average_now()
 
+    def wait_for_average(self) -> float:
+        """With ``overlap``: apply the average in flight (see :meth:`LocalSGD.wait_for_average`)."""
+        return self._alsgd.wait_for_average()
+
     def alsgd_reset(self) -> None:
         """Rebuild topology, process sets and scheduler after an elastic reset."""
         self._alsgd.reset()
@@ -850,6 +910,7 @@ def DistributedOptimizer(optimizer, config=None, **hvd_kwargs):
     namespace = {k: v for k, v in horovod_cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     namespace.update(_allreduce=_allreduce, alsgd=_OptimizerMethods.alsgd,
                      average_now=_OptimizerMethods.average_now,
+                     wait_for_average=_OptimizerMethods.wait_for_average,
                      alsgd_reset=_OptimizerMethods.alsgd_reset)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), namespace)
     opt = cls.from_config(optimizer.get_config())
@@ -1051,8 +1112,12 @@ class LocalSGDCallback(tf.keras.callbacks.Callback):
         lsgd.step_done(compute_s)
 
     def on_train_end(self, logs=None):
-        if self.average_at_end and self.local_sgd is not None:
+        if self.local_sgd is None:
+            return
+        if self.average_at_end:
             self.local_sgd.average_now()
+        else:  # the overlapped average in flight, if any (no new collective)
+            self.local_sgd.wait_for_average()
 
     # -- state ----------------------------------------------------------------------------------
     @property

@@ -59,6 +59,7 @@ from adaptive_lsgd.integrations._horovod import (  # noqa: E402
     host_name,
     torch_init_token,
     torch_optimizer_base,
+    warn_if_in_flight,
 )
 from adaptive_lsgd.summary import combine_summaries  # noqa: E402
 from adaptive_lsgd.sync import (  # noqa: E402
@@ -116,7 +117,6 @@ def _runtime(config, param_bytes: int, process_set=hvd.global_process_set, **kw)
                    gather=lambda obj, name: _gather_object(obj, name, process_set), **kw)
 
 
-_WARNED_INFLIGHT: list = []
 WAIT_MAX_SLEEP_S = 1e-3
 
 
@@ -485,12 +485,7 @@ class _LocalSGDMixin:
         """The wrapped optimizer's state plus the scheduler's under ``"alsgd"`` (None before
         the first step of an elastic job: a fresh scheduler). Never a collective."""
         state = super(self.__class__, self).state_dict()
-        if self._alsgd_inflight is not None and not _WARNED_INFLIGHT:
-            _WARNED_INFLIGHT.append(True)
-            warnings.warn("adaptive-lsgd: state_dict() while an overlapped average is in flight: "
-                          "the checkpoint misses it, and a resume will not repeat this run exactly. "
-                          "Call optimizer.wait_for_average() (or average_now()) on every rank "
-                          "before saving", stacklevel=2)
+        warn_if_in_flight(self._alsgd_inflight, "optimizer.wait_for_average()")
         if self._alsgd_pending is not _NOTHING:
             state["alsgd"] = copy.deepcopy(self._alsgd_pending)
         else:

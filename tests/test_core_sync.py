@@ -157,7 +157,6 @@ def test_decision_share_adopts_the_first_ranks_decision():
 
 
 @pytest.mark.parametrize("runner,elastic,match", [
-    ("tensorflow", False, "supported by the PyTorch integration only"),
     ("sim", False, "overlapped averaging is not simulated"),
     ("torch", True, "not supported in elastic Horovod jobs"),
 ])
@@ -166,6 +165,11 @@ def test_refusals_name_the_key(runner, elastic, match):
         check_supported(cfg(overlap=True), runner, elastic=elastic)
     check_supported(cfg(), runner, elastic=elastic)
     if runner == "torch":
+        check_supported(cfg(overlap=True), runner)
+
+
+def test_both_integrations_run_overlapped_averages():
+    for runner in ("torch", "tensorflow"):
         check_supported(cfg(overlap=True), runner)
 
 

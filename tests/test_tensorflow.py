@@ -22,7 +22,7 @@ pytestmark = pytest.mark.tensorflow
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 NP2_CASES = ["fit_accuracy", "custom_loop", "minibatch_equals_horovod", "keras_api", "adaptive_noise",
              "local_variables", "aggregation", "graph_then_eager", "start_from_one_model",
-             "outer_tf", "late_variables"]
+             "outer_tf", "late_variables", "overlap_tf"]
 GEN = """
 import sys
 import numpy as np
@@ -81,6 +81,12 @@ def np4(mnist1d_npz):
                       env={**TF_ENV, "MNIST1D_NPZ": mnist1d_npz})
     print("TIMINGS (s, rank 0):", _timings(proc))
     return {name: sorted(ranks, key=lambda r: r["rank"]) for name, ranks in results(proc).items()}
+
+
+def decision_log(path: str) -> list:
+    """A rank's decision log, less the clock (equal on every rank of a job)."""
+    with open(path) as fh:
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in fh]
 
 
 def _identical_pattern(r: dict) -> None:
@@ -146,19 +152,16 @@ def test_keras_api_beside_horovod_callbacks(np2):
         assert r["eager_after_sync"] == [True, True] and not any(r["eager_between"])
         assert 0 < r["warmup_lr"] <= 0.05 + 1e-6
         assert r["mismatch"] and "periods" in r["mismatch"] and "rank 1=[3]" in r["mismatch"]
-        assert r["overlap_error"] and "'overlap' is supported by the PyTorch integration only" in \
-            r["overlap_error"]
+        assert r["overlap_error"] is None  # overlap: true is accepted (see overlap_tf)
         assert "TensorFlow integration does not support elastic" in (r["elastic_error"] or "")
         assert r["summary"]["switch_step"] == r["switch_step"]
 
 
 def test_adaptive_policy_with_timing_noise_agrees(np2):
     ranks = np2["adaptive_noise"]
-    logs = []
     for r in ranks:
         assert r["steps"] == 300 and r["final_identical"]
-        with open(r["log"]) as fh:
-            logs.append([{k: v for k, v in json.loads(line).items() if k != "time"} for line in fh])
+    logs = [decision_log(r["log"]) for r in ranks]
     assert logs[0] == logs[1] and len(logs[0]) >= 3
     assert logs[0][0]["event"] == "switch" and logs[0][0]["step"] == 30
     assert ranks[0]["periods"] == ranks[1]["periods"]
@@ -342,3 +345,26 @@ def test_outer_nesterov_bf16_in_tape_and_fit(np2):
         assert r["syncs"] == 10 and r["outer_steps"] == 9
         assert r["same_state"] and r["restored_steps"] == 9 and r["digest_unchanged"]
         assert r["fit_identical"] and r["fit_outer_steps"] == sum(r["fit_syncs"]) - 1 >= 9
+
+
+def test_overlap_applies_each_average_a_round_late(np2):
+    """overlap: true in the tape loop equals local SGD written out in the case (each round's
+    average applied at the next round's end, half of it: overlap_pull 0.5); the default config
+    overlaps by itself where averages cost far more than the steps; Keras fit ends with the
+    average in flight applied."""
+    H = 4  # the cases' period
+    for r in np2["overlap_tf"]:
+        assert r["max_diff"] <= 1e-5 and r["pull"] == 0.5
+        # the average of step 4k completes at step 4(k+1): 4 of 5 done after 20 steps
+        seen = r["syncs_seen"]
+        assert seen[H - 1] == 0 and seen[2 * H - 1] == 1 and seen[-1] == len(seen) // H - 1
+        assert r["inflight_seen"] == len(seen) - (H - 1)  # in flight from the first round's end
+        assert r["warned"] and r["final_identical"]  # state_dict warned; average_now agrees
+        assert r["auto_mechanisms"]["overlap"] is True, r["auto_why"]
+        assert r["auto_inflight"] > 10 and r["auto_identical"]
+        assert not r["fit_inflight_after"] and r["fit_syncs"][0] >= 4
+    logs = [decision_log(r["auto_log"]) for r in np2["overlap_tf"]]
+    assert logs[0] == logs[1], "decision logs differ between ranks (rank 1 sleeps at random)"
+    switches = [rec for rec in logs[0] if "mechanism_reason" in rec]
+    assert switches and switches[0]["mechanism"]["overlap"] is True
+    assert "overlapped" in switches[0]["mechanism_reason"]["overlap"]

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import horovod.tensorflow as htf
 import horovod.tensorflow.keras as hvd
@@ -517,11 +518,14 @@ def aggregation():
 
 # -- one process, a TF1 graph then eager ------------------------------------------------------------
 def _tape_step(model, opt, cfg):
+    """A traced training step through ``DistributedGradientTape(tape, cfg)`` (``cfg``: a config
+    or a LocalSGD; None: a plain tape, no reduction)."""
     @tf.function
     def train_step(x, y):
         with tf.GradientTape() as tape:
             loss = LOSS(y, model(x, training=True))
-        tape = alsgd.DistributedGradientTape(tape, cfg)
+        if cfg is not None:
+            tape = alsgd.DistributedGradientTape(tape, cfg)
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
@@ -750,6 +754,78 @@ def outer_tf():
            fit_outer_steps=cb.alsgd.scheduler.outer.steps, fit_syncs=cb.alsgd.scheduler.syncs,
            fit_identical=len(set(final)) == 1, digest_unchanged=digest_before == digest(
                model.trainable_variables))
+
+
+def overlap_tf():
+    """``overlap: true``, fixed H=4 (tape loop): equals local SGD written here, where the average
+    of the models at a round's end is applied at the next round's end as ``x <- x + pull *
+    (average - x at the round's end)`` (default pull); an average is in flight between rounds;
+    ``state_dict`` warns then; ``average_now`` leaves identical models. Then the default
+    config (overlap: auto) with a model whose average costs far more than its steps engages
+    overlap by itself (rank 1 sleeping at random: the same decisions on both ranks), and
+    Keras ``fit`` with ``overlap: true`` ends with the average applied."""
+    cfg = {"policy": "fixed", "periods": [H], "overlap": True}
+    model, ref = mlp(seed=5, width=64), mlp(seed=5, width=64)
+    opt, ref_opt = tf.keras.optimizers.SGD(0.1), tf.keras.optimizers.SGD(0.1)
+    lsgd = alsgd.LocalSGD(model, opt, config=cfg)
+    pull = lsgd.config.overlap_pull
+    train_step, ref_step = _tape_step(model, opt, lsgd), _tape_step(ref, ref_opt, None)
+    pending, worst, inflight_seen, syncs_seen = None, 0.0, 0, []
+    data = tf.data.Dataset.from_tensor_slices((X_MINE[:4000], Y_MINE[:4000])).batch(100)
+    for step, (x, y) in enumerate(data, start=1):
+        with lsgd.step():
+            train_step(x, y)
+        ref_step(x, y)
+        if step % H == 0:
+            if pending is not None:
+                for v, snap, avg in zip(ref.variables, *pending):
+                    v.assign_add(pull * (avg - snap))
+            snap = [tf.identity(v) for v in ref.variables]
+            pending = (snap, [htf.allreduce(t, op=htf.Average, name=f"ref.{step}.{i}")
+                              for i, t in enumerate(snap)])
+        inflight_seen += lsgd._inflight is not None
+        syncs_seen.append(lsgd.scheduler.syncs[0])
+        worst = max(worst, float(np.abs(flat(model.variables) - flat(ref.variables)).max()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lsgd.state_dict()
+    warned = any("in flight" in str(w.message) for w in caught)
+    lsgd.average_now()
+    final = htf.allgather_object(digest(model.variables))
+
+    # overlap: auto, the default config: 4M parameters, tiny steps, periods capped at 4
+    tf.keras.utils.set_random_seed(0)
+    L = tf.keras.layers
+    big = tf.keras.Sequential([L.Input((8,)), L.Dense(2000, activation="relu"),
+                               L.Dense(2000, activation="relu"), L.Dense(3)])
+    big_opt = tf.keras.optimizers.SGD(0.01)
+    path = os.path.join(os.environ["CASE_DIR"], "overlap_auto.{rank}.jsonl")
+    auto = alsgd.LocalSGD(big, big_opt, config={"log": path, "max_period": 4})
+    big_step = _tape_step(big, big_opt, auto)
+    rng = np.random.default_rng(22 + RANK)
+    auto_inflight = 0
+    for _ in range(160):
+        with auto.step():
+            if RANK == 1:  # per-rank timing noise: the decisions must still agree
+                time.sleep(float(rng.choice([0, 0, 0, 0.001, 0.004])))
+            big_step(rng.normal(size=(8, 8)).astype(np.float32), rng.integers(0, 3, 8))
+        auto_inflight += auto._inflight is not None
+    auto.average_now()
+    auto_final = htf.allgather_object(digest(big.variables))
+
+    # Keras fit with overlap: true: the average in flight is applied when fit ends
+    fit_model = mlp(seed=6)
+    fit_opt = alsgd.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), config=cfg)
+    fit_model.compile(optimizer=fit_opt, loss=LOSS)
+    cb = alsgd.LocalSGDCallback(average_at_end=False)
+    fit_model.fit(X_MINE[:2000], Y_MINE[:2000], batch_size=100, epochs=1, verbose=0,
+                  callbacks=[cb])
+    report("overlap_tf", max_diff=worst, pull=pull, inflight_seen=inflight_seen,
+           syncs_seen=syncs_seen, warned=warned, final_identical=len(set(final)) == 1,
+           auto_mechanisms=auto.scheduler.decision.mechanisms, auto_why=auto.scheduler.decision.why,
+           auto_inflight=auto_inflight, auto_log=path.replace("{rank}", str(RANK)),
+           auto_identical=len(set(auto_final)) == 1, fit_syncs=cb.alsgd.scheduler.syncs,
+           fit_inflight_after=cb.alsgd._inflight is not None)
 
 
 class _Growing(tf.keras.layers.Layer):

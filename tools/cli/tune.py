@@ -484,8 +484,8 @@ def online_mechanisms(model: CostModel, args, workers: int, wph: int, choice) ->
                             [t * topo.link_ratio(lvl) for lvl, t in enumerate(model.link_s)],
                             chained=True, sliced=True, rank_compute_s=compute.tolist())
     d = policy.decide(slowest, policy.initial_periods(), settled=False, compute=compute, lr=None,
-                      uneven_ok=args.uneven_steps, can_overlap=args.framework == "torch" and not chained
-                      and getattr(args, "compression", "none") == "none",
+                      uneven_ok=args.uneven_steps,
+                      can_overlap=not chained and getattr(args, "compression", "none") == "none",
                       chained_model=alt, chained_predicted=True)
     return {"mechanisms": d.mechanisms, "why": d.why, "rank_steps": d.rank_steps, "alternative": alt,
             "policy": policy}
@@ -782,8 +782,6 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--uneven-steps", action="store_true",
                     help="the training loop accepts per-rank step counts (allow_uneven_steps): "
                          "time_budget: auto may engage")
-    rc.add_argument("--framework", choices=("torch", "tensorflow"), default="torch",
-                    help="where overlap: auto is available (PyTorch; default torch)")
     rc.add_argument("--json", action="store_true", help="print one JSON object")
     rc.add_argument("--out", metavar="CFG.yaml", help="write the recommended config")
     rc.add_argument("--plot", metavar="OUT.png", help="plot throughput and comm share against H")
