@@ -56,9 +56,11 @@ class Decision:
 
 # overlap: auto: overlapped averages must promise this many times the blocking ones' steps per
 # second (a late average is stale: worth it where communication dominates, not for a few %).
-# Measured: the accuracy scenario, where forced overlap cost 10.6-10.8 points, promises
-# 1.01-1.12x; comm-bound (within 1 point overlapped) 1.45x measured, predicted close to 1.5,
-# so a 1.5 bar there engaged at step 704 of 768 of the full run (0.59 of compute-only)
+# Measured: the accuracy scenario, where forced overlap cost 10.6-10.8 points when this was set
+# (the full runs of 2026-12-07, seeds 0-2: 1.0-1.7 points against the default with blocking
+# averages), promises 1.01-1.12x; comm-bound (within 1 point overlapped) 1.45x measured,
+# predicted close to 1.5, so a 1.5 bar there engaged at step 704 of 768 of the full run (0.59
+# of compute-only)
 OVERLAP_MIN_GAIN = 1.3
 # chained_allreduce: auto: the sliced chained sync must promise a global sync this many times
 # cheaper than one allreduce over all ranks to be switched on (it stays on while it is cheaper)
