@@ -144,6 +144,31 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert window == pytest.approx([(400 / 2) / (200 / 3), (280 / 3) / (200 / 2)])
 
 
+def test_comm_fraction_of_variants_that_overlapped_by_themselves_is_from_throughput():
+    """The summary of an overlapped run counts each segment's final wait in full (the segment
+    is charged less): for a variant whose overlap: auto engaged, as for one configured with
+    overlap: true, the page's comm_fraction is 1 - its samples/s / compute-only's."""
+    def variant(kind, rate, **extra):
+        return {"kind": kind, "rates": [rate] * 3, "walls": [1.0] * 3, "samples": 3 * rate,
+                "samples_per_s": rate,
+                "steps": 96, "H": 16, "global_syncs": 6, "test_acc": 0.5, "accs": [], **extra}
+
+    sc = bench.SCENARIOS["comm-bound"]
+    s = {"model": "mlp", "width": 1000, "batch": 64, "lr": 0.05, "rounds": 3, "segment_steps": 32,
+         "variants": [{"name": "adaptive", "config": {}},
+                      {"name": "adaptive-overlap", "config": {"overlap": True}}]}
+    summary = {"switch_step": 0, "comm_fraction_summary": 0.4}
+    raw = {"params": 1, "ranks": 2, "wall_s": 9.0, "variants": {
+        "compute-only": variant("compute", 10000.0),
+        "adaptive": variant("alsgd", 9000.0, mechanisms={"overlap": True}, **summary),
+        "adaptive-overlap": variant("alsgd", 8000.0, mechanisms={"overlap": True}, **summary),
+        "local-h16": variant("alsgd", 5000.0, mechanisms={"overlap": False}, **summary)}}
+    results = bench.document("comm-bound", sc, s, raw, quick=True)["results"]
+    assert results["adaptive"]["comm_fraction"] == pytest.approx(0.1)
+    assert results["adaptive-overlap"]["comm_fraction"] == pytest.approx(0.2)
+    assert results["local-h16"]["comm_fraction"] == pytest.approx(0.4)  # blocking: the summary's
+
+
 def bench_report_page(out) -> str:
     from adaptive_lsgd.tools.bench.report import report
 

@@ -347,9 +347,11 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
             v["samples_per_s"] = (v["samples"] / sum(v["walls"]) if v["kind"] != "compute" else
                                   len(v["rates"]) / sum(1 / r for r in v["rates"]))
     limit = vs.get("compute-only", {}).get("samples_per_s")
-    # overlap: the summary counts each segment's final wait in full, though the segment is
-    # charged only what the rest of its round would not have hidden: use the throughput instead
+    # overlap (configured, or chosen by overlap: auto): the summary counts each segment's final
+    # wait in full, though the segment is charged only what the rest of its round would not
+    # have hidden: use the throughput instead
     overlapped = {spec["name"] for spec in s["variants"] if spec.get("config", {}).get("overlap")}
+    overlapped |= {name for name, v in vs.items() if (v.get("mechanisms") or {}).get("overlap")}
     results = {}
     for vname, v in vs.items():
         if v["kind"] == "alsgd" and v.get("switch_step") is not None and vname not in overlapped:
