@@ -564,15 +564,25 @@ class Scheduler:
         per_link = np.minimum.reduceat(np.where(measured, vals, np.inf), starts)
         return float(per_link.max())
 
+    @property
+    def priced_model(self):
+        """The cost model as the decision in force prices a round: with overlapped averages
+        only the part of a sync the next round does not hide counts (None before any)."""
+        m = self.model
+        if m is not None and self.decision.mechanisms.get("overlap"):
+            return m.with_overlap()
+        return m
+
     def _describe(self, level: int) -> dict:
         m = self.model
+        priced = self.priced_model
         return {
             "phase": self.phase,
             "periods": list(self.periods),
             "compute_s": None if m is None else m.compute_s,
             "comm_s": None if m is None else m.sync_s[level],
             "link_s": None if m is None else list(m.link_s),
-            "predicted_comm_fraction": None if m is None else m.comm_fraction(self.periods),
+            "predicted_comm_fraction": None if m is None else priced.comm_fraction(self.periods),
             "from_profile": self.seed is not None and (
                 not self._hist_compute or not all(self._hist_links)),
             "lr": self.shared_lr,

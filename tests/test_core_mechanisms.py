@@ -251,6 +251,12 @@ def test_overlap_auto_is_the_same_on_every_rank_and_runs_overlapped(seed):
     logs = [c.records(r) for r in range(3)]
     assert logs[1] == logs[0] and logs[2] == logs[0]
     assert any("mechanism_reason" in rec and rec["mechanism"]["overlap"] for rec in logs[0])
+    # the log (and the demo) give the share the decision priced: overlapped, not blocking
+    s = c.scheds[0]
+    last = c.logs[0].records[-1]
+    assert last["predicted_comm_fraction"] == pytest.approx(
+        s.model.with_overlap().comm_fraction(s.periods))
+    assert last["predicted_comm_fraction"] < s.model.comm_fraction(s.periods)
 
 
 def test_overlap_auto_is_never_taken_with_a_chained_hierarchy():

@@ -109,7 +109,8 @@ def worker(args) -> None:
                     link = ", ".join(f"L{j} {t * 1e3:.1f} ms" for j, t in enumerate(m.link_s))
                     say(f"[demo] step {sched.step:5d}  periods {list(sched.periods)}  "
                         f"compute {m.compute_s * 1e3:.1f} ms/step  collective {link}  "
-                        f"predicted comm share {m.comm_fraction(sched.periods):.1%}  "
+                        f"predicted comm share {sched.priced_model.comm_fraction(sched.periods):.1%}"
+                        f"{' (overlapped)' if sched.decision.mechanisms.get('overlap') else ''}  "
                         f"({sched.last_decision})", flush=True)
         optimizer.average_now()
         say(f"[demo] epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}  "
