@@ -41,7 +41,7 @@ class Config:
     policy: str = "adaptive"
     periods: list | None = None
     warmup: int | str = 0
-    target_comm_fraction: float = 0.05
+    target_comm_fraction: float = 0.02
     max_period: int | list = 64
     max_global_period: int | None = None
     topology: str | list = "auto"

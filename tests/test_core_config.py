@@ -12,7 +12,7 @@ def test_defaults():
     cfg = load_config(None, env={})
     assert cfg == Config()
     assert cfg.policy == "adaptive" and cfg.periods is None and cfg.warmup == 0
-    assert cfg.target_comm_fraction == 0.05 and cfg.max_period == 64
+    assert cfg.target_comm_fraction == 0.02 and cfg.max_period == 64
     assert set(cfg.to_dict()) == set(KEYS)
 
 

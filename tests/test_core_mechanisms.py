@@ -139,9 +139,9 @@ def test_split_rounds_to_the_nearest_step_and_caps_the_staleness():
 def test_time_budget_round_is_long_enough_for_an_even_split():
     """Short rounds of a skew that is no whole ratio idle the fast ranks (1 step each at
     0.03 s against 0.04 s: 1/7 of the work lost): the policy takes the shortest longer round
-    whose idling and syncs together waste at most target_comm_fraction (2 rounds of the slow
-    rank: [3, 2] steps, 4.8%), not the first one that splits exactly ([4, 3])."""
-    policy = make_policy(cfg(), 1)
+    whose idling and syncs together waste at most target_comm_fraction (0.05 here; 2 rounds of
+    the slow rank: [3, 2] steps, 4.8%), not the first one that splits exactly ([4, 3])."""
+    policy = make_policy(cfg(target_comm_fraction=0.05), 1)
     link = CostModel(0.04, [0.0001])
     d = policy.decide(link, (1,), settled=True, compute=np.array([0.03, 0.04]), lr=None,
                       uneven_ok=True)
@@ -152,7 +152,7 @@ def test_time_budget_round_is_long_enough_for_an_even_split():
                            compute=np.array([0.03, 0.04]), lr=None, uneven_ok=True,
                            previous=None)
     assert capped == d
-    with_cap = make_policy(cfg(max_global_period=2), 1).decide(
+    with_cap = make_policy(cfg(max_global_period=2, target_comm_fraction=0.05), 1).decide(
         CostModel(0.04, [0.0001]), (1,), settled=True, compute=np.array([0.03, 0.04]), lr=None,
         uneven_ok=True)
     assert with_cap.periods[0] <= 2
@@ -160,9 +160,10 @@ def test_time_budget_round_is_long_enough_for_an_even_split():
 
 def test_time_budget_rounds_count_the_syncs_with_the_idling():
     """The same skew where a sync costs 4 ms: the round that splits into [3, 2] idles the
-    slow rank 4.8% and syncs 4.3% of the time; a longer one keeps both under 5% together."""
+    slow rank 4.8% and syncs 4.3% of the time; a longer one keeps both under 5% together
+    (target_comm_fraction 0.05)."""
     link = CostModel(0.04, [0.004])
-    policy = make_policy(cfg(), 1)
+    policy = make_policy(cfg(target_comm_fraction=0.05), 1)
     d = policy.decide(link, (1,), settled=True, compute=np.array([0.03, 0.04]), lr=None,
                       uneven_ok=True)
     priced = link.with_compute([0.03, 0.04])

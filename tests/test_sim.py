@@ -195,7 +195,7 @@ def test_shared_decisions_equal_full_replicas(hosts, wph, extra):
 
 
 def test_check_agreement_cli():
-    out = sim_json("--hosts", "2", "--workers-per-host", "2", "--jitter", "0.2", "--steps", "60",
+    out = sim_json("--hosts", "2", "--workers-per-host", "2", "--jitter", "0.2", "--steps", "120",
                    "--slow-host-factor", "1.5", "--check-agreement")
     assert out["agreement"]["ranks"] == 4 and out["agreement"]["global_syncs_checked"] >= 3
 

@@ -312,11 +312,12 @@ def test_analyze_a_simulated_run(tmp_path):
     log = tmp_path / "run.jsonl"
     sim = subprocess.run([sys.executable, "-m", "adaptive_lsgd.tools.cli.sim", "--hosts", "2",
                           "--workers-per-host", "2", "--compute-ms", "20", "--params", "1e6",
-                          "--inter-gbps", "1", "--steps", "600", "--log", str(log)],
+                          "--inter-gbps", "1", "--steps", "600", "--target-comm-fraction", "0.05",
+                          "--log", str(log)],
                          capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr
     cfg = tmp_path / "next.yaml"
-    rc, out, err = tune_main("analyze", log, "--json", "--out", cfg)
+    rc, out, err = tune_main("analyze", log, "--json", "--out", cfg, "--target-comm-fraction", "0.05")
     assert rc == 0, err
     rec = json.loads(out.splitlines()[0])
     records = [json.loads(line) for line in log.read_text().splitlines()]

@@ -52,7 +52,8 @@ METHOD = """\
   `local-hH`: our local SGD with the fixed period H (`policy: fixed`). `torch-peer`: PyTorch's
   `PostLocalSGDOptimizer` + `PeriodicModelAverager(period=H)` over `torch.distributed` (Gloo),
   with DDP and `post_localSGD_hook` for its warm-up. `adaptive`: the default config, no key set
-  (periods chosen online, `target_comm_fraction` 0.05, `max_period` 64, `time_budget: auto` and
+  (periods chosen online, `target_comm_fraction` 0.02 (0.05 before 2026-12-07 15:00 UTC, 0.1
+  before 2026-12-07 04:24 UTC: each scenario says which its run had), `max_period` 64, `time_budget: auto` and
   `overlap: auto`; the worker's loop streams batches and calls `allow_uneven_steps`);
   `adaptive-chained` in `hierarchical` the chained sync and `max_global_period: 16`, see there;
   `adaptive-leaders` the same with the leaders' form of the chained sync;
@@ -261,8 +262,17 @@ def _mechanisms(doc: dict) -> list:
         return []
     on = [k for k, v in mech.items() if v] or ["none (step-count rounds, blocking averages)"]
     split = f", steps per round by rank {r['rank_steps']}" if r.get("rank_steps") else ""
-    return ["", f"`adaptive` (the default config) ended with periods {r.get('periods')}, "
+    return ["", f"`adaptive` (the default config of the run's date, `target_comm_fraction` "
+            f"{default_target(doc):g}) ended with periods {r.get('periods')}, "
             f"mechanisms: {', '.join(on)}{split}."]
+
+
+def default_target(doc: dict) -> float:
+    """The default ``target_comm_fraction`` a run's ``adaptive`` variant had: recorded since
+    2026-12-07; before that 0.1 until 2026-12-07 04:24 UTC, then 0.05."""
+    if "default_target_comm_fraction" in doc:
+        return doc["default_target_comm_fraction"]
+    return 0.1 if doc.get("date", "") < "2026-12-07 04:24" else 0.05
 
 
 def _stalls(doc: dict) -> list:
@@ -283,6 +293,12 @@ def _goals(doc: dict) -> list:
         val = "n/a" if g["value"] is None else f"{g['value']:.2f}"
         lines.append(f"| {g['goal']} | {val} | {'met' if g['met'] else '**missed**'} |")
     return lines
+
+
+def _target_of(variant: str) -> float | None:
+    """The ``target_comm_fraction`` of a previous-default variant (``adaptive-t05``: 0.05)."""
+    head, _, digits = variant.rpartition("-t")
+    return int(digits) / 100 if head == "adaptive" and digits.isdigit() else None
 
 
 def _paired_quartiles(res: dict, a: str, b: str) -> tuple:
@@ -318,6 +334,7 @@ def _notes(name: str, doc: dict) -> list:
         out.append(text)
         ov = res.get("adaptive-overlap")
         target = Config.target_comm_fraction
+        previous = [v for v in res if _target_of(v) is not None]
         if ov:
             out.append(
                 f"`adaptive-overlap` (`overlap: true`) runs each average in the background while the "
@@ -326,15 +343,16 @@ def _notes(name: str, doc: dict) -> list:
                 f"{t / c:.0f}, well inside `max_period`. The policy models that (the exposed share "
                 f"is what the next round does not cover) and takes the smallest H whose exposed share "
                 f"is under `target_comm_fraction`: with the default {target:g} that is about "
-                f"{1 - target:g} x {t / c:.0f}, which gives away up to {target:.0%} by design "
-                f"(`adaptive-t10`, the default config with 0.1, the default before, gives away up "
-                f"to 10%, the very margin of the 0.9 goal). Its averages are one round stale: at a round's "
-                f"end each rank moves half way (`overlap_pull: 0.5`) towards the average of the "
-                f"models of the previous round's end and keeps the local steps it took since.")
+                f"{1 - target:g} x {t / c:.0f}, which gives away up to {target:.0%} by design"
+                + "".join(f" (`{v}`, the default config with {_target_of(v):g}, a default before, "
+                          f"gives away up to {_target_of(v):.0%})" for v in previous)
+                + ". Its averages are one round stale: at a round's "
+                "end each rank moves half way (`overlap_pull: 0.5`) towards the average of the "
+                "models of the previous round's end and keeps the local steps it took since.")
             from adaptive_lsgd.tools.bench.scenarios import paired_ratio
 
             pairs = []
-            for v in ("adaptive-overlap", "adaptive-t10"):
+            for v in ["adaptive-overlap"] + previous:
                 if v not in res:
                     continue
                 q, n = _paired_quartiles(res, v, "compute-only")

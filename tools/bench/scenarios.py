@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 
+from adaptive_lsgd.config import Config
 from adaptive_lsgd.tools.launch import SETTINGS_ENV
 
 PROG = "alsgd-bench"
@@ -85,10 +86,13 @@ def _standard(hs: list, ref: int, warmup: int = 0) -> list:
     return out
 
 
+PREVIOUS_DEFAULT = "adaptive-t05"
+
+
 def _previous_default(ref: int) -> dict:
-    """The default config as it was before ``target_comm_fraction`` went from 0.1 to 0.05
+    """The default config as it was before ``target_comm_fraction`` went from 0.05 to 0.02
     (the same run shows what the change buys)."""
-    return _ours("adaptive-t10", ref, target_comm_fraction=0.1)
+    return _ours(PREVIOUS_DEFAULT, ref, target_comm_fraction=0.05)
 
 
 # Each scenario: cluster shape, model, data and the variants. rounds/steps: (full, quick).
@@ -120,7 +124,8 @@ SCENARIOS = {
         variants=_standard([4, 16, 64], 16) + [
             _v("local-h-start", "alsgd", 1, H_from="adaptive",
                config=dict(policy="fixed", warmup=0, topology="flat", time_budget=False,
-                           overlap=False))]),
+                           overlap=False)),
+            _previous_default(16)]),
     "hierarchical": dict(
         about="2 hosts x 2 workers: loopback inside a host, 50 Mbit/s between hosts, 1.05M-parameter "
               "MLP (4.2 MB), 20 ms emulated device step",
@@ -192,7 +197,8 @@ def _accuracy_variants(warmup: int) -> list:
             _ours("adaptive-diloco", 32, outer_optimizer="nesterov"),
             # the default config with overlap forced on / off (overlap: auto decides by itself)
             _ours("adaptive-overlap", 32, overlap=True),
-            _ours("adaptive-blocking", 32, overlap=False)]
+            _ours("adaptive-blocking", 32, overlap=False),
+            _previous_default(32)]
 
 
 LAUNCHERS = ("emulator", "horovodrun", "alsgd-run")
@@ -380,6 +386,8 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
         "params": raw["params"], "ranks": raw["ranks"], "wall_s": raw["wall_s"],
         "drop_t": raw.get("drop_t"),
         "compute_only_samples_per_s": limit,
+        # what the `adaptive` variant (the default config, no key set) ran with
+        "default_target_comm_fraction": Config.target_comm_fraction,
         "results": results,
     }
     doc["goals"] = goals(name, doc)
@@ -497,7 +505,7 @@ def goals(name: str, doc: dict) -> list:
     def add(goal, value, met):
         out.append({"goal": goal, "value": value, "met": bool(met) if value is not None else None})
 
-    for v in ("adaptive", "adaptive-overlap", "adaptive-t10"):
+    for v in ("adaptive", "adaptive-overlap", PREVIOUS_DEFAULT):
         if name == "comm-bound" and v in r and "horovod" in r:
             x = _ratio(sps[v], sps["horovod"])
             add(f"{v} >= 4x horovod samples/s", x, x and x >= 4)
