@@ -45,7 +45,7 @@ from .decision_log import DecisionLog
 from .outer import OuterState, uses_reference, wire_factor
 from .policies import Decision, make_policy
 from .profile import level_kinds, load_profile
-from .timing import WindowStat
+from .timing import WindowStat, append_restarting
 from .topology import Stage, Topology
 
 _LOG = logging.getLogger("adaptive_lsgd")
@@ -499,16 +499,16 @@ class Scheduler:
             return self.last_decision
         compute = table[:, COL_COMPUTE]
         if np.all(compute >= 0):
-            self._hist_compute.append(float(compute.max()))
+            append_restarting(self._hist_compute, float(compute.max()))
         for lvl in range(self.num_levels):
             est = self._link_estimate(lvl, table[:, BASE_COLS + lvl])
             if est is not None:
-                self._hist_links[lvl].append(est)
+                append_restarting(self._hist_links[lvl], est)
         lrs = table[:, COL_LR]
         if np.any(lrs >= 0):
             self.shared_lr = float(lrs[lrs >= 0].min())
         if np.all(compute > 0):
-            self._hist_rank.append(compute.tolist())
+            append_restarting(self._hist_rank, compute.tolist())
             # the mechanisms and the split see each rank's median over the shared history:
             # one noisy window neither flips time-budget rounds nor moves the split
             rank_compute = self._rank_compute

@@ -1,4 +1,5 @@
-"""Robust timing statistics: a sliding window median that ignores warm-up samples.
+"""Robust timing statistics: a sliding window median that ignores warm-up samples, and the
+shared history of such medians that restarts on a step change.
 
 Example::
 
@@ -14,6 +15,11 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+
+import numpy as np
+
+# A shared estimate this many times above or below its history's median is a step change
+HISTORY_CHANGE_RATIO = 1.5
 
 
 class WindowStat:
@@ -75,3 +81,30 @@ class WindowStat:
         s._buf.extend(state["values"])
         s.count = state["count"]
         return s
+
+
+def append_restarting(history: deque, value, ratio: float = HISTORY_CHANGE_RATIO) -> bool:
+    """Append ``value`` (a number, or one number per rank) to a history whose median the
+    decisions use; when it lies more than ``ratio`` times above or below that median (any
+    rank's, for per-rank values), the history restarts from it and True is returned.
+
+    The values are medians of timing windows, which a single outlier does not move; one that
+    moved that far is a step change (a slower link, a throttled rank), and the median of the
+    history would otherwise follow it only once half the history had seen it.
+
+    >>> h = deque([1.0, 1.1, 0.9], maxlen=5)
+    >>> append_restarting(h, 1.2), list(h)
+    (False, [1.0, 1.1, 0.9, 1.2])
+    >>> append_restarting(h, 3.0), list(h)
+    (True, [3.0])
+    """
+    if history:
+        before = np.median(np.asarray(history, dtype=float), axis=0)
+        new = np.asarray(value, dtype=float)
+        valid = (before > 0) & (new > 0)
+        if np.any(valid & ((new > ratio * before) | (new * ratio < before))):
+            history.clear()
+            history.append(value)
+            return True
+    history.append(value)
+    return False

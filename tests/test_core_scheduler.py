@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import deque
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from adaptive_lsgd import (
     read_log,
 )
 from adaptive_lsgd.cost_model import candidate_periods
-from adaptive_lsgd.timing import WindowStat
+from adaptive_lsgd.timing import WindowStat, append_restarting
 
 
 def cfg(**kw):
@@ -427,3 +428,37 @@ def test_window_stat_follows_a_step_change_within_three_samples():
     for v in [0.1, 0.1, 0.1]:  # and back (below half the median, three times)
         s.add(v)
     assert s.median() == 0.1 and len(s) == 3
+
+
+def test_shared_history_restarts_on_a_step_change():
+    h = deque([0.10, 0.12, 0.09, 0.11], maxlen=5)
+    assert not append_restarting(h, 0.14) and len(h) == 5  # within 1.5x of the median
+    assert append_restarting(h, 0.5) and list(h) == [0.5]  # a slower link
+    per_rank = deque([[0.02, 0.02], [0.021, 0.019]], maxlen=5)
+    assert append_restarting(per_rank, [0.02, 0.04]) and list(per_rank) == [[0.02, 0.04]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_slower_link_is_followed_once_the_timing_windows_restart(seed):
+    """The link gets 10x slower: every rank's window of sync times restarts after
+    CHANGE_RUN slow syncs, and the decision that sees it (one sync later: a sync's time
+    travels in the next sync's table) raises the period at once, not once the shared
+    history's median (5 decisions) has turned; the same on every rank under noise."""
+    rng = np.random.default_rng(seed)
+    link = {"s": 0.002}
+    c = FakeCluster(load_config({}, env={}), Topology.flat(4), link_s=[0.002],
+                    stage_time=lambda r, st, p: link["s"] * (1 + 0.2 * rng.random()))
+
+    def rounds(n):
+        out = []
+        for _ in range(n):
+            c.run_round(lambda r: 0.02 * (1 + 0.2 * rng.random()))
+            assert len({s.periods for s in c.scheds}) == 1
+            out.append(c.scheds[0].periods[0])
+        return out
+
+    before = rounds(12)[-1]
+    link["s"] = 0.02
+    after = rounds(8)
+    raised = next(i for i, h in enumerate(after) if h >= 5 * before) + 1
+    assert raised <= WindowStat.CHANGE_RUN + 1, after
