@@ -83,28 +83,38 @@ class WindowStat:
         return s
 
 
-def append_restarting(history: deque, value, ratio: float = HISTORY_CHANGE_RATIO) -> bool:
+def append_restarting(history: deque, value, ratio: float = HISTORY_CHANGE_RATIO,
+                      run: int = 1) -> bool:
     """Append ``value`` (a number, or one number per rank) to a history whose median the
-    decisions use; when it lies more than ``ratio`` times above or below that median (any
-    rank's, for per-rank values), the history restarts from it and True is returned.
+    decisions use; when the last ``run`` values all lie more than ``ratio`` times above (or
+    all below) the median of the ones before them (for some rank, with per-rank values), the
+    history restarts from those ``run`` values and True is returned.
 
-    The values are medians of timing windows, which a single outlier does not move; one that
-    moved that far is a step change (a slower link, a throttled rank), and the median of the
-    history would otherwise follow it only once half the history had seen it.
+    The values are medians of timing windows, which a single outlier does not move; values
+    that moved that far are a step change (a slower link, a throttled rank), and the median
+    of the history would otherwise follow it only once half the history had seen it. Noisier
+    estimates (a link's, whose window holds one sample per sync) take ``run=2``: one noisy
+    decision does not restart the history.
 
     >>> h = deque([1.0, 1.1, 0.9], maxlen=5)
     >>> append_restarting(h, 1.2), list(h)
     (False, [1.0, 1.1, 0.9, 1.2])
     >>> append_restarting(h, 3.0), list(h)
     (True, [3.0])
+    >>> h = deque([1.0, 1.1, 0.9], maxlen=5)
+    >>> append_restarting(h, 3.0, run=2), append_restarting(h, 3.2, run=2), list(h)
+    (False, True, [3.0, 3.2])
     """
-    if history:
-        before = np.median(np.asarray(history, dtype=float), axis=0)
-        new = np.asarray(value, dtype=float)
-        valid = (before > 0) & (new > 0)
-        if np.any(valid & ((new > ratio * before) | (new * ratio < before))):
-            history.clear()
-            history.append(value)
-            return True
     history.append(value)
+    if len(history) <= run:
+        return False
+    values = np.asarray(history, dtype=float)
+    before, last = np.median(values[:-run], axis=0), values[-run:]
+    valid = (before > 0) & np.all(last > 0, axis=0)
+    up, down = np.all(last > ratio * before, axis=0), np.all(last * ratio < before, axis=0)
+    if np.any(valid & (up | down)):
+        keep = list(history)[-run:]
+        history.clear()
+        history.extend(keep)
+        return True
     return False

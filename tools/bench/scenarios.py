@@ -370,7 +370,8 @@ def document(name: str, sc: dict, s: dict, raw: dict, quick: bool) -> dict:
                "global_syncs": v["global_syncs"], "H": v["H"], "steps": v["steps"],
                "samples": v["samples"], "rates": v["rates"], "walls": v["walls"], "accs": v["accs"],
                "stalls": stalled_rounds(v["walls"])}
-        for key in ("periods", "syncs_per_level", "switch_step", "trace", "mechanisms", "rank_steps",
+        for key in ("periods", "syncs_per_level", "switch_step", "trace", "switches", "mechanisms",
+                    "rank_steps",
                     "val_loss", "bytes_per_sync"):
             if key in v and v[key] not in (None, []):
                 row[key] = v[key]

@@ -65,6 +65,7 @@ class Variant:
         self.steps = 0             # this rank's optimizer steps (micro-batches)
         self.samples = 0           # over all ranks
         self.rates, self.walls, self.accs, self.trace = [], [], [], []
+        self.switches = []  # [t, step, mechanisms, why]: each switch of the auto mechanisms
         self.busy = 0.0            # this variant's own wall time so far
         self.sched = None
         self.net = self.model
@@ -232,8 +233,11 @@ class Variant:
         before = self.sched.global_syncs if self.sched is not None else None
         self.one_step(loss_fn, slowdown)
         if self.sched is not None and self.sched.global_syncs != before:
-            self.trace.append([round(time.perf_counter() - t_job, 3), self.sched.step,
-                               list(self.sched.periods)])
+            t = round(time.perf_counter() - t_job, 3)
+            self.trace.append([t, self.sched.step, list(self.sched.periods)])
+            mech = dict(self.sched.decision.mechanisms)
+            if not self.switches or self.switches[-1][2] != mech:
+                self.switches.append([t, self.sched.step, mech, dict(self.sched.decision.why)])
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -326,6 +330,7 @@ def main() -> int:
         row.update(test_acc=v.accuracy(x_test, y_test), val_loss=getattr(v, "val_loss", None),
                    rates=v.rates, walls=v.walls,
                    samples=v.samples, steps=v.steps, accs=v.accs, trace=v.trace,
+                   switches=v.switches,
                    samples_per_s=statistics.median(v.rates), H=v.H, kind=v.kind)
         out["variants"][v.name] = row
     if dist.is_initialized():
