@@ -503,7 +503,7 @@ class Scheduler:
         for lvl in range(self.num_levels):
             est = self._link_estimate(lvl, table[:, BASE_COLS + lvl])
             if est is not None:
-                append_restarting(self._hist_links[lvl], est, run=2)
+                append_restarting(self._hist_links[lvl], est)
         lrs = table[:, COL_LR]
         if np.any(lrs >= 0):
             self.shared_lr = float(lrs[lrs >= 0].min())

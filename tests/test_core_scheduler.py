@@ -433,14 +433,14 @@ def test_window_stat_follows_a_step_change_within_three_samples():
 def test_shared_history_restarts_on_a_step_change():
     h = deque([0.10, 0.12, 0.09, 0.11], maxlen=5)
     assert not append_restarting(h, 0.14) and len(h) == 5  # within 1.5x of the median
-    assert append_restarting(h, 0.5) and list(h) == [0.5]  # a slower link
-    per_rank = deque([[0.02, 0.02], [0.021, 0.019]], maxlen=5)
-    assert append_restarting(per_rank, [0.02, 0.04]) and list(per_rank) == [[0.02, 0.04]]
-    link = deque([0.10, 0.12, 0.09, 0.11], maxlen=5)
-    assert not append_restarting(link, 0.4, run=2)  # one noisy estimate: kept in the median
-    assert not append_restarting(link, 0.1, run=2) and len(link) == 5
-    assert not append_restarting(link, 0.4, run=2)
-    assert append_restarting(link, 0.45, run=2) and list(link) == [0.4, 0.45]
+    assert not append_restarting(h, 0.4)  # one estimate that far off: kept in the median
+    assert not append_restarting(h, 0.1) and len(h) == 5
+    assert not append_restarting(h, 0.4)
+    assert append_restarting(h, 0.45) and list(h) == [0.4, 0.45]  # two in a row: a slower link
+    per_rank = deque([[0.02, 0.02], [0.021, 0.019], [0.02, 0.02]], maxlen=5)
+    assert not append_restarting(per_rank, [0.02, 0.04])
+    assert append_restarting(per_rank, [0.02, 0.041])  # one rank throttled
+    assert list(per_rank) == [[0.02, 0.04], [0.02, 0.041]]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -467,6 +467,6 @@ def test_a_slower_link_is_followed_once_the_timing_windows_restart(seed):
     after = rounds(8)
     raised = next(i for i, h in enumerate(after) if h >= 5 * before) + 1
     # the windows restart at the CHANGE_RUN-th slow sync, its time reaches the table one sync
-    # later, and the link's history restarts at the second estimate that far off (one noisy
+    # later, and the shared history restarts at the second estimate that far off (one noisy
     # estimate does not): CHANGE_RUN + 2 syncs, against CHANGE_RUN + 3 for the median of 5
     assert raised <= WindowStat.CHANGE_RUN + 2, after
