@@ -14,8 +14,6 @@ import math
 import os
 import statistics
 
-from adaptive_lsgd.config import Config
-
 ORDER = ["comm-bound", "accuracy", "lm", "overhead", "hierarchical", "heterogeneous", "throttle",
          "changing-network"]
 
@@ -333,7 +331,7 @@ def _notes(name: str, doc: dict) -> list:
             text += "That is within `max_period` (64), so a shortfall here is measurement noise."
         out.append(text)
         ov = res.get("adaptive-overlap")
-        target = Config.target_comm_fraction
+        target = default_target(doc)
         previous = [v for v in res if _target_of(v) is not None]
         if ov:
             out.append(
