@@ -203,7 +203,7 @@ class CostModel:
         else:
             sync = self.sync_s
         if self.num_levels == 1:
-            comm = np.broadcast_to(sync[-1], total.shape).astype(np.float64)
+            comm = np.full(total.shape, sync[-1], dtype=np.float64)
         else:  # (s_top + n_0 s_0) + n_1 s_1 ...: the order the grid always summed in
             comm = counts[0] * sync[0] + sync[-1]
             for lvl in range(1, self.num_levels - 1):

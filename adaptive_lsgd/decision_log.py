@@ -49,6 +49,11 @@ class DecisionLog:
             return cls(None)
         return cls(log_path(config.log, rank, config.log_all_ranks))
 
+    @property
+    def writes(self) -> bool:
+        """Whether :meth:`write` keeps its records (callers skip building them otherwise)."""
+        return self.path is not None
+
     def resume(self) -> None:
         """After a restore from a checkpoint, continue the existing file instead of truncating."""
         if self._fh is None:

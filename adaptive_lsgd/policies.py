@@ -173,7 +173,7 @@ class Policy:
         if overlap and self.config.overlap is not True:
             periods, reason = self.choose(model.with_overlap(), current, cap, settled=settled)
         split = rank_steps
-        if time_budget and np.all(compute > 0):
+        if time_budget and (compute > 0).all():
             periods, split = self.round_for_split(tuple(periods), compute, cap, model)
         elif not time_budget:
             split = None
@@ -214,7 +214,7 @@ class Policy:
             return False, ("the training loop takes the same number of steps on every rank "
                            "(declare a stream loop with allow_uneven_steps to let faster ranks "
                            "take more)")
-        if not np.all(compute > 0):
+        if not (compute > 0).all():
             return was_on, "not every rank measured yet"
         skew = float(compute.max() / compute.min())
         off_below = 1.0 + (cfg.skew_threshold - 1.0) / 2.0
@@ -302,7 +302,7 @@ class Policy:
         one average in flight): a configured one wins, else the one with more useful work per
         second (steps of all ranks) in the cost model, stragglers priced."""
         cfg = self.config
-        if cfg.time_budget is True or (cfg.overlap is not True and not np.all(compute > 0)):
+        if cfg.time_budget is True or (cfg.overlap is not True and not (compute > 0).all()):
             # configured, or not every rank priced yet: keep the time-budget rounds in force
             return True, why_tb, False, "time-budget rounds are in force (per-rank round lengths)"
         if cfg.overlap is True:

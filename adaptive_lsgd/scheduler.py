@@ -45,7 +45,7 @@ from .decision_log import DecisionLog
 from .outer import OuterState, uses_reference, wire_factor
 from .policies import Decision, make_policy
 from .profile import level_kinds, load_profile
-from .timing import WindowStat, append_restarting
+from .timing import WindowStat, append_restarting, column_medians
 from .topology import Stage, Topology
 
 _LOG = logging.getLogger("adaptive_lsgd")
@@ -482,14 +482,15 @@ class Scheduler:
                          "the level-%d average and reset to the average of %d healthy rank(s)",
                          self.rank, plan.step, plan.level, healthy)
         self._own_healthy = True
-        record.update(self._describe(plan.level))
-        self.log.write(record)
+        if self.log.writes:  # (the description costs more than the rest of a sync)
+            record.update(self._describe(plan.level))
+            self.log.write(record)
         return result
 
     # -- decisions (pure functions of shared tables and shared history) -----------------------
     def _decide(self, table: np.ndarray) -> str:
         syncs = table[:, COL_SYNC]
-        if not np.all(syncs == syncs[0]):
+        if not (syncs == syncs[0]).all():
             raise DesyncError(f"ranks reached a top-level sync with different sync counts "
                               f"{syncs.astype(int).tolist()}: their configs or loops differ")
         share = self.share
@@ -498,16 +499,16 @@ class Scheduler:
                 setattr(self, name, value)
             return self.last_decision
         compute = table[:, COL_COMPUTE]
-        if np.all(compute >= 0):
+        if (compute >= 0).all():
             append_restarting(self._hist_compute, float(compute.max()))
         for lvl in range(self.num_levels):
             est = self._link_estimate(lvl, table[:, BASE_COLS + lvl])
             if est is not None:
                 append_restarting(self._hist_links[lvl], est)
         lrs = table[:, COL_LR]
-        if np.any(lrs >= 0):
+        if (lrs >= 0).any():
             self.shared_lr = float(lrs[lrs >= 0].min())
-        if np.all(compute > 0):
+        if (compute > 0).all():
             append_restarting(self._hist_rank, compute.tolist())
             # the mechanisms and the split see each rank's median over the shared history:
             # one noisy window neither flips time-budget rounds nor moves the split
@@ -516,14 +517,14 @@ class Scheduler:
         else:
             rank_compute = self._rank_compute
         # a window of a few samples is noise: time_budget: auto waits for fuller ones
-        ready = bool(np.all(table[:, COL_SAMPLES] >= min(self.config.window, SPLIT_SAMPLES)))
+        ready = bool((table[:, COL_SAMPLES] >= min(self.config.window, SPLIT_SAMPLES)).all())
         plain = self._build_model(rank_compute, form=0)
         alt, predicted = self._alternative_model(rank_compute, plain)
         was_chained = self.chained_form
         self.decision = d = self.policy.decide(
             plain, self.periods, settled=self.last_decision not in (None, "measuring"),
             compute=compute, lr=self.shared_lr, rank_steps=self.rank_steps,
-            previous=self.decision, uneven_ok=bool(np.all(table[:, COL_UNEVEN] > 0)),
+            previous=self.decision, uneven_ok=bool((table[:, COL_UNEVEN] > 0).all()),
             can_overlap=self.can_overlap, timing_ready=ready,
             chained_model=alt, chained_predicted=predicted)
         if was_chained and not self.chained_form:
@@ -548,7 +549,7 @@ class Scheduler:
             return None
         if len(self._hist_rank) == 1:
             return [float(c) for c in self._hist_rank[0]]
-        return np.median(np.asarray(self._hist_rank), axis=0).tolist()
+        return column_medians(np.asarray(self._hist_rank)).tolist()
 
     def _link_estimate(self, level: int, values: np.ndarray) -> float | None:
         """Transfer time of the level's link: the min over each link's members (the one that
@@ -559,7 +560,9 @@ class Scheduler:
         members, starts = arrays  # vectorised over links: 10^4 ranks make 10^3 links
         vals = values[members]
         measured = vals >= 0
-        if np.any(np.add.reduceat(measured.astype(np.int64), starts) == 0):
+        if measured.all():  # every member measured (after the first syncs: the usual case)
+            return float(np.minimum.reduceat(vals, starts).max())
+        if (np.add.reduceat(measured.astype(np.int64), starts) == 0).any():
             return None  # a link none of whose members has measured it yet
         per_link = np.minimum.reduceat(np.where(measured, vals, np.inf), starts)
         return float(per_link.max())

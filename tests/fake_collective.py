@@ -36,6 +36,10 @@ class MemoryLog(DecisionLog):
         super().__init__(None)
         self.records = []
 
+    @property
+    def writes(self) -> bool:
+        return True
+
     def write(self, record: dict) -> None:
         self.records.append(dict(record))
 
