@@ -144,6 +144,27 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert window == pytest.approx([(400 / 2) / (200 / 3), (280 / 3) / (200 / 2)])
 
 
+def test_lm_goals_compare_bf16_at_one_fixed_period_and_on_the_adaptive_pair():
+    def row(loss, samples=1000, syncs=8, nbytes=100.0):
+        # per-round evaluations [samples, accuracy, validation loss, seconds]
+        return {"accs": [[samples // 2, 0.0, loss + 1.0, 1.0], [samples, 0.0, loss, 2.0]],
+                "val_loss": loss, "samples": samples, "global_syncs": syncs,
+                "bytes_per_sync": nbytes}
+    r = {"horovod": row(2.0, syncs=512), "diloco-h64": row(2.0),
+         "diloco-h64-bf16": row(2.008, nbytes=50.0),
+         "adaptive-diloco": row(2.0, samples=1500), "adaptive-diloco-bf16": row(2.1, nbytes=50.0)}
+    goals = {g["goal"]: g for g in bench._lm_goals(r, {k: 1.0 for k in r})}
+    fixed = goals["bf16 (at a fixed period): validation loss within 0.5% of diloco-h64's "
+                  "(relative difference)"]
+    assert fixed["value"] == pytest.approx(0.004) and fixed["met"]  # 2.008 / 2.0 - 1
+    pair = goals["bf16 (adaptive periods): validation loss within 0.5% of adaptive-diloco's "
+                 "(relative difference)"]
+    # adaptive-diloco at the equal samples (1000): its curve interpolated between 750 and 1500
+    assert pair["value"] == pytest.approx(2.1 / (3.0 - 1.0 * 250 / 750) - 1) and not pair["met"]
+    assert goals["bf16 (at a fixed period): bytes per global sync halved "
+                 "(diloco-h64-bf16 / diloco-h64)"]["met"]
+
+
 def test_comm_fraction_of_variants_that_overlapped_by_themselves_is_from_throughput():
     """The summary of an overlapped run counts each segment's final wait in full (the segment
     is charged less): for a variant whose overlap: auto engaged, as for one configured with
