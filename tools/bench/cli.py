@@ -67,13 +67,17 @@ def parse_args(argv=None):
                    help="seed of the models' initialisation and the data order (default 0); with "
                         "--out, seed N > 0 writes SCENARIO-seedN.json, which the results page "
                         "averages with SCENARIO.json (seed 0)")
-    p.add_argument("--timeout", type=float, default=3600, help="per scenario, seconds")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="per scenario, seconds (default: the scenario's own, 3 h for lm, "
+                        "else 1 h)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="emulator",
                    help="who starts the workers: the emulator itself (default), or horovodrun / "
                         "alsgd-run from the root namespace over ssh to the emulated hosts")
     args = p.parse_args(argv)
     if args.seed < 0:
         p.error("--seed must be >= 0")
+    if args.timeout is not None and args.timeout <= 0:
+        p.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     for flag in ("rounds", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")

@@ -169,6 +169,7 @@ SCENARIOS = {
               "workers, 100 Mbit/s between hosts; equal tokens for every variant",
         hosts=2, workers=2, rate=100, model="lm", width=0, batch=16, lr=2e-3, optimizer="adamw",
         schedule="cosine", rounds=(8, 4), steps=(64, 32), eval_every_round=True,
+        timeout=3 * 3600,  # a full run took 44-60+ min here (horovod's rounds alone ~25)
         variants=[_v("compute-only", "compute"), _v("horovod", "horovod"),
                   _ours("local-h64", 64, policy="fixed", periods=[64], topology="flat",
                         time_budget=False, overlap=False),
@@ -212,7 +213,7 @@ def settings_for(name: str, quick: bool, rounds: int | None, steps: int | None) 
     sc = SCENARIOS[name]
     s = {k: v for k, v in sc.items() if k not in ("rounds", "steps", "hosts", "workers", "rate",
                                                   "slowdown", "drop_to", "about",
-                                                  "throttle_from")}
+                                                  "throttle_from", "timeout")}
     s["scenario"] = name
     s["rounds"] = rounds or sc["rounds"][1 if quick else 0]
     s["segment_steps"] = steps or sc["steps"][1 if quick else 0]
@@ -231,9 +232,11 @@ def _log(msg: str) -> None:
 
 
 def run_scenario(name: str, quick: bool = False, rounds: int | None = None, steps: int | None = None,
-                 variants: list | None = None, timeout: float = 3600,
+                 variants: list | None = None, timeout: float | None = None,
                  launcher: str = "emulator", seed: int = 0) -> dict:
     """Run one scenario on an emulated cluster; return its JSON document.
+
+    ``timeout``: seconds for the whole job (None: the scenario's ``timeout``, else an hour).
 
     ``seed`` seeds the models' initialisation and each rank's data order (the data set is the
     same); the results page averages a scenario's seeds (:func:`seed_summary`).
@@ -247,6 +250,8 @@ def run_scenario(name: str, quick: bool = False, rounds: int | None = None, step
     from adaptive_lsgd.tools.demo.datasets import load_mnist1d
 
     sc = SCENARIOS[name]
+    if timeout is None:
+        timeout = sc.get("timeout", 3600)
     s = settings_for(name, quick, rounds, steps)
     s["seed"] = int(seed)
     if variants:
