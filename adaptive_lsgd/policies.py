@@ -44,7 +44,8 @@ class Decision:
     ``measuring``, ``adapt``, ``hold``, ``fixed`` or ``profile``; ``mechanisms``: the sync
     mechanisms in force (``{"time_budget": bool, "overlap": bool}``, and ``"chained"`` in
     hierarchical topologies) and ``why``: one sentence per mechanism saying why it is on or
-    off."""
+    off; ``pending``: the mechanisms this decision saw past their threshold while off, which
+    switch on if the next decision sees it again (one noisy window does not switch them)."""
 
     periods: tuple
     reason: str
@@ -52,6 +53,7 @@ class Decision:
     cap: int | None = None
     mechanisms: dict = field(default_factory=dict)
     why: dict = field(default_factory=dict)
+    pending: tuple = ()
 
 
 # overlap: auto: overlapped averages must promise this many times the blocking ones' steps per
@@ -65,6 +67,9 @@ OVERLAP_MIN_GAIN = 1.3
 # chained_allreduce: auto: the sliced chained sync must promise a global sync this many times
 # cheaper than one allreduce over all ranks to be switched on (it stays on while it is cheaper)
 CHAINED_MIN_GAIN = 1.1
+# time_budget: auto switches on at the second decision in a row past skew_threshold; the first
+# one's reason ends with this
+AWAIT_CONFIRMATION = ", once: on if the next sync sees it too"
 
 
 class Policy:
@@ -149,8 +154,11 @@ class Policy:
         are chosen from ``chained_model``."""
         cap = self.cap(lr)
         before = previous.mechanisms if previous is not None else {}
+        confirmed = None if previous is None else "time_budget" in previous.pending
         time_budget, why_tb = self._time_budget(compute if timing_ready else -np.abs(compute),
-                                                uneven_ok, before.get("time_budget", False))
+                                                uneven_ok, before.get("time_budget", False),
+                                                confirmed)
+        pending = ("time_budget",) if why_tb.endswith(AWAIT_CONFIRMATION) else ()
         mode = self.chained_mode
         chained, why_ch = mode == "on", self._chained_fixed(mode)
         if mode == "auto":
@@ -181,7 +189,7 @@ class Policy:
         why = {"time_budget": why_tb, "overlap": why_ov}
         if mode is not None:
             mech["chained"], why["chained"] = chained, why_ch
-        return Decision(tuple(periods), reason, split, cap, mech, why)
+        return Decision(tuple(periods), reason, split, cap, mech, why, pending)
 
     def cap(self, lr: float | None) -> int | None:
         """The largest global period allowed now: ``max_global_period`` and the quadratic
@@ -204,7 +212,12 @@ class Policy:
         return rank_split(base, compute.tolist(), self.config.max_step_ratio)
 
     # -- the mechanisms (each a function of shared values only) ------------------------------------
-    def _time_budget(self, compute: np.ndarray, uneven_ok: bool, was_on: bool) -> tuple:
+    def _time_budget(self, compute: np.ndarray, uneven_ok: bool, was_on: bool,
+                     confirmed: bool | None = None) -> tuple:
+        """On while the slowest/fastest compute ratio exceeds ``skew_threshold`` (off again
+        below half the excess). Switching on takes two decisions in a row past the threshold
+        (``confirmed``: the previous one was; None: a one-off prediction, no sequence): one
+        window that a busy machine skewed for a moment does not switch the rounds."""
         cfg = self.config
         if cfg.time_budget != "auto":
             return bool(cfg.time_budget), "configured"
@@ -220,8 +233,11 @@ class Policy:
         off_below = 1.0 + (cfg.skew_threshold - 1.0) / 2.0
         on = skew > cfg.skew_threshold or (was_on and skew >= off_below)
         bound = cfg.skew_threshold if not was_on else off_below
-        return on, (f"slowest/fastest compute {skew:.2f} {'>' if on else '<='} {bound:.3g} "
-                    f"(skew_threshold {cfg.skew_threshold:g})")
+        why = (f"slowest/fastest compute {skew:.2f} {'>' if on else '<='} {bound:.3g} "
+               f"(skew_threshold {cfg.skew_threshold:g})")
+        if on and not was_on and confirmed is False:
+            return False, why + AWAIT_CONFIRMATION
+        return on, why
 
     @staticmethod
     def _chained_fixed(mode: str | None) -> str | None:

@@ -642,6 +642,7 @@ class Scheduler:
             "last_decision": self.last_decision,
             "mechanisms": dict(self.decision.mechanisms),
             "why": dict(self.decision.why),
+            "pending": list(self.decision.pending),
             # The outer state's tensors are the integration's to save (backend buffers).
             "outer": None if self.outer is None else {"ready": self.outer.ready,
                                                       "steps": self.outer.steps},
@@ -703,7 +704,8 @@ class Scheduler:
         self.last_decision = state["last_decision"]
         self.decision = Decision(self.periods, self.last_decision or "initial", self.rank_steps,
                                  None, dict(state.get("mechanisms", self.decision.mechanisms)),
-                                 dict(state.get("why", self.decision.why)))
+                                 dict(state.get("why", self.decision.why)),
+                                 tuple(state.get("pending", ())))
         (self.time_compute, self.time_comm, self.time_mini_batch,
          self.steps_mini_batch) = state["accounting"]
         self.model = self._build_model(self._rank_compute)

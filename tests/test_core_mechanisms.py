@@ -76,6 +76,44 @@ def test_time_budget_auto_follows_a_rank_that_slows_down_and_recovers(seed):
                             if "mechanism_reason" in rec]
 
 
+def test_time_budget_auto_switches_on_at_the_second_decision_past_the_threshold():
+    """One window past skew_threshold (a busy machine for a moment) leaves the rounds as they
+    are and says so; a second decision in a row switches them on; a one-off decision (no
+    previous one: alsgd-tune's prediction) needs no confirmation."""
+    policy = make_policy(cfg(), 1)
+    link = CostModel(0.04, [0.0001])
+    kw = dict(settled=True, compute=np.array([0.03, 0.045]), lr=None, uneven_ok=True)
+    once = policy.decide(link, (1,), previous=policy.first(), **kw)
+    assert once.mechanisms["time_budget"] is False and once.rank_steps is None
+    assert once.pending == ("time_budget",) and "next sync" in once.why["time_budget"]
+    twice = policy.decide(link, (1,), previous=once, **kw)
+    assert twice.mechanisms["time_budget"] is True and twice.pending == ()
+    assert twice.rank_steps is not None and "next sync" not in twice.why["time_budget"]
+    calm = policy.decide(link, (1,), previous=once, **{**kw, "compute": np.array([0.04, 0.041])})
+    assert calm.mechanisms["time_budget"] is False and calm.pending == ()
+    assert policy.decide(link, (1,), **kw).mechanisms["time_budget"] is True
+
+
+def test_a_pending_switch_resumes_from_a_checkpoint():
+    config = cfg(timing_warmup=0, window=4)
+    a = FakeCluster(config, Topology.flat(2), uneven_steps=True)
+    for _ in range(20):
+        a.run_round([0.01, 0.03])
+        if a.scheds[0].decision.pending:
+            break
+    assert a.scheds[0].decision.pending == ("time_budget",)
+    assert not a.scheds[0].decision.mechanisms["time_budget"]
+    b = FakeCluster(config, Topology.flat(2), uneven_steps=True)
+    for s, st in zip(b.scheds, [s.state_dict() for s in a.scheds]):
+        s.load_state_dict(st)
+        assert s.decision.pending == ("time_budget",)
+    b.models = [m.copy() for m in a.models]
+    for cl in (a, b):
+        cl.run_round([0.01, 0.03])
+        assert cl.scheds[0].decision.mechanisms["time_budget"]  # confirmed after the resume
+    np.testing.assert_array_equal(a.models[0], b.models[0])
+
+
 def test_time_budget_auto_weighs_the_average_by_steps():
     c = FakeCluster(cfg(timing_warmup=0, window=4), Topology.flat(2), uneven_steps=True,
                     models=[np.zeros(3), np.zeros(3)])
