@@ -23,6 +23,20 @@ HISTORY_CHANGE_RATIO = 1.5
 HISTORY_CHANGE_RUN = 2  # ... in as many decisions in a row
 
 
+def ends_in_step_change(values: list, run: int, ratio: float) -> bool:
+    """Whether the last ``run`` of ``values`` all lie more than ``ratio`` times above (or all
+    below) the median of the ones before them, a positive one (the rule of
+    :class:`WindowStat` and :func:`append_restarting`).
+
+    >>> ends_in_step_change([1.0, 1.1, 0.9, 2.5, 2.6], run=2, ratio=2.0)
+    True
+    >>> ends_in_step_change([1.0, 1.1, 0.9, 2.5, 1.9], run=2, ratio=2.0)
+    False
+    """
+    before, last = statistics.median(values[:-run]), values[-run:]
+    return before > 0 and (min(last) > ratio * before or max(last) * ratio < before)
+
+
 class WindowStat:
     """Median of the last ``window`` samples, after discarding the first ``skip`` ones.
 
@@ -64,10 +78,7 @@ class WindowStat:
         if len(buf) >= 2 * k and (value > self.CHANGE_RATIO * min(buf)
                                   or value * self.CHANGE_RATIO < max(buf)):
             values = list(buf)
-            before = statistics.median(values[:-k])
-            last = values[-k:]
-            if before > 0 and (min(last) > self.CHANGE_RATIO * before
-                               or max(last) * self.CHANGE_RATIO < before):
+            if ends_in_step_change(values, k, self.CHANGE_RATIO):
                 for _ in range(len(values) - k):
                     self._buf.popleft()
 
@@ -126,9 +137,7 @@ def append_restarting(history: deque, value, ratio: float = HISTORY_CHANGE_RATIO
         return False
     if isinstance(value, (int, float)):  # a scalar: plain Python (a decision's hot path)
         values = list(history)
-        before, last = statistics.median(values[:-run]), values[-run:]
-        changed = before > 0 and min(last) > 0 and (min(last) > ratio * before
-                                                    or max(last) * ratio < before)
+        changed = min(values[-run:]) > 0 and ends_in_step_change(values, run, ratio)
     else:
         values = np.asarray(history, dtype=float)
         before, newest = column_medians(values[:-run]), values[-1]
