@@ -21,11 +21,8 @@ global sync:
   nothing changes; after a step decay the momentum of the faster phase no longer drives the
   slower one at its old size. Unknown LRs (an integration that reports none) leave it as is.
 
-The first global sync of a run starts from the model every rank began the local phase with
-(``theta(0)``, as DiLoCo's first outer step), where the integration notes it and the ranks
-agree on it (the ``check_origin`` fingerprint); without such a start (a loop that notes none,
-ranks that began from different models: that sync gives every rank rank 0's model) the first
-global sync is plain averaging and sets ``prev``. Lower levels always average.
+The first global sync of a run (and one that gives every rank rank 0's model) is plain
+averaging: it sets ``prev``; outer steps start at the next one. Lower levels always average.
 Memory: one copy of the parameters for ``prev`` and, with momentum, one for ``buf``.
 
 Example, the outer step alone on numpy buffers::
@@ -68,8 +65,7 @@ class OuterState:
     buffers of the parameters), ``buf`` (the outer momentum, or None), ``steps`` (outer steps
     taken). Identical on every rank. See the module docstring for the rule."""
 
-    __slots__ = ("optimizer", "lr", "momentum", "compression", "prev", "buf", "steps", "inner_lr",
-                 "from_origin")
+    __slots__ = ("optimizer", "lr", "momentum", "compression", "prev", "buf", "steps", "inner_lr")
 
     def __init__(self, config):
         self.optimizer = config.outer_optimizer
@@ -80,7 +76,6 @@ class OuterState:
         self.buf: list | None = None
         self.steps = 0
         self.inner_lr: float | None = None  # the inner LR at the last global sync
-        self.from_origin = False  # prev is the local phase's start, not a global sync's model
 
     @property
     def ready(self) -> bool:
@@ -89,12 +84,7 @@ class OuterState:
 
     def clear(self) -> None:
         """Forget the reference (the next global sync is plain averaging and sets it)."""
-        self.prev, self.buf, self.from_origin = None, None, False
-
-    def start_from(self, start: list) -> None:
-        """Take ``start`` (flat buffers, stored: the model the local phase begins from, the
-        same on every rank) as the reference of the next global sync."""
-        self.prev, self.from_origin = start, True
+        self.prev, self.buf = None, None
 
     def advance(self, backend, averaged: list, lr: float | None = None) -> list:
         """The new global model from the averaged parameters (flat buffers); updates the
@@ -119,7 +109,6 @@ class OuterState:
         if lr:
             self.inner_lr = float(lr)
         self.prev = backend.store_state(backend.copy(new))
-        self.from_origin = False
         return new
 
     def state_dict(self) -> dict:
@@ -129,7 +118,6 @@ class OuterState:
 
     def load_state_dict(self, state: dict) -> None:
         self.prev, self.buf, self.steps = state["prev"], state["buf"], int(state["steps"])
-        self.from_origin = False
         self.inner_lr = state.get("inner_lr")  # absent in checkpoints before it was kept
 
 

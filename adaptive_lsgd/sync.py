@@ -141,11 +141,11 @@ class Backend:
     def to_numpy(self, buffer) -> np.ndarray:
         raise NotImplementedError
 
-    def fingerprint(self, tensors: list, packed: list | None = None) -> np.ndarray:
+    def fingerprint(self, tensors: list) -> np.ndarray:
         """A digest of ``tensors``' values as exactly representable float32s (equal values,
-        equal digest on every rank); ``packed``: ``pack(tensors, 1)`` if made already."""
+        equal digest on every rank)."""
         digest = hashlib.blake2b(digest_size=8)
-        for b in self.pack(tensors, 1) if packed is None else packed:
+        for b in self.pack(tensors, 1):
             digest.update(np.ascontiguousarray(self.to_numpy(b)).tobytes())
         return np.frombuffer(digest.digest(), dtype=np.uint16).astype(np.float32)
 
@@ -467,20 +467,9 @@ ORIGIN_MISSING = -1.0  # a fingerprint slot of a rank that noted no local start
 
 def note_local_start(scheduler, backend: Backend, target: SyncTarget) -> None:
     """Call before each local step (cheap after the first): notes, once per scheduler with
-    ``check_origin``, a fingerprint of the parameters this rank begins the local phase with.
-    With a reference model (outer optimizer, compression) that start is also the reference
-    of the first global sync (DiLoCo's ``theta(0)``): its outer step is taken from it, and a
-    compressed first sync sends the update since it. If the ranks' starts differ, the first
-    sync gives every rank rank 0's model and forgets it (:func:`origin_check`)."""
+    ``check_origin``, a fingerprint of the parameters this rank begins the local phase with."""
     if scheduler.origin_pending and scheduler.origin is None:
-        params = list(target.parameters())
-        packed = backend.pack(params, 1)
-        scheduler.origin = backend.fingerprint(params, packed)
-        outer = scheduler.outer
-        # (buffers shorter than the ranks could be padded differently by a sliced sync)
-        if outer is not None and (not outer.ready or outer.from_origin) and \
-                all(backend.length(b) >= scheduler.size for b in packed):
-            outer.start_from(backend.store_state(packed))
+        scheduler.origin = backend.fingerprint(list(target.parameters()))
 
 
 def origin_check(plan, scheduler, backend: Backend) -> Generator[Collective, tuple, Any]:

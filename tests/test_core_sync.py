@@ -238,29 +238,3 @@ def test_a_rank_that_noted_no_start_makes_the_first_sync_rank0s():
     models = [np.zeros(2), np.full(2, 4.0)]
     _origin_round(unchecked, models, noted=set())
     assert models[1].tolist() == [3.5, 3.5]  # no check asked: the plain average
-
-
-@pytest.mark.parametrize("size_ok", [True, False])
-def test_the_first_outer_step_starts_from_the_model_every_rank_began_with(size_ok):
-    """DiLoCo's first outer step: from theta(0), the start every rank noted (and agreed on),
-    not from the first average. Ranks that began apart get rank 0's model, which then is the
-    reference; a model with fewer elements than ranks keeps the plain first average."""
-    config = cfg(policy="fixed", periods=[2], outer_optimizer="nesterov", outer_lr=0.7,
-                 outer_momentum=0.9)
-    n = 3 if size_ok else 1
-    scheds = [Scheduler(config, Topology.flat(2), r, check_origin=True) for r in range(2)]
-    models = [np.zeros(n), np.zeros(n)]
-    _origin_round(scheds, models, noted=range(2), steps=2)  # rank r adds (r + 1) x 2: mean 3
-    if size_ok:  # g = 0 - 3, update g + 0.9 g: 0 + 0.7 x 1.9 x 3
-        np.testing.assert_allclose(models[0], 3.99)
-        assert all(s.outer.steps == 1 and not s.outer.from_origin for s in scheds)
-    else:
-        np.testing.assert_allclose(models[0], 3.0)
-        assert all(s.outer.steps == 0 for s in scheds)
-    np.testing.assert_array_equal(models[0], models[1])
-
-    apart = [Scheduler(config, Topology.flat(2), r, check_origin=True) for r in range(2)]
-    models = [np.zeros(3), np.full(3, 5.0)]
-    _origin_round(apart, models, noted=range(2), steps=2)
-    assert models[1].tolist() == [2.0] * 3  # rank 0's model, no outer step from either start
-    assert all(s.outer.steps == 0 and s.outer.ready for s in apart)

@@ -333,8 +333,7 @@ def test_outer_step_and_compression_equal_the_reference(two_ranks, four_ranks, n
             assert v["max_diff"] <= (0.0 if n == 2 else 5e-6), (key, v["max_diff"])
             assert v["globals"] == (8 if topo == "flat" else 4), key
             if outer != "none":
-                # the first global sync steps from the model every rank started with
-                assert v["outer_steps"] == v["globals"], key
+                assert v["outer_steps"] == v["globals"] - 1, key  # the first global sync averages
                 assert v["vs_plain"] > 1e-2, key  # the outer step changed the training
             elif comp != "none":
                 assert 0 < v["vs_plain"] < 1e-3, key  # rounding in the update only: close
@@ -344,7 +343,7 @@ def test_outer_state_agrees_under_noise_and_resumes_exactly(two_ranks):
     for r in per_rank(two_ranks, "outer_noise_and_resume", 2):
         noise = r["noise"]
         assert noise["same_decisions"] and noise["identical"]
-        assert noise["outer_steps"] >= 10 and noise["outer_steps"] == sum(noise["syncs"])
-        assert r["saved_outer_steps"] == 7
-        assert r["resumed_outer_steps"] == r["outer_steps"] == 16
+        assert noise["outer_steps"] >= 10 and noise["outer_steps"] == sum(noise["syncs"]) - 1
+        assert r["saved_outer_steps"] == 6
+        assert r["resumed_outer_steps"] == r["outer_steps"] == 15
         assert r["resumed_diff"] == 0.0

@@ -606,8 +606,9 @@ _WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _reference_sync(rows: torch.Tensor, prev, buf, compression: str, outer: str):
-    """The global sync written out: rows are every rank's parameters (fp32), ``prev`` the last
-    global model (the start of the local phase at the first). Returns (new, buf)."""
+    """The global sync written out: rows are every rank's parameters (fp32). Returns (new, buf)."""
+    if prev is None:
+        return rows.mean(0), None
     if compression == "none":
         avg = rows.sum(0) / rows.shape[0]
     else:
@@ -630,7 +631,7 @@ def _outer_run(config: dict, steps: int, seed: int):
                                      named_parameters=model.named_parameters(), config=config)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
     topo = opt.alsgd.topology
-    prev, buf = flat(ref).clone(), None  # every rank starts from the same model: theta(0)
+    prev = buf = None
     worst, globals_ = 0.0, 0
     for x, y in batches(steps, seed=seed):
         train_step(model, opt, x, y)
@@ -725,7 +726,7 @@ def outer_noise_and_resume():
     model, opt = fresh(0, "whole.")
     for i, (x, y) in enumerate(data):
         train_step(model, opt, x, y)
-        if i == 29:  # 30 steps: 7 syncs (7 outer steps) and 2 local steps into a round
+        if i == 29:  # 30 steps: 7 syncs (6 outer steps) and 2 local steps into a round
             saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
     other, other_opt = fresh(7, "resumed.")
     other.load_state_dict(saved[0])
