@@ -67,9 +67,6 @@ OVERLAP_MIN_GAIN = 1.3
 # chained_allreduce: auto: the sliced chained sync must promise a global sync this many times
 # cheaper than one allreduce over all ranks to be switched on (it stays on while it is cheaper)
 CHAINED_MIN_GAIN = 1.1
-# time_budget: auto switches on at the second decision in a row past skew_threshold; the first
-# one's reason ends with this
-AWAIT_CONFIRMATION = ", once: on if the next sync sees it too"
 
 
 class Policy:
@@ -155,10 +152,10 @@ class Policy:
         cap = self.cap(lr)
         before = previous.mechanisms if previous is not None else {}
         confirmed = None if previous is None else "time_budget" in previous.pending
-        time_budget, why_tb = self._time_budget(compute if timing_ready else -np.abs(compute),
-                                                uneven_ok, before.get("time_budget", False),
-                                                confirmed)
-        pending = ("time_budget",) if why_tb.endswith(AWAIT_CONFIRMATION) else ()
+        time_budget, why_tb, waits = self._time_budget(
+            compute if timing_ready else -np.abs(compute), uneven_ok,
+            before.get("time_budget", False), confirmed)
+        pending = ("time_budget",) if waits else ()
         mode = self.chained_mode
         chained, why_ch = mode == "on", self._chained_fixed(mode)
         if mode == "auto":
@@ -217,18 +214,19 @@ class Policy:
         """On while the slowest/fastest compute ratio exceeds ``skew_threshold`` (off again
         below half the excess). Switching on takes two decisions in a row past the threshold
         (``confirmed``: the previous one was; None: a one-off prediction, no sequence): one
-        window that a busy machine skewed for a moment does not switch the rounds."""
+        window that a busy machine skewed for a moment does not switch the rounds. Returns
+        ``(on, why, waits)``; ``waits``: past the threshold once, off until the next decision."""
         cfg = self.config
         if cfg.time_budget != "auto":
-            return bool(cfg.time_budget), "configured"
+            return bool(cfg.time_budget), "configured", False
         if self.name != "adaptive":
-            return False, "auto is the adaptive policy's (policy: fixed keeps step-count rounds)"
+            return False, "auto is the adaptive policy's (policy: fixed keeps step-count rounds)", False
         if not uneven_ok:
             return False, ("the training loop takes the same number of steps on every rank "
                            "(declare a stream loop with allow_uneven_steps to let faster ranks "
-                           "take more)")
+                           "take more)"), False
         if not (compute > 0).all():
-            return was_on, "not every rank measured yet"
+            return was_on, "not every rank measured yet", False
         skew = float(compute.max() / compute.min())
         off_below = 1.0 + (cfg.skew_threshold - 1.0) / 2.0
         on = skew > cfg.skew_threshold or (was_on and skew >= off_below)
@@ -236,8 +234,8 @@ class Policy:
         why = (f"slowest/fastest compute {skew:.2f} {'>' if on else '<='} {bound:.3g} "
                f"(skew_threshold {cfg.skew_threshold:g})")
         if on and not was_on and confirmed is False:
-            return False, why + AWAIT_CONFIRMATION
-        return on, why
+            return False, why + ", once: on if the next sync sees it too", True
+        return on, why, False
 
     @staticmethod
     def _chained_fixed(mode: str | None) -> str | None:
