@@ -160,9 +160,11 @@ class _Packer:
         self._pack, self._unpack = {}, {}
 
     def pack(self, pad_to: int) -> tuple:
-        """The flat buffers and whether they are all finite (one call for both)."""
+        """The flat buffers and whether they are all finite (one call for both), through a
+        concrete function kept per padding (a ``tf.function`` call would look its trace up
+        by hashing every captured variable: 0.5-1.4 ms a sync on MobileNetV2, in one process)."""
         if pad_to not in self._pack:
-            self._pack[pad_to] = tf.function(lambda: self._packed(pad_to))
+            self._pack[pad_to] = tf.function(lambda: self._packed(pad_to)).get_concrete_function()
         flats, finite = self._pack[pad_to]()
         return list(flats), finite
 

@@ -4,7 +4,11 @@ Run under horovodrun (2 ranks):
     horovodrun -np 2 -H localhost:2 --gloo python -m adaptive_lsgd.tools.bench.tf_sync
 Every step is followed by a sync (policy fixed, period 1); the script times each whole
 ``LocalSGD`` sync and the Horovod grouped allreduces inside it, and prints the medians and
-their ratio (rank 0): what the sync costs outside its collectives. MobileNetV2 (262
+their ratio (rank 0): what the sync costs outside its collectives. Every other sync starts
+``aligned``: a one-float allreduce (not counted) first, so that the ranks enter it together.
+Without it (the way a job runs) a rank that finishes its step first packs while the other
+still trains on the same cores, and its allreduce includes the wait for the other rank; the
+aligned figures show the sync's own cost. MobileNetV2 (262
 variables, 3.5 M parameters; ``weights=None``, nothing is downloaded) is the model of Horovod's
 ``tensorflow2_synthetic_benchmark.py --model MobileNetV2``; the input size does not change the
 sync, so the default is small (64 x 64) to keep the steps short on a CPU.
@@ -23,7 +27,7 @@ import adaptive_lsgd.integrations.tensorflow as alsgd  # before hvd.init()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=48, help="syncs, half of them aligned")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", default=None)
@@ -56,22 +60,28 @@ def main() -> None:
         return out
 
     hvd.grouped_allreduce = timed
-    syncs, inner = [], []
-    for _ in range(args.steps):
+    runs = {False: ([], []), True: ([], [])}  # aligned -> (syncs, allreduces inside them)
+    for step in range(args.steps):
         train_step()
+        aligned = step % 2 == 1
+        if aligned:
+            original([tf.zeros([1])], name="tf_sync.align")
         allreduce_s[0] = 0.0
         t0 = time.perf_counter()
         lsgd.step_done(0.01)
-        syncs.append(time.perf_counter() - t0)
-        inner.append(allreduce_s[0])
-    skip = 4  # tracing and first-call costs
-    out = {"variables": len(lsgd.model_variables()), "syncs": len(syncs) - skip,
-           "sync_median_s": statistics.median(syncs[skip:]),
-           "allreduce_median_s": statistics.median(inner[skip:]),
-           "outside_median_s": statistics.median([a - b for a, b in zip(syncs[skip:], inner[skip:])]),
-           "comm_s_in_summary": lsgd.summary(combine=False)["comm_s"],
-           "sum_of_syncs_s": sum(syncs)}
-    out["ratio"] = out["sync_median_s"] / out["allreduce_median_s"]
+        runs[aligned][0].append(time.perf_counter() - t0)
+        runs[aligned][1].append(allreduce_s[0])
+    skip = 2  # per kind: tracing and first-call costs
+    out = {"variables": len(lsgd.model_variables()), "syncs": args.steps - 2 * skip}
+    for aligned, (syncs, inner) in runs.items():
+        pre = "aligned_" if aligned else ""
+        out[pre + "sync_median_s"] = statistics.median(syncs[skip:])
+        out[pre + "allreduce_median_s"] = statistics.median(inner[skip:])
+        out[pre + "outside_median_s"] = statistics.median(
+            [a - b for a, b in zip(syncs[skip:], inner[skip:])])
+        out[pre + "ratio"] = out[pre + "sync_median_s"] / out[pre + "allreduce_median_s"]
+    out["comm_s_in_summary"] = lsgd.summary(combine=False)["comm_s"]
+    out["sum_of_syncs_s"] = sum(sum(syncs) for syncs, _ in runs.values())
     if hvd.rank() == 0:
         print(json.dumps(out, indent=1))
         if args.json:
