@@ -124,6 +124,14 @@ def test_custom_loop_tape_fixed_h4(np2):
         _identical_pattern(r)
         assert r["syncs"] == [r["steps"] // 4 + 1]
         assert not any(r["identical_between"])  # the weights were broadcast before step 1
+        # The summary counts the whole sync (packing and unpacking too) as communication: all
+        # of the calls that synced but what a call without a sync costs (the step's report).
+        assert r["sync_calls"] == r["syncs"][0]
+        outside = r["sync_calls_s"] - r["sync_calls"] * r["other_call_median_s"]
+        print(f"custom loop rank {r['rank']}: summary comm_s {r['comm_s']:.3f} s, "
+              f"{r['sync_calls']} syncing calls {r['sync_calls_s']:.3f} s ({outside:.3f} s "
+              f"less the median non-syncing call)")
+        assert 0.9 * outside <= r["comm_s"] <= r["sync_calls_s"]
 
 
 def test_minibatch_phase_equals_horovod(np2):

@@ -172,20 +172,26 @@ def custom_loop():
     opt = tf.keras.optimizers.SGD(LR0, momentum=0.9)
     data = tf.data.Dataset.from_tensor_slices((X_MINE, Y_MINE))
     train_step = _tape_step(model, opt, cfg)
-    rows = []
+    rows, calls = [], {True: [], False: []}  # wall time of each alsgd.step, by whether it synced
     start = time.perf_counter()
     for epoch in range(EPOCHS):
         opt.learning_rate.assign(lr_at(epoch))
         for x, y in data.shuffle(len(X_MINE), seed=epoch).batch(BATCH):
             train_step(x, y)
+            t0 = time.perf_counter()
             result = alsgd.step(model, opt, config=cfg)
+            calls[result is not None].append(time.perf_counter() - t0)
             rows.append(row(alsgd._runtime_for(cfg), model.variables, synced=result is not None))
     lsgd = alsgd._runtime_for(cfg)
+    t0 = time.perf_counter()
     lsgd.average_now()
+    calls[True].append(time.perf_counter() - t0)
     seconds = time.perf_counter() - start
     final = htf.allgather_object(digest(model.variables))
     report("custom_loop", acc_ours=accuracy(model), ours_s=seconds, syncs=lsgd.scheduler.syncs,
            steps=lsgd.scheduler.step, final_identical=len(set(final)) == 1, final_digest=final[0],
+           comm_s=alsgd.summary(lsgd, combine=False)["comm_s"], sync_calls=len(calls[True]),
+           sync_calls_s=sum(calls[True]), other_call_median_s=float(np.median(calls[False])),
            **compare_rows(rows))
 
 
