@@ -4,14 +4,16 @@ Run under horovodrun (2 ranks):
     horovodrun -np 2 -H localhost:2 --gloo python -m adaptive_lsgd.tools.bench.tf_sync
 Every step is followed by a sync (policy fixed, period 1); the script times each whole
 ``LocalSGD`` sync and the Horovod grouped allreduces inside it, and prints the medians and
-their ratio (rank 0): what the sync costs outside its collectives. Every other sync starts
-``aligned``: a one-float allreduce (not counted) first, so that the ranks enter it together.
-Without it (the way a job runs) a rank that finishes its step first packs while the other
-still trains on the same cores, and its allreduce includes the wait for the other rank; the
-aligned figures show the sync's own cost. MobileNetV2 (262
-variables, 3.5 M parameters; ``weights=None``, nothing is downloaded) is the model of Horovod's
-``tensorflow2_synthetic_benchmark.py --model MobileNetV2``; the input size does not change the
-sync, so the default is small (64 x 64) to keep the steps short on a CPU.
+their ratio (rank 0): what the sync costs outside its collectives.
+
+Every other sync is *aligned*: a one-float allreduce (not counted) first, so that the ranks
+enter it together. Without it (the way a job runs) a rank that finishes its step first packs
+while the other still trains on the same cores, and its allreduce includes the wait for the
+other rank; the aligned figures show the sync's own cost.
+
+MobileNetV2 (262 variables, 3.5 M parameters; ``weights=None``, nothing is downloaded) is the
+model of Horovod's ``tensorflow2_synthetic_benchmark.py --model MobileNetV2``; the input size
+does not change the sync, so the default is small (64 x 64) to keep the steps short on a CPU.
 """
 
 import argparse
